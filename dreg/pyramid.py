@@ -1,0 +1,65 @@
+"""Multiscale pyramids, built out of core: each level from the one before, chunk by chunk.
+
+Level k+1 halves level k along each axis: Gaussian smoothing (sigma of one input voxel)
+then taking every second voxel. Voxel j of level k+1 sits exactly on voxel 2j of level k,
+so the origin is unchanged and the spacing doubles.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+from dreg import ome_zarr
+from dreg.grid import Grid, Region
+
+SMOOTHING_SIGMA = 1.0
+HALO = 4  # input voxels read beyond a chunk, 4 sigma
+COARSEST_LONGEST_AXIS = 64
+
+
+def pyramid_grids(grid: Grid, coarsest_longest_axis: int = COARSEST_LONGEST_AXIS) -> list[Grid]:
+    """The grids of every level, finest first, down to one whose longest axis is small."""
+    grids = [grid]
+    while max(grids[-1].shape_zyx) > coarsest_longest_axis:
+        previous = grids[-1]
+        shape = tuple(math.ceil(n / 2) for n in previous.shape_zyx)
+        grids.append(previous.coarsened(2.0, shape_zyx=shape))
+    return grids
+
+
+def downsample_region(
+    image: ome_zarr.OmeZarrImage, source_level: int, target_region: Region
+) -> np.ndarray:
+    """The voxels of `target_region` at level source_level + 1, from the source level."""
+    source_shape = image.level(source_level).grid.shape_zyx
+    read_start = [max(2 * s.start - HALO, 0) for s in target_region]
+    read_stop = [min(2 * (s.stop - 1) + 1 + HALO, n) for s, n in zip(target_region, source_shape)]
+    read = tuple(slice(a, b) for a, b in zip(read_start, read_stop, strict=True))
+    data = ome_zarr.read_region(image, source_level, read).astype(np.float32)
+    vector = image.components is not None
+    sigma = (0, SMOOTHING_SIGMA, SMOOTHING_SIGMA, SMOOTHING_SIGMA) if vector else SMOOTHING_SIGMA
+    smoothed = ndimage.gaussian_filter(data, sigma=sigma, mode="nearest")
+    take = tuple(
+        slice(2 * s.start - a, 2 * (s.stop - 1) - a + 1, 2)
+        for s, a in zip(target_region, read_start, strict=True)
+    )
+    out = smoothed[((slice(None),) + take) if vector else take]
+    dtype = np.dtype(image.level(source_level + 1).dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    return out.astype(dtype)
+
+
+def build_pyramid(image: ome_zarr.OmeZarrImage, workers: int = 2) -> None:
+    """Fill levels 1.. of an image whose level 0 is written, one output chunk at a time."""
+    for level in range(1, len(image.levels)):
+        ome_zarr.write_level_by_chunks(
+            image,
+            level,
+            lambda region, source=level - 1: downsample_region(image, source, region),
+            workers=workers,
+        )

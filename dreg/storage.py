@@ -1,0 +1,155 @@
+"""Local paths and ``s3://`` URIs as fsspec filesystems and zarr stores.
+
+S3 endpoint and credentials come from the standard AWS environment and config files
+(AWS_PROFILE, AWS_ACCESS_KEY_ID, instance roles, ...). An S3-compatible endpoint is
+taken from ``DREG_S3_ENDPOINT_URL``, then ``AWS_ENDPOINT_URL_S3``, then
+``AWS_ENDPOINT_URL``. Credentials never appear in messages: errors name the URI only.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+
+import fsspec
+import zarr.storage
+
+from dreg.errors import StorageError
+
+ENDPOINT_VARIABLES = ("DREG_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def normalize_uri(uri: str | os.PathLike) -> str:
+    """An absolute local path, or an ``s3://`` URI without a trailing slash."""
+    text = str(uri)
+    if is_s3(text):
+        return text.rstrip("/")
+    if "://" in text:
+        raise StorageError(f"{text}: unsupported URI scheme (use a local path or s3://)")
+    return str(Path(text).expanduser().resolve())
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_s3(uri):
+        return posixpath.join(uri, *parts)
+    return str(Path(uri, *parts))
+
+
+def s3_endpoint_url() -> str | None:
+    for name in ENDPOINT_VARIABLES:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def storage_options(uri: str) -> dict:
+    """fsspec options for a URI: for S3, the endpoint and short time-outs so that an
+    unreachable endpoint fails in seconds rather than retrying for minutes."""
+    if not is_s3(uri):
+        return {}
+    options: dict = {
+        "config_kwargs": {
+            "connect_timeout": 5,
+            "read_timeout": 60,
+            "retries": {"max_attempts": 3, "mode": "standard"},
+        },
+        "retries": 2,
+    }
+    endpoint = s3_endpoint_url()
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    return options
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for a URI and the path within it."""
+    uri = normalize_uri(uri)
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
+    return fs, path
+
+
+def zarr_store(uri: str, read_only: bool = False) -> zarr.storage.StoreLike:
+    """A zarr v3 store for a local path or an S3 URI."""
+    uri = normalize_uri(uri)
+    if is_s3(uri):
+        return zarr.storage.FsspecStore.from_url(
+            uri, storage_options=storage_options(uri), read_only=read_only
+        )
+    return zarr.storage.LocalStore(uri, read_only=read_only)
+
+
+def describe_storage_failure(uri: str, exc: BaseException) -> str:
+    """A one-line cause for a storage exception, without credentials or stack traces."""
+    name = type(exc).__name__
+    text = str(exc)
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return f"{uri}: no S3 credentials found (set AWS_PROFILE, AWS_ACCESS_KEY_ID/... or a role)"
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError") or (
+        "Could not connect" in text or "Connect timeout" in text
+    ):
+        endpoint = s3_endpoint_url() or "the default AWS endpoint"
+        return f"{uri}: cannot reach the S3 endpoint {endpoint}"
+    if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return f"{uri}: access denied"
+    if "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+        return f"{uri}: the S3 credentials were rejected"
+    if "NoSuchBucket" in text:
+        return f"{uri}: the bucket does not exist"
+    return f"{uri}: {name}: {text.splitlines()[0] if text else 'storage error'}"
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    try:
+        return fs.exists(path)
+    except Exception as exc:  # noqa: BLE001 - turned into a clear message
+        raise StorageError(describe_storage_failure(uri, exc)) from None
+
+
+def read_text(uri: str) -> str:
+    fs, path = filesystem(uri)
+    with fs.open(path, "r") as handle:
+        return handle.read()
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write a small text file in one piece (a single PUT on S3)."""
+    fs, path = filesystem(uri)
+    if not is_s3(uri):
+        fs.makedirs(posixpath.dirname(path) or path, exist_ok=True)
+    with fs.open(path, "w") as handle:
+        handle.write(text)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    if not is_s3(uri):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def remove_tree(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def check_writable(uri: str) -> None:
+    """Fail early, naming the location, when nothing can be written under `uri`."""
+    probe = join(normalize_uri(uri), ".dreg-write-probe")
+    try:
+        write_text(probe, "ok")
+        fs, path = filesystem(probe)
+        fs.rm(path)
+    except Exception as exc:  # noqa: BLE001 - turned into a clear message
+        raise StorageError(f"output location not writable: {describe_storage_failure(uri, exc)}")

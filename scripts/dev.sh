@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Quick start: `bash scripts/dev.sh demo` runs the main job on demo data;
+# `bash scripts/dev.sh test` runs the test suite. Both set up .venv first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_HOME="${PREFECT_HOME:-$PWD/.venv/prefect-home}"
+
+setup() {
+  local stamp=.venv/.installed
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+  fi
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -c constraints.txt -e '.[test]'
+    touch "$stamp"
+  fi
+}
+
+cmd="${1:-}"; shift || true
+case "$cmd" in
+  demo)
+    setup
+    exec .venv/bin/dreg demo "${@:-demo-out}"
+    ;;
+  test)
+    setup
+    exec .venv/bin/python -m pytest "$@"
+    ;;
+  setup)
+    setup
+    ;;
+  *)
+    echo "usage: bash scripts/dev.sh {demo [DIR]|test [PYTEST ARGS]|setup}" >&2
+    exit 2
+    ;;
+esac
