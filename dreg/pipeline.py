@@ -1,0 +1,110 @@
+"""The pipeline configuration: one typed model, loaded from YAML or given as a dict.
+
+It renders as a form in the Prefect UI (it is a flow parameter) and loads from YAML with
+the keys ``stages: [{name, level, block_size, overlap, transform, parameters,
+field_grid_factor, foreground_threshold, metric_guard}]``. Unknown keys and values are
+errors that name them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dreg.errors import InputError
+
+ParameterValue = str | int | float | bool | list[str | int | float | bool]
+
+
+class StageConfig(BaseModel):
+    """One resolution stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="names the stage's folder")
+    level: int = Field(0, description="pyramid level; negative counts from the coarsest")
+    block_size: int | tuple[int, int, int] | None = Field(
+        None, description="block size in voxels (one number, or z, y, x); none: whole image"
+    )
+    overlap: float = Field(0.25, ge=0, lt=1, description="padding, a fraction of the block")
+    transform: Literal["translation", "rigid", "affine", "bspline"] = "bspline"
+    parameters: dict[str, ParameterValue] = Field(
+        default_factory=dict, description="elastix parameter overrides"
+    )
+    field_grid_factor: int = Field(2, ge=1, le=16, description="field spacing / image spacing")
+    foreground_threshold: float = Field(
+        0.05, ge=0, le=1, description="skip a block with a smaller foreground fraction"
+    )
+    metric_guard: bool = Field(True, description="reject a block whose similarity worsens")
+
+    @field_validator("block_size")
+    @classmethod
+    def _positive_block(cls, value):
+        sizes = (value,) * 3 if isinstance(value, int) else value
+        if sizes is not None and min(sizes) < 8:
+            raise ValueError(f"block_size must be at least 8 voxels, got {value}")
+        return value
+
+
+class PipelineConfig(BaseModel):
+    """The stages of a registration, coarse to fine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stages: list[StageConfig] = Field(min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, stages):
+        names = [s.name for s in stages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(duplicates)}")
+        return stages
+
+
+def default_pipeline() -> PipelineConfig:
+    """A global affine at the coarsest level, then B-spline blocks at full resolution."""
+    return PipelineConfig(
+        stages=[
+            StageConfig(name="affine", level=-1, transform="affine"),
+            StageConfig(name="bspline", level=0, block_size=64, overlap=0.25,
+                        transform="bspline"),
+        ]
+    )
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"])
+        parts.append(f"{where}: {item['msg']}" + (f" (got {item['input']!r})"
+                     if item["type"] in ("literal_error", "extra_forbidden") else ""))
+    return "; ".join(parts)
+
+
+def parse_pipeline(data: dict | PipelineConfig, source: str = "pipeline") -> PipelineConfig:
+    """Validate a pipeline given as a dict; errors name the offending keys."""
+    if isinstance(data, PipelineConfig):
+        return data
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(f"{source}: {_describe(exc)}") from None
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Read a pipeline from a YAML file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such pipeline file") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a pipeline is a mapping with a 'stages' list")
+    return parse_pipeline(data, str(path))

@@ -1,0 +1,208 @@
+"""Plan a registration: validate the inputs and lay out every stage before any work.
+
+Every check that can fail on bad input runs here, so a bad run stops in seconds with a
+message naming the input: images that are not 3D or do not overlap in physical space,
+levels that do not exist, block sizes too small for the B-spline grid, an output that
+is not writable or already holds a finished result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dreg import elastix, ome_zarr, storage
+from dreg.blocks import normalize_block_size
+from dreg.errors import InputError
+from dreg.field import AffineTransform
+from dreg.grid import Grid
+from dreg.pipeline import PipelineConfig, StageConfig
+
+RESULT_FILE = "result.json"
+FIELD_NAME = "field.ome.zarr"
+MIN_BSPLINE_CELLS = 3  # a block must span at least this many B-spline grid cells
+FOREGROUND_FRACTION_OF_P99 = 0.1
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage laid out: where it reads, where it writes, what elastix runs."""
+
+    number: int
+    config: StageConfig
+    level: int
+    fixed_grid: Grid
+    moving_grid: Grid
+    field_grid: Grid
+    parameter_map: dict[str, list[str]]
+    folder: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def field_uri(self) -> str:
+        return storage.join(self.folder, FIELD_NAME)
+
+    @property
+    def residual_dir(self) -> str:
+        return storage.join(self.folder, "residuals")
+
+    @property
+    def table_uri(self) -> str:
+        return storage.join(self.folder, "blocks.json")
+
+
+@dataclass(frozen=True)
+class RegistrationPlan:
+    fixed_uri: str
+    moving_uri: str
+    out_uri: str
+    stages: tuple[StagePlan, ...]
+    initial: AffineTransform
+    foreground_intensity: float
+
+    @property
+    def field_uri(self) -> str:
+        return storage.join(self.out_uri, FIELD_NAME)
+
+    @property
+    def result_uri(self) -> str:
+        return storage.join(self.out_uri, RESULT_FILE)
+
+
+def code_version() -> str:
+    """A hash of the core library's source: a code change invalidates cached blocks."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def check_overlap(fixed: ome_zarr.OmeZarrImage, moving: ome_zarr.OmeZarrImage,
+                  initial: AffineTransform) -> None:
+    """The fixed image, mapped through the initial transform, must meet the moving image."""
+    f_lo, f_hi = fixed.levels[0].grid.world_bounds()
+    corners = np.array([[x, y, z] for x in (f_lo[0], f_hi[0]) for y in (f_lo[1], f_hi[1])
+                        for z in (f_lo[2], f_hi[2])])
+    mapped = corners + initial.displacement(corners)
+    m_lo, m_hi = moving.levels[0].grid.world_bounds()
+    spacing = np.asarray(moving.levels[0].grid.spacing_xyz)
+    if np.any(mapped.max(axis=0) < m_lo - spacing) or np.any(mapped.min(axis=0) > m_hi + spacing):
+        raise InputError(
+            f"the images do not overlap in physical space: fixed {fixed.uri} spans "
+            f"{np.round(f_lo, 3).tolist()}..{np.round(f_hi, 3).tolist()}, moving {moving.uri} "
+            f"spans {np.round(m_lo, 3).tolist()}..{np.round(m_hi, 3).tolist()} (world x, y, z)"
+        )
+
+
+def _check_block_size(stage: StageConfig, grid: Grid, pmap: dict) -> None:
+    if stage.block_size is None:
+        return
+    size = normalize_block_size(stage.block_size, grid.shape_zyx)
+    spacing = elastix.bspline_grid_spacing_voxels(pmap) if stage.transform == "bspline" else None
+    if spacing and min(size) < MIN_BSPLINE_CELLS * spacing:
+        raise InputError(
+            f"stage {stage.name}: block_size {stage.block_size} is too small for a B-spline "
+            f"grid spacing of {spacing:g} voxels (needs at least "
+            f"{int(MIN_BSPLINE_CELLS * spacing)} voxels per axis)"
+        )
+
+
+def _stage_folder(out_uri: str, number: int, name: str) -> str:
+    return storage.join(out_uri, "stages", f"{number}-{name}")
+
+
+def foreground_intensity(fixed: ome_zarr.OmeZarrImage) -> float:
+    """The intensity above which a fixed voxel counts as foreground: a tenth of the 99th
+    percentile of the coarsest level (small by construction, so cheap to read)."""
+    coarsest = fixed.levels[-1]
+    data = ome_zarr.read_region(fixed, len(fixed.levels) - 1,
+                                tuple(slice(0, n) for n in coarsest.grid.shape_zyx))
+    return float(FOREGROUND_FRACTION_OF_P99 * np.percentile(data, 99))
+
+
+def plan_registration(
+    fixed_uri: str,
+    moving_uri: str,
+    out_uri: str,
+    pipeline: PipelineConfig,
+    initial: AffineTransform | None = None,
+    overwrite: bool = False,
+    threads: int = 1,
+) -> RegistrationPlan:
+    """Validate inputs and lay out the stages. Raises InputError/StorageError on bad input."""
+    fixed = ome_zarr.open_image(fixed_uri, require_scalar=True)
+    moving = ome_zarr.open_image(moving_uri, require_scalar=True)
+    out_uri = storage.normalize_uri(out_uri)
+    initial = initial or AffineTransform.identity()
+    check_overlap(fixed, moving, initial)
+
+    stages = []
+    for number, stage in enumerate(pipeline.stages, start=1):
+        level = fixed.level_number(stage.level)
+        try:
+            moving_level = moving.level(stage.level)
+        except InputError as exc:
+            raise InputError(f"stage {stage.name}: {exc}") from None
+        fixed_grid = fixed.levels[level].grid
+        pmap = elastix.parameter_map(stage.transform, stage.parameters, threads)
+        _check_block_size(stage, fixed_grid, pmap)
+        stages.append(
+            StagePlan(
+                number=number,
+                config=stage,
+                level=level,
+                fixed_grid=fixed_grid,
+                moving_grid=moving_level.grid,
+                field_grid=fixed_grid.coarsened(float(stage.field_grid_factor)),
+                parameter_map=pmap,
+                folder=_stage_folder(out_uri, number, stage.name),
+            )
+        )
+
+    plan = RegistrationPlan(
+        fixed_uri=fixed.uri,
+        moving_uri=moving.uri,
+        out_uri=out_uri,
+        stages=tuple(stages),
+        initial=initial,
+        foreground_intensity=foreground_intensity(fixed),
+    )
+    if storage.exists(plan.result_uri) and not overwrite:
+        raise InputError(
+            f"{out_uri}: already holds a finished registration (result.json); "
+            "pass --overwrite to replace it"
+        )
+    storage.check_writable(out_uri)
+    return plan
+
+
+def result_document(plan: RegistrationPlan, stage_summaries: list[dict], extra: dict) -> str:
+    """The JSON of result.json (written last, once everything else is complete)."""
+    import importlib.metadata as md
+
+    versions = {}
+    for package in ("dreg", "prefect", "prefect-dask", "itk-elastix", "zarr", "dask"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    return json.dumps(
+        {
+            "fixed": plan.fixed_uri,
+            "moving": plan.moving_uri,
+            "field": plan.field_uri,
+            "initial": {"matrix": [list(r) for r in plan.initial.matrix],
+                        "translation": list(plan.initial.translation)},
+            "stages": stage_summaries,
+            "versions": versions,
+            **extra,
+        },
+        indent=2,
+    )
