@@ -61,7 +61,8 @@ def parameter_map(
     are written as elastix expects them.
     """
     if preset not in PRESETS:
-        raise InputError(f"unknown transform preset {preset!r} (choose one of {', '.join(PRESETS)})")
+        choices = ", ".join(PRESETS)
+        raise InputError(f"unknown transform preset {preset!r} (choose one of {choices})")
     overrides = dict(overrides or {})
     resolutions = int(_as_strings(overrides.get("NumberOfResolutions", DEFAULT_RESOLUTIONS))[0])
     itk = _itk()

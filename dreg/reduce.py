@@ -51,7 +51,9 @@ def blend_residuals(
         source = (slice(None),) + tuple(
             slice(a - b0, b - b0) for (a, b), (b0, _) in zip(overlap, box, strict=True)
         )
-        target = tuple(slice(a - c0, b - c0) for (a, b), (c0, _) in zip(overlap, chunk, strict=True))
+        target = tuple(
+            slice(a - c0, b - c0) for (a, b), (c0, _) in zip(overlap, chunk, strict=True)
+        )
         weight = blend_weights(result.block, overlap, image_shape_zyx, factor)
         numerator[(slice(None),) + target] += residual[source] * weight
         denominator[target] += weight
