@@ -108,3 +108,19 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     if not isinstance(data, dict):
         raise InputError(f"{path}: a pipeline is a mapping with a 'stages' list")
     return parse_pipeline(data, str(path))
+
+
+class InitialAffine(BaseModel):
+    """A user-supplied starting transform: moving = matrix @ fixed + translation (world
+    x, y, z, physical units), as ITK applies an affine transform with centre 0."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    matrix: tuple[tuple[float, float, float], tuple[float, float, float],
+                  tuple[float, float, float]] = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+    translation: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def to_transform(self):
+        from dreg.field import AffineTransform
+
+        return AffineTransform(matrix=self.matrix, translation=self.translation)

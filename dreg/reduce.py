@@ -92,3 +92,17 @@ def reduce_chunk(
     for uri in destinations:
         ome_zarr.write_region(ome_zarr.open_image(uri), 0, region, total)
     return {"voxels": int(np.prod(total.shape[1:])), "blocks": len(results)}
+
+
+def field_identity(identity_of_inputs: str, results: Sequence[BlockResult]) -> str:
+    """An identifier of a stage's field content, from what it was computed from: the
+    stage's inputs and every block's outcome (residuals are named by their inputs). It
+    keys the next stage's cache without hashing the field's voxels."""
+    import hashlib
+    import json
+
+    rows = sorted(
+        (list(r.block.index), r.status, r.residual_uri or "") for r in results
+    )
+    payload = json.dumps([identity_of_inputs, rows]).encode()
+    return hashlib.sha256(payload).hexdigest()[:32]

@@ -1,0 +1,101 @@
+"""Artifacts a registration leaves in Prefect: made by the flows, so that a fully
+cached re-run has them too."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from uuid import UUID
+
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from dreg import storage
+from dreg.register_block import STATUSES
+
+
+def field_artifact_key(out_uri: str) -> str:
+    """A stable artifact key for an output location: readable, and unique by a hash."""
+    slug = re.sub(r"[^a-z0-9]+", "-", out_uri.lower()).strip("-")[-40:].strip("-")
+    digest = hashlib.sha256(out_uri.encode()).hexdigest()[:8]
+    return f"dreg-field-{slug}-{digest}"
+
+
+def field_link(uri: str) -> str:
+    return uri if storage.is_s3(uri) else f"file://{uri}"
+
+
+def publish_field_link(out_uri: str, field_uri: str) -> None:
+    create_link_artifact(
+        key=field_artifact_key(out_uri),
+        link=field_link(field_uri),
+        link_text="displacement field (fixed to moving)",
+        description=f"Final displacement field of the registration into {out_uri}",
+    )
+
+
+def publish_status_table(stage_summaries: list[dict]) -> None:
+    rows = [
+        {"stage": s["name"], **{status: s["counts"].get(status, 0) for status in STATUSES},
+         "seconds": s["seconds"]}
+        for s in stage_summaries
+    ]
+    create_table_artifact(table=rows, key="dreg-block-status",
+                          description="Blocks by status, per stage")
+
+
+def publish_summary(result: dict) -> None:
+    lines = [
+        "# Registration",
+        f"- fixed: `{result['fixed']}`",
+        f"- moving: `{result['moving']}`",
+        f"- output: `{result['output']}`",
+        f"- field: `{result['field']}`",
+        f"- seconds: {result['seconds']:.1f}",
+        "",
+        "| stage | level | transform | blocks | " + " | ".join(STATUSES) + " | seconds |",
+        "|---|---|---|---|" + "---|" * len(STATUSES) + "---|",
+    ]
+    for s in result["stages"]:
+        counts = " | ".join(str(s["counts"].get(status, 0)) for status in STATUSES)
+        lines.append(f"| {s['name']} | {s['level']} | {s['transform']} | {s['blocks']} | "
+                     f"{counts} | {s['seconds']:.1f} |")
+    failures = [(s["name"], f) for s in result["stages"] for f in s.get("failures", [])]
+    if failures:
+        lines += ["", "## Blocks that did not succeed"]
+        lines += [f"- {name} block {f['index']}: {f['status']}: {f['reason']}"
+                  for name, f in failures[:50]]
+    create_markdown_artifact(markdown="\n".join(lines), key="dreg-summary",
+                             description="Registration summary")
+
+
+class Progress:
+    """Block progress: a Prefect progress artifact, and a bar on stderr if asked."""
+
+    def __init__(self, total: int, label: str, show_bar: bool = False) -> None:
+        self.total, self.done, self.label, self.show_bar = total, 0, label, show_bar
+        self.artifact_id: UUID = create_progress_artifact(
+            progress=0.0, description=f"{label}: blocks registered"
+        )
+        self._last_reported = -1.0
+
+    def advance(self) -> None:
+        self.done += 1
+        percent = 100.0 * self.done / max(self.total, 1)
+        # Report at most every 2 %, so thousands of blocks do not flood the API.
+        if percent - self._last_reported >= 2.0 or self.done == self.total:
+            update_progress_artifact(self.artifact_id, progress=percent)
+            self._last_reported = percent
+        if self.show_bar:
+            filled = int(30 * self.done / max(self.total, 1))
+            sys.stderr.write(f"\r{self.label}: [{'#' * filled}{'.' * (30 - filled)}] "
+                             f"{self.done}/{self.total} blocks")
+            if self.done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()

@@ -1,0 +1,23 @@
+"""Prefect tasks that write a registration's records: block tables, result.json."""
+
+from __future__ import annotations
+
+import json
+
+from prefect import task
+
+from dreg import storage
+
+
+@task(name="write-json", retries=2, retry_delay_seconds=1)
+def write_json(uri: str, document: dict | list) -> str:
+    """Write a small JSON document in one piece."""
+    storage.write_text(uri, json.dumps(document, indent=2))
+    return uri
+
+
+@task(name="write-result", retries=2, retry_delay_seconds=1)
+def write_result(uri: str, text: str) -> str:
+    """Write result.json: the last write of a registration, marking it complete."""
+    storage.write_text(uri, text)
+    return uri
