@@ -135,6 +135,7 @@ def register_stage(
     summary = {
         "number": stage.number,
         "name": stage.name,
+        "flow_run_id": str(flow_run.get_id()),
         "level": stage.level,
         "transform": stage.config.transform,
         "blocks": len(blocks),

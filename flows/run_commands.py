@@ -41,9 +41,12 @@ def _last_line(result: dict) -> dict:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from dreg.pipeline import load_pipeline
+    from dreg.pipeline import default_pipeline, load_pipeline
+    from dreg.plan import plan_registration
 
-    pipeline = load_pipeline(args.config) if args.config else None
+    pipeline = load_pipeline(args.config) if args.config else default_pipeline()
+    # Validate here first: bad input fails in a second, before a server or cluster starts.
+    plan_registration(args.fixed, args.moving, args.out, pipeline, overwrite=args.overwrite)
     result = _run_registration(args, pipeline)
     print(json.dumps(_last_line(result)))
     return 0

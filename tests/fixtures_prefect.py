@@ -1,0 +1,48 @@
+"""Session fixtures for flow tests: Prefect's test harness (a real temporary server,
+entered once) and one warm LocalCluster whose workers report to it."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API (the test harness's temporary server) for the whole session."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.cluster import current_api_url
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield current_api_url()
+
+
+@pytest.fixture(scope="session")
+def dask_address(prefect_api):
+    """A LocalCluster of two single-threaded worker processes, warmed once."""
+    from distributed import LocalCluster
+
+    from flows.cluster import warm_up
+
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.WARNING,
+        env={"PREFECT_API_URL": prefect_api},
+    ) as cluster:
+        warm_up(cluster.scheduler_address)
+        yield cluster.scheduler_address
+
+
+@pytest.fixture
+def dask_client(dask_address):
+    from distributed import Client
+
+    with Client(dask_address) as client:
+        yield client

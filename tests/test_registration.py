@@ -1,0 +1,225 @@
+"""The registration flow end to end: real elastix, Prefect's test harness (a real
+temporary server) entered once per session, and a real LocalCluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from uuid import UUID
+
+import numpy as np
+import pytest
+
+from dreg import field, ome_zarr, pyramid, synth
+from dreg.evaluate import field_error
+from dreg.grid import Grid
+from dreg.pipeline import PipelineConfig, StageConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.prefect]
+
+ROTATION_30 = ((0.8660254037844387, -0.5, 0.0), (0.5, 0.8660254037844387, 0.0), (0.0, 0.0, 1.0))
+
+
+def bspline(block_size=32, iterations=100, **extra) -> StageConfig:
+    return StageConfig(name="bspline", level=0, block_size=block_size, overlap=0.25,
+                       transform="bspline",
+                       parameters={"MaximumNumberOfIterations": iterations}, **extra)
+
+
+def run(pair: dict, out: Path, stages: list[StageConfig], dask_address: str, **options):
+    from flows.registration import register_images
+
+    return register_images(fixed=pair["fixed"], moving=pair["moving"], out=str(out),
+                           pipeline=PipelineConfig(stages=stages),
+                           dask_address=dask_address, **options)
+
+
+def task_runs(stage_flow_run_id: str, name: str = "register-block") -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(stage_flow_run_id)])),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)),
+        )
+
+
+def read_field(uri: str) -> np.ndarray:
+    image = field.open_field(uri)
+    return ome_zarr.read_region(image, 0, tuple(slice(0, n) for n in
+                                                image.levels[0].grid.shape_zyx))
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    return {
+        "iso": synth.write_pair(str(root / "iso"), Grid((64, 64, 64), (1.0, 1.0, 1.0)),
+                                seed=3, amplitude_voxels=2.0),
+        "aniso": synth.write_pair(
+            str(root / "aniso"),
+            Grid((40, 64, 64), (1.0, 1.0, 2.0), (10.0, -20.0, 5.0), ROTATION_30),
+            seed=5, amplitude_voxels=2.0),
+        "small": synth.write_pair(str(root / "small"), Grid((48, 48, 48), (1.0, 1.0, 1.0)),
+                                  seed=7, amplitude_voxels=1.5),
+    }
+
+
+@pytest.fixture(scope="module")
+def iso_result(pairs, tmp_path_factory, dask_address):
+    out = tmp_path_factory.mktemp("iso") / "out"
+    return run(pairs["iso"], out, [bspline()], dask_address)
+
+
+def test_bspline_blocks_recover_the_truth(pairs, iso_result):
+    error = field_error(iso_result["field"], pairs["iso"]["truth"])
+    assert error["rms_after"] <= 0.25
+    assert error["rms_after"] < 0.15 * error["rms_before"]
+    assert iso_result["block_counts"] == {"bspline": {"ok": 8}}
+
+
+def test_anisotropic_rotated_offset_pair(pairs, tmp_path, dask_address):
+    result = run(pairs["aniso"], tmp_path / "out", [bspline()], dask_address)
+    error = field_error(result["field"], pairs["aniso"]["truth"])
+    assert error["rms_after"] <= 0.25
+    assert error["rms_after"] < 0.15 * error["rms_before"]
+    grid = field.open_field(result["field"]).levels[0].grid
+    assert grid.direction == ROTATION_30
+    assert grid.origin_xyz == (10.0, -20.0, 5.0)
+    assert grid.spacing_xyz == (2.0, 2.0, 4.0)
+
+
+def test_field_is_continuous_across_block_borders(iso_result):
+    """Differences of u across the blocks' overlap zones are no larger than inside the
+    blocks: no seam. (The blend itself is checked exactly in test_reduce.py.)"""
+    u = read_field(iso_result["field"])
+    # Field voxel j sits at fixed index 2j; the blocks' overlap zone is fixed 28..36.
+    seam = np.zeros(u.shape[1] - 1, bool)
+    seam[13:18] = True
+    inside = np.zeros_like(seam)
+    inside[3:11] = True
+    inside[21:29] = True
+    for axis in range(3):
+        steps = np.linalg.norm(np.diff(u, axis=axis + 1), axis=0)
+        steps = np.moveaxis(steps, axis, 0)[:, 2:-2, 2:-2]
+        assert steps[seam].max() <= 1.2 * steps[inside].max(), f"seam along axis {axis}"
+
+
+def test_affine_then_bspline_beats_either_alone(tmp_path, dask_address):
+    pair = synth.write_pair(str(tmp_path / "pair"), Grid((64, 64, 80), (1.0, 1.0, 1.0)),
+                            seed=11, amplitude_voxels=1.5, shift_voxels=(4.0, -5.0, 6.0))
+    affine = StageConfig(name="affine", level=-1, transform="affine",
+                         parameters={"MaximumNumberOfIterations": 200})
+    fine = bspline(block_size=40)
+    errors = {}
+    for name, stages in {"affine": [affine], "bspline": [fine],
+                         "both": [affine, fine]}.items():
+        result = run(pair, tmp_path / name, stages, dask_address)
+        errors[name] = field_error(result["field"], pair["truth"])["rms_after"]
+    assert errors["both"] < errors["affine"]
+    assert errors["both"] < errors["bspline"]
+    assert errors["both"] <= 0.25
+
+
+def test_rerun_is_cached_and_changes_invalidate(pairs, tmp_path, dask_address):
+    pair = pairs["small"]
+    out = tmp_path / "out"
+    stages = [bspline(block_size=24, iterations=30)]
+
+    def states(result):
+        (stage,) = result["stages"]
+        return sorted(run.state.name for run in task_runs(stage["flow_run_id"]))
+
+    first = run(pair, out, stages, dask_address)
+    assert states(first) == ["Completed"] * 8
+    first_field = read_field(first["field"])
+
+    second = run(pair, out, stages, dask_address, overwrite=True)
+    assert states(second) == ["Cached"] * 8
+    np.testing.assert_array_equal(read_field(second["field"]), first_field)
+
+    changed = run(pair, out, [bspline(block_size=24, iterations=31)], dask_address,
+                  overwrite=True)
+    assert states(changed) == ["Completed"] * 8
+
+    # New moving content under the same URI: every block runs again.
+    moving = ome_zarr.open_image(pair["moving"])
+    level0 = tuple(slice(0, n) for n in moving.levels[0].grid.shape_zyx)
+    ome_zarr.write_region(moving, 0, level0, ome_zarr.read_region(moving, 0, level0) * 1.01)
+    pyramid.build_pyramid(moving)
+    rewritten = run(pair, out, [bspline(block_size=24, iterations=31)], dask_address,
+                    overwrite=True)
+    assert states(rewritten) == ["Completed"] * 8
+
+
+def test_refuses_to_overwrite_a_finished_result(pairs, iso_result):
+    from dreg.errors import InputError
+    from dreg.pipeline import PipelineConfig
+    from dreg.plan import plan_registration
+
+    with pytest.raises(InputError, match="already holds a finished registration"):
+        plan_registration(pairs["iso"]["fixed"], pairs["iso"]["moving"], iso_result["output"],
+                          PipelineConfig(stages=[bspline()]))
+
+
+def test_retries_and_failed_blocks(pairs, tmp_path, dask_client, dask_address):
+    # Block 0-0-0 fails once (then succeeds on retry); block 1-1-1 always fails.
+    spec = "0-0-0:1,1-1-1:99"
+    dask_client.run(os.environ.__setitem__, "DREG_FAULT_INJECT", spec)
+    try:
+        result = run(pairs["small"], tmp_path / "out", [bspline(block_size=24, iterations=30)],
+                     dask_address)
+    finally:
+        dask_client.run(os.environ.pop, "DREG_FAULT_INJECT", None)
+    assert result["block_counts"] == {"bspline": {"ok": 7, "failed": 1}}
+    (stage,) = result["stages"]
+    runs = {r.name: r for r in task_runs(stage["flow_run_id"])}
+    assert runs["register-block-0-0-0"].run_count == 2
+    assert runs["register-block-0-0-0"].state.name == "Completed"
+    assert runs["register-block-1-1-1"].state.is_failed()
+
+    table = json.loads((tmp_path / "out/stages/1-bspline/blocks.json").read_text())
+    failed = [row for row in table if row["status"] == "failed"]
+    assert [row["index"] for row in failed] == [[1, 1, 1]]
+    assert "injected fault" in failed[0]["reason"]
+    assert (tmp_path / "out/result.json").exists()
+    # Where only the failed block reached, the field falls back to the previous stage
+    # (the identity here): fixed voxels 27.. of each axis, field voxels 14...
+    u = read_field(result["field"])
+    assert np.all(u[:, 14:, 14:, 14:] == 0)
+    assert np.abs(u[:, :10, :10, :10]).max() > 0.1
+
+
+def test_link_artifact_opens_the_field(pairs, iso_result):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.artifacts import field_artifact_key
+
+    key = field_artifact_key(iso_result["output"])
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        summaries = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dreg-summary"])))
+    assert found and summaries
+    url = re.search(r"\((file://[^)]+)\)", found[0].data).group(1)
+    image = field.open_field(url[len("file://"):])
+    attrs = image.attributes
+    assert attrs["kind"] == "displacement_field"
+    assert attrs["mapping"] == "fixed_to_moving"
+    assert attrs["components"] == ["z", "y", "x"]
+    assert attrs["fixed"]["uri"] == pairs["iso"]["fixed"]
+    assert attrs["moving"]["uri"] == pairs["iso"]["moving"]
+    assert Grid.from_dict(attrs["grid"]) == image.levels[0].grid
+    result = json.loads(Path(iso_result["output"], "result.json").read_text())
+    assert result["field"] == url[len("file://"):]
+    assert result["flow_run_id"] == iso_result["flow_run_id"]

@@ -1,0 +1,133 @@
+"""Bad input to a registration fails before any block runs, with a message naming it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dreg import elastix, ome_zarr, synth
+from dreg.errors import InputError, StorageError
+from dreg.grid import Grid
+from dreg.pipeline import PipelineConfig, StageConfig, load_pipeline, parse_pipeline
+from dreg.plan import plan_registration
+
+BSPLINE = StageConfig(name="b", level=0, block_size=32, transform="bspline")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return synth.write_pair(str(tmp_path_factory.mktemp("p") / "pair"),
+                            Grid((40, 40, 40), (1.0, 1.0, 1.0)), seed=1)
+
+
+def plan(pair, out, *stages, moving=None):
+    return plan_registration(pair["fixed"], moving or pair["moving"], str(out),
+                             PipelineConfig(stages=list(stages or [BSPLINE])))
+
+
+def test_a_valid_plan_lays_out_the_stages(pair, tmp_path):
+    laid = plan(pair, tmp_path / "out")
+    assert [s.folder for s in laid.stages] == [str(tmp_path / "out/stages/1-b")]
+    assert laid.stages[0].field_grid.spacing_xyz == (2.0, 2.0, 2.0)
+
+
+def test_images_that_do_not_overlap(pair, tmp_path):
+    far = synth.write_pair(str(tmp_path / "far"),
+                           Grid((40, 40, 40), (1.0, 1.0, 1.0), (500.0, 0.0, 0.0)), seed=1)
+    with pytest.raises(InputError, match="do not overlap in physical space"):
+        plan(pair, tmp_path / "out", moving=far["moving"])
+
+
+def test_a_vector_image_as_moving(pair, tmp_path):
+    with pytest.raises(InputError, match="needs a scalar 3D image"):
+        plan(pair, tmp_path / "out", moving=pair["truth"])
+
+
+def test_a_2d_image(pair, tmp_path):
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "flat.ome.zarr"), mode="w", zarr_format=3)
+    group.create_array("0", shape=(32, 32), dtype="float32")
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+        "datasets": [{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, 1.0]}]}]}]}
+    with pytest.raises(InputError, match="needs a 3D image"):
+        plan(pair, tmp_path / "out", moving=str(tmp_path / "flat.ome.zarr"))
+
+
+def test_a_level_that_does_not_exist(pair, tmp_path):
+    stage = StageConfig(name="b", level=3, transform="affine")
+    with pytest.raises(InputError, match="level 3 does not exist"):
+        plan(pair, tmp_path / "out", stage)
+
+
+def test_block_too_small_for_the_bspline_grid(pair, tmp_path):
+    stage = StageConfig(name="b", level=0, block_size=16, transform="bspline")
+    with pytest.raises(InputError, match="too small for a B-spline grid spacing of 8"):
+        plan(pair, tmp_path / "out", stage)
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"name": "a", "overlap": 1.0}, "stages.0.overlap"),
+    ({"name": "a", "overlap": -0.1}, "stages.0.overlap"),
+    ({"name": "a", "block_size": 4}, "block_size must be at least 8"),
+    ({"name": "a", "transform": "demons"}, "'demons'"),
+    ({"name": "a", "blocksize": 32}, "stages.0.blocksize"),
+    ({"name": "a/b"}, "stages.0.name"),
+])
+def test_bad_stage_values_are_named(stage, message):
+    with pytest.raises(InputError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        parse_pipeline({"stages": [stage]})
+
+
+def test_pipeline_yaml(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(
+        "stages:\n"
+        "  - {name: coarse, level: -1, transform: affine}\n"
+        "  - name: fine\n    level: 0\n    block_size: [32, 48, 48]\n    overlap: 0.3\n"
+        "    transform: bspline\n    parameters: {MaximumNumberOfIterations: 50,"
+        " FinalGridSpacingInVoxels: [6, 6, 6]}\n"
+        "    field_grid_factor: 4\n    foreground_threshold: 0.2\n    metric_guard: false\n")
+    loaded = load_pipeline(path)
+    assert [s.name for s in loaded.stages] == ["coarse", "fine"]
+    assert loaded.stages[1].block_size == (32, 48, 48)
+    assert loaded.stages[1].parameters["FinalGridSpacingInVoxels"] == [6, 6, 6]
+    path.write_text("stages:\n  - {name: a, colour: red}\n")
+    with pytest.raises(InputError, match=r"pipeline.yaml: stages\.0\.colour"):
+        load_pipeline(path)
+
+
+def test_elastix_rejects_a_parameter():
+    pmap = elastix.parameter_map("bspline", {"Metric": "NoSuchMetric"})
+    with pytest.raises(InputError, match="elastix rejected the parameters"):
+        elastix.check_parameter_map(pmap, "stage b")
+
+
+def test_an_unknown_preset():
+    with pytest.raises(InputError, match="unknown transform preset 'demons'"):
+        elastix.parameter_map("demons")
+
+
+def test_an_output_that_is_not_writable(pair, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StorageError, match="not writable"):
+        plan(pair, blocker / "out")
+
+
+def test_cli_reports_bad_input_in_one_line_before_any_work(pair, tmp_path):
+    far = synth.write_pair(str(tmp_path / "far"),
+                           Grid((40, 40, 40), (1.0, 1.0, 1.0), (0.0, 900.0, 0.0)), seed=2)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "register", pair["fixed"], far["moving"],
+         str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "do not overlap in physical space" in lines[0]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+    assert ome_zarr.open_image(pair["fixed"])  # inputs untouched
