@@ -26,6 +26,9 @@ RESULT_FILE = "result.json"
 FIELD_NAME = "field.ome.zarr"
 MIN_BSPLINE_CELLS = 3  # a block must span at least this many B-spline grid cells
 FOREGROUND_FRACTION_OF_P99 = 0.1
+# One block is registered in one worker process: bound its size (256^3 voxels, 64 MiB
+# of float32 per image) so that no step loads a large level whole.
+MAX_BLOCK_VOXELS = 256**3
 
 
 @dataclass(frozen=True)
@@ -102,9 +105,18 @@ def check_overlap(fixed: ome_zarr.OmeZarrImage, moving: ome_zarr.OmeZarrImage,
 
 
 def _check_block_size(stage: StageConfig, grid: Grid, pmap: dict) -> None:
+    size = normalize_block_size(stage.block_size, grid.shape_zyx)
+    padded = [min(n, round(b * (1 + stage.overlap))) for b, n in zip(size, grid.shape_zyx,
+                                                                      strict=True)]
+    if int(np.prod(padded)) > MAX_BLOCK_VOXELS:
+        what = "the whole level" if stage.block_size is None else f"block_size {size}"
+        raise InputError(
+            f"stage {stage.name}: {what} at level {stage.level} is {padded} voxels with "
+            f"padding, more than one worker should hold ({MAX_BLOCK_VOXELS} voxels); "
+            "set a smaller block_size or a coarser level"
+        )
     if stage.block_size is None:
         return
-    size = normalize_block_size(stage.block_size, grid.shape_zyx)
     spacing = elastix.bspline_grid_spacing_voxels(pmap) if stage.transform == "bspline" else None
     if spacing and min(size) < MIN_BSPLINE_CELLS * spacing:
         raise InputError(

@@ -173,12 +173,12 @@ def test_refuses_to_overwrite_a_finished_result(pairs, iso_result):
 def test_retries_and_failed_blocks(pairs, tmp_path, dask_client, dask_address):
     # Block 0-0-0 fails once (then succeeds on retry); block 1-1-1 always fails.
     spec = "0-0-0:1,1-1-1:99"
-    dask_client.run(os.environ.__setitem__, "DREG_FAULT_INJECT", spec)
+    dask_client.run(lambda: os.environ.__setitem__("DREG_FAULT_INJECT", spec))
     try:
         result = run(pairs["small"], tmp_path / "out", [bspline(block_size=24, iterations=30)],
                      dask_address)
     finally:
-        dask_client.run(os.environ.pop, "DREG_FAULT_INJECT", None)
+        dask_client.run(lambda: os.environ.pop("DREG_FAULT_INJECT", None))
     assert result["block_counts"] == {"bspline": {"ok": 7, "failed": 1}}
     (stage,) = result["stages"]
     runs = {r.name: r for r in task_runs(stage["flow_run_id"])}

@@ -131,3 +131,14 @@ def test_cli_reports_bad_input_in_one_line_before_any_work(pair, tmp_path):
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
     assert ome_zarr.open_image(pair["fixed"])  # inputs untouched
+
+
+def test_a_whole_image_stage_on_a_large_level_is_refused(tmp_path):
+    from dreg import plan as plan_module
+
+    big = Grid((300, 300, 300), (1.0, 1.0, 1.0))
+    stage = StageConfig(name="global", level=0, transform="affine")
+    pmap = elastix.parameter_map("affine")
+    with pytest.raises(InputError, match="stage global: the whole level at level 0"):
+        plan_module._check_block_size(stage, big, pmap)
+    plan_module._check_block_size(stage.model_copy(update={"block_size": 128}), big, pmap)
