@@ -58,7 +58,6 @@ def storage_options(uri: str) -> dict:
             "read_timeout": 60,
             "retries": {"max_attempts": 3, "mode": "standard"},
         },
-        "retries": 2,
     }
     endpoint = s3_endpoint_url()
     if endpoint:
@@ -152,4 +151,6 @@ def check_writable(uri: str) -> None:
         fs, path = filesystem(probe)
         fs.rm(path)
     except Exception as exc:  # noqa: BLE001 - turned into a clear message
-        raise StorageError(f"output location not writable: {describe_storage_failure(uri, exc)}")
+        raise StorageError(
+            f"output location not writable: {describe_storage_failure(uri, exc)}"
+        ) from None
