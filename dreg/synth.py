@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from dreg import field, ome_zarr, pyramid, storage
-from dreg.grid import Grid, Region
+from dreg.grid import Grid, Region, region_shape
 
 TEXTURE_WAVES = 24
+COARSE_WAVES = 6
 DISPLACEMENT_WAVES = 3
 
 
@@ -33,8 +34,13 @@ class SynthModel:
     centre_xyz: np.ndarray
 
     def texture(self, points_xyz: np.ndarray) -> np.ndarray:
-        phase = 2 * np.pi * (points_xyz @ self.wave_vectors.T) + self.wave_phases
-        waves = np.sin(phase) @ self.wave_amplitudes
+        """f at world points (..., 3), float32."""
+        # One wave at a time: a (points x waves) array would be 24 times a chunk's size.
+        waves = np.zeros(points_xyz.shape[:-1])
+        for vector, phase, amplitude in zip(
+            self.wave_vectors, self.wave_phases, self.wave_amplitudes, strict=True
+        ):
+            waves += amplitude * np.sin(2 * np.pi * (points_xyz @ vector) + phase)
         return (100.0 + 60.0 * waves).astype(np.float32)
 
     def displacement(self, points_xyz: np.ndarray) -> np.ndarray:
@@ -52,7 +58,8 @@ def make_model(
 ) -> SynthModel:
     """Draw a texture and displacement for a grid, deterministically from `seed`.
 
-    Texture wavelengths run from 5 to 16 of the coarsest voxel spacing; displacement
+    Fine texture wavelengths run from 5 to 16 of the coarsest voxel spacing, coarse ones
+    from 0.3 to 0.8 of the image's extent; displacement
     wavelengths are half to the whole of the image's extent, its peak amplitude about
     `amplitude_voxels` finest voxels per component. `shift_voxels` (z, y, x) adds a
     global shift in voxels along the index axes.
@@ -67,10 +74,16 @@ def make_model(
         v = rng.normal(size=(n, 3))
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
-    wavelengths = rng.uniform(5.0, 16.0, TEXTURE_WAVES) * coarse
-    wave_vectors = directions(TEXTURE_WAVES) / wavelengths[:, None]
-    amplitudes = rng.uniform(0.5, 1.0, TEXTURE_WAVES)
-    amplitudes /= np.sqrt((amplitudes**2).sum() / 2)
+    # Fine waves for local detail and coarse waves (a third to most of the extent), as a
+    # real specimen has, so that coarse levels still carry structure to align; each set
+    # carries half of the texture's variance.
+    wavelengths = np.concatenate([rng.uniform(5.0, 16.0, TEXTURE_WAVES) * coarse,
+                                  rng.uniform(0.3, 0.8, COARSE_WAVES) * extent])
+    wave_vectors = directions(TEXTURE_WAVES + COARSE_WAVES) / wavelengths[:, None]
+    fine = rng.uniform(0.5, 1.0, TEXTURE_WAVES)
+    coarse_amplitudes = rng.uniform(0.5, 1.0, COARSE_WAVES)
+    amplitudes = np.concatenate([fine / np.sqrt((fine**2).sum()),
+                                 coarse_amplitudes / np.sqrt((coarse_amplitudes**2).sum())])
     disp_vectors = np.stack(
         [directions(DISPLACEMENT_WAVES) / (rng.uniform(0.5, 1.0, DISPLACEMENT_WAVES)[:, None]
                                             * extent) for _ in range(3)]
@@ -81,7 +94,7 @@ def make_model(
     shift_xyz = grid.index_to_world_matrix @ shift_index_xyz
     return SynthModel(
         wave_vectors=wave_vectors,
-        wave_phases=rng.uniform(0, 2 * np.pi, TEXTURE_WAVES),
+        wave_phases=rng.uniform(0, 2 * np.pi, TEXTURE_WAVES + COARSE_WAVES),
         wave_amplitudes=amplitudes,
         disp_vectors=disp_vectors,
         disp_phases=rng.uniform(0, 2 * np.pi, (3, DISPLACEMENT_WAVES)),
@@ -91,19 +104,45 @@ def make_model(
     )
 
 
+# Points evaluated at once. The closed forms make several float64 temporaries of the
+# points' size; evaluating a chunk in slabs of this many points keeps them near 1 MB.
+PIECE_POINTS = 1 << 15
+
+
+def _pieces(region: Region):
+    """Split a region into z-slabs of about PIECE_POINTS voxels: (slab, local index) pairs."""
+    zs, ys, xs = region
+    step = max(1, PIECE_POINTS // ((ys.stop - ys.start) * (xs.stop - xs.start)))
+    for start in range(zs.start, zs.stop, step):
+        stop = min(start + step, zs.stop)
+        local = (slice(start - zs.start, stop - zs.start), slice(None), slice(None))
+        yield (slice(start, stop), ys, xs), local
+
+
 def fixed_region(model: SynthModel, grid: Grid, region: Region) -> np.ndarray:
-    points = grid.region_points(region)
-    return model.texture(points + model.displacement(points))
+    """The fixed image f(x + u(x)) on a region, float32 (z, y, x)."""
+    out = np.empty(region_shape(region), dtype=np.float32)
+    for piece, local in _pieces(region):
+        points = grid.region_points(piece)
+        out[local] = model.texture(points + model.displacement(points))
+    return out
 
 
 def moving_region(model: SynthModel, grid: Grid, region: Region) -> np.ndarray:
-    return model.texture(grid.region_points(region))
+    """The moving image f(x) on a region, float32 (z, y, x)."""
+    out = np.empty(region_shape(region), dtype=np.float32)
+    for piece, local in _pieces(region):
+        out[local] = model.texture(grid.region_points(piece))
+    return out
 
 
 def truth_region(model: SynthModel, grid: Grid, region: Region) -> np.ndarray:
     """u on a region as (3, z, y, x) with components in world (z, y, x) order."""
-    u = model.displacement(grid.region_points(region))
-    return np.moveaxis(u[..., ::-1], -1, 0).astype(np.float32)
+    out = np.empty((3, *region_shape(region)), dtype=np.float32)
+    for piece, local in _pieces(region):
+        u = model.displacement(grid.region_points(piece))
+        out[(slice(None), *local)] = np.moveaxis(u[..., ::-1], -1, 0)
+    return out
 
 
 def write_pair(
