@@ -45,12 +45,14 @@ class OmeZarrImage:
 
     `components` is None for a scalar image and the length of the c axis for a vector
     image (axes c, z, y, x). `attributes` is the root's ``dreg`` object, if any.
+    `ome_version` is the NGFF version the metadata declares ("0.5", "0.4").
     """
 
     uri: str
     levels: tuple[ImageLevel, ...]
     components: int | None = None
     attributes: dict = field(default_factory=dict)
+    ome_version: str = "0.5"
 
     def level(self, index: int) -> ImageLevel:
         """Level `index`; negative values count from the coarsest (-1 is the coarsest)."""
@@ -88,7 +90,14 @@ class OmeZarrImage:
 # ----------------------------------------------------------------------------- reading
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
 def _multiscales(attrs: dict) -> tuple[dict, str]:
+    """The first multiscale of 0.5 (under "ome") or 0.4 (top level) metadata, and its
+    version."""
     if "ome" in attrs and "multiscales" in attrs["ome"]:
         return attrs["ome"]["multiscales"][0], str(attrs["ome"].get("version", "0.5"))
     if "multiscales" in attrs:
@@ -104,32 +113,44 @@ def _scale_translation(transforms: Sequence[dict], ndim: int) -> tuple[list, lis
             scale = [float(v) for v in t["scale"]]
         elif t.get("type") == "translation":
             translation = [float(v) for v in t["translation"]]
+    if len(scale) != ndim or len(translation) != ndim:
+        raise ValueError(f"scale and translation need {ndim} values each")
     return scale, translation
 
 
-def open_image(uri: str, require_scalar: bool = False) -> OmeZarrImage:
-    """Read an OME-Zarr multiscale image's metadata (no voxels).
+def _dataset_transform(multiscale: dict, dataset: dict, ndim: int) -> tuple[list, list]:
+    """Scale and translation of one level: the dataset's own, then the multiscale's
+    shared coordinateTransformations (NGFF allows both; they compose in that order)."""
+    scale, translation = _scale_translation(dataset.get("coordinateTransformations", []), ndim)
+    shared = multiscale.get("coordinateTransformations")
+    if shared:
+        outer_scale, outer_translation = _scale_translation(shared, ndim)
+        scale = [s * o for s, o in zip(scale, outer_scale, strict=True)]
+        translation = [
+            t * o + u for t, o, u in zip(translation, outer_scale, outer_translation, strict=True)
+        ]
+    return scale, translation
 
-    Raises InputError naming the URI when it is missing, not OME-Zarr, or not 3D.
-    """
-    uri = storage.normalize_uri(uri)
-    if not storage.exists(uri):
-        raise InputError(f"{uri}: no such image (path does not exist)")
-    try:
-        group = zarr.open_group(storage.zarr_store(uri, read_only=True), mode="r")
-        attrs = dict(group.attrs)
-    except StorageError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        cause = storage.describe_storage_failure(uri, exc)
-        raise InputError(f"{uri}: not a readable OME-Zarr image ({cause.split(': ', 1)[-1]})")
-    try:
-        multiscales, _version = _multiscales(attrs)
-        axes = [a["name"] if isinstance(a, dict) else str(a) for a in multiscales["axes"]]
-        datasets = multiscales["datasets"]
-    except (KeyError, IndexError, TypeError):
-        raise InputError(f"{uri}: not an OME-Zarr image (no multiscales metadata)") from None
 
+def _open_group(uri: str) -> zarr.Group:
+    """The root zarr group (v3 or v2), or an error naming what is there instead."""
+    try:
+        return zarr.open_group(storage.zarr_store(uri, read_only=True), mode="r")
+    except zarr.errors.GroupNotFoundError:
+        raise InputError(
+            f"{uri}: not an OME-Zarr image (no zarr group metadata: zarr.json or .zgroup)"
+        ) from None
+    except zarr.errors.ContainsArrayError:
+        raise InputError(
+            f"{uri}: a zarr array, not an OME-Zarr image (open the multiscale group above it)"
+        ) from None
+    except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError is a ValueError
+        raise InputError(f"{uri}: unreadable zarr metadata ({_one_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - storage failures become one clear line
+        raise StorageError(storage.describe_storage_failure(uri, exc)) from None
+
+
+def _check_axes(uri: str, axes: list[str]) -> None:
     spatial = [a for a in axes if a in SPATIAL_AXES]
     if spatial != list(SPATIAL_AXES) or len(axes) not in (3, 4) or (
         len(axes) == 4 and axes[0] != "c"
@@ -137,46 +158,79 @@ def open_image(uri: str, require_scalar: bool = False) -> OmeZarrImage:
         raise InputError(
             f"{uri}: needs a 3D image with axes z, y, x (or c, z, y, x); it has axes {axes}"
         )
-    dreg_attrs = dict(attrs.get("dreg", {}))
-    direction = dreg_attrs.get("direction") or dreg_attrs.get("grid", {}).get("direction")
+
+
+def _open_level_array(uri: str, group: zarr.Group, path: str) -> zarr.Array:
+    try:
+        array = group[path]
+    except KeyError:
+        raise InputError(f"{uri}: level '{path}' is missing") from None
+    except Exception as exc:  # noqa: BLE001 - storage failures become one clear line
+        raise StorageError(storage.describe_storage_failure(f"{uri}/{path}", exc)) from None
+    if not isinstance(array, zarr.Array):
+        raise InputError(f"{uri}: level '{path}' is not an array")
+    return array
+
+
+def _image_from_group(uri: str, group: zarr.Group) -> OmeZarrImage:
+    attrs = dict(group.attrs)
+    try:
+        multiscale, version = _multiscales(attrs)
+    except (KeyError, IndexError, TypeError):
+        raise InputError(f"{uri}: not an OME-Zarr image (no multiscales metadata)") from None
+    axes = [a["name"] if isinstance(a, dict) else str(a) for a in multiscale["axes"]]
+    _check_axes(uri, axes)
+    dreg_attrs = dict(attrs.get("dreg") or {})
+    direction = dreg_attrs.get("direction") or (dreg_attrs.get("grid") or {}).get("direction")
     direction = direction or [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
 
     levels = []
     components = None
-    for dataset in datasets:
-        try:
-            array = group[dataset["path"]]
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(f"{uri}: level '{dataset.get('path')}' is unreadable: {exc}")
+    for dataset in multiscale["datasets"]:
+        path = str(dataset["path"])
+        array = _open_level_array(uri, group, path)
         if array.ndim != len(axes):
-            raise InputError(
-                f"{uri}: level '{dataset['path']}' has {array.ndim} dimensions, axes say {axes}"
-            )
-        scale, translation = _scale_translation(
-            dataset.get("coordinateTransformations", []), len(axes)
-        )
-        shape = array.shape[-3:]
+            raise InputError(f"{uri}: level '{path}' has {array.ndim} dimensions, axes say {axes}")
+        scale, translation = _dataset_transform(multiscale, dataset, len(axes))
         if len(axes) == 4:
             components = int(array.shape[0])
         grid = Grid(
-            shape_zyx=shape,
+            shape_zyx=array.shape[-3:],
             spacing_xyz=tuple(scale[-3:][::-1]),
             origin_xyz=tuple(translation[-3:][::-1]),
             direction=tuple(tuple(r) for r in direction),
         )
-        levels.append(
-            ImageLevel(
-                path=str(dataset["path"]),
-                grid=grid,
-                chunks_zyx=tuple(int(c) for c in array.chunks[-3:]),
-                dtype=str(array.dtype),
-            )
-        )
+        chunks = tuple(int(c) for c in array.chunks[-3:])
+        levels.append(ImageLevel(path=path, grid=grid, chunks_zyx=chunks, dtype=str(array.dtype)))
     if not levels:
         raise InputError(f"{uri}: the OME-Zarr image has no levels")
-    if require_scalar and components is not None:
-        raise InputError(f"{uri}: needs a scalar 3D image; it has a c axis of {components}")
-    return OmeZarrImage(uri=uri, levels=tuple(levels), components=components, attributes=dreg_attrs)
+    return OmeZarrImage(
+        uri=uri,
+        levels=tuple(levels),
+        components=components,
+        attributes=dreg_attrs,
+        ome_version=version,
+    )
+
+
+def open_image(uri: str, require_scalar: bool = False) -> OmeZarrImage:
+    """Read an OME-Zarr multiscale image's metadata (no voxels): 0.5 on zarr v3, or 0.4
+    on zarr v2.
+
+    Raises InputError naming the URI when it is missing, not OME-Zarr, has unreadable
+    metadata, or is not 3D; StorageError when the storage cannot be reached or read.
+    """
+    uri = storage.normalize_uri(uri)
+    if not storage.exists(uri):
+        raise InputError(f"{uri}: no such image (path does not exist)")
+    group = _open_group(uri)
+    try:
+        image = _image_from_group(uri, group)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise InputError(f"{uri}: unreadable OME-Zarr metadata ({_one_line(exc)})") from None
+    if require_scalar and image.components is not None:
+        raise InputError(f"{uri}: needs a scalar 3D image; it has a c axis of {image.components}")
+    return image
 
 
 def _open_array(image: OmeZarrImage, level: int, mode: str = "r") -> zarr.Array:
