@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 
@@ -156,6 +157,22 @@ def field_box_grid(field_grid: Grid, box: Bounds) -> Grid:
     return field_grid.subgrid(to_slices(box))
 
 
+def _run_elastix(ctx: StageContext, block: Block, fixed, warped, block_grid: Grid):
+    """Run elastix; with a log folder, its log goes there (elastix writes a local file,
+    which is then copied, so the folder may be on S3)."""
+    if not ctx.log_dir:
+        return elastix.register(fixed, warped, block_grid, ctx.parameter_map)
+    with tempfile.TemporaryDirectory(prefix="dreg-elastix-") as local:
+        log_file = os.path.join(local, f"elastix-{block.name}.log")
+        try:
+            return elastix.register(fixed, warped, block_grid, ctx.parameter_map, log_file)
+        finally:
+            if os.path.exists(log_file):
+                with open(log_file, "rb") as handle:
+                    storage.write_bytes(storage.join(ctx.log_dir, os.path.basename(log_file)),
+                                        handle.read())
+
+
 def _registered_block(
     ctx: StageContext, block: Block, fixed: np.ndarray, started: float
 ) -> BlockResult:
@@ -171,12 +188,8 @@ def _registered_block(
     warped = resample_moving(moving, region, ctx.moving_grid, block_grid, previous)
     before = normalized_mutual_information(fixed, warped)
 
-    log_file = None
-    if ctx.log_dir:
-        os.makedirs(ctx.log_dir, exist_ok=True)
-        log_file = os.path.join(ctx.log_dir, f"elastix-{block.name}.log")
     try:
-        result = elastix.register(fixed, warped, block_grid, ctx.parameter_map, log_file)
+        result = _run_elastix(ctx, block, fixed, warped, block_grid)
     except RuntimeError as exc:
         return BlockResult(block, FAILED, f"elastix: {elastix.first_line(exc)}",
                            metric_before=before, seconds=time.perf_counter() - started)

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 
 ADDRESS_VARIABLE = "DREG_DASK_ADDRESS"
+WORKERS_VARIABLE = "DREG_DASK_WORKERS"
 THREADS_PER_WORKER = 1
 
 
@@ -55,7 +56,7 @@ def dask_cluster(address: str | None = None, workers: int | None = None) -> Iter
         return
     from distributed import LocalCluster
 
-    n_workers = workers or os.cpu_count() or 1
+    n_workers = workers or int(os.environ.get(WORKERS_VARIABLE) or 0) or os.cpu_count() or 1
     # Workers must report task runs to this flow's API; without this, each would start a
     # temporary server of its own.
     env = {"PREFECT_API_URL": current_api_url() or ""}

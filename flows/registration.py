@@ -20,6 +20,7 @@ from prefect.futures import as_completed, wait
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
+from deployments import events
 from dreg import field, ome_zarr, storage
 from dreg.pipeline import InitialAffine, PipelineConfig, default_pipeline
 from dreg.plan import (
@@ -62,6 +63,9 @@ def _collect(futures, blocks, progress: artifacts.Progress) -> list[BlockResult]
         progress.advance()
     results = []
     for future, block in zip(futures, blocks, strict=True):
+        # wait() takes the final state from the task runner itself; without it, `state`
+        # reads the API, which records task-run states asynchronously and may lag.
+        future.wait()
         state = future.state
         if state.is_completed():
             results.append(future.result())
@@ -182,6 +186,24 @@ def register_images(
     The field maps fixed points to moving points. result.json is written last: its
     presence means the result is complete.
     """
+    try:
+        result = _register(fixed, moving, out, pipeline, initial_affine, overwrite,
+                           dask_address, workers, debug, show_progress)
+    except BaseException as exc:
+        events.emit_failed(_reason(exc), fixed, moving, out, str(flow_run.get_id()))
+        raise
+    events.emit_completed(result)
+    return result
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _register(fixed, moving, out, pipeline, initial_affine, overwrite, dask_address, workers,
+              debug, show_progress) -> dict:
+    """The body of `register_images` (which adds the outcome events)."""
     started = time.perf_counter()
     pipeline = pipeline or default_pipeline()
     initial = initial_affine.to_transform() if initial_affine else None
@@ -211,6 +233,7 @@ def register_images(
     result = {
         "output": plan.out_uri,
         "field": plan.field_uri,
+        "result": plan.result_uri,
         "fixed": plan.fixed_uri,
         "moving": plan.moving_uri,
         "flow_run_id": str(flow_run.get_id()),

@@ -91,6 +91,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_emit_ingested(args: argparse.Namespace) -> int:
+    from deployments.events import emit_ingested
+
+    event = emit_ingested(args.uri, version=args.version, fixed=args.fixed)
+    if event is None:
+        from dreg.errors import DregError
+
+        raise DregError("no event was sent: set PREFECT_API_URL to the Prefect server")
+    print(json.dumps({"event": event.event, "id": str(event.id),
+                      "resource": event.resource.id}))
+    return 0
+
+
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dask-address", default=None,
                         help="an existing Dask scheduler (default: $DREG_DASK_ADDRESS, "
@@ -117,3 +130,11 @@ def add_commands(sub) -> None:
     demo.add_argument("--seed", type=int, default=0)
     _add_cluster_options(demo)
     demo.set_defaults(run=cmd_demo)
+
+    emit = sub.add_parser("emit-ingested",
+                          help="announce a new volume (the ingestion event) to Prefect")
+    emit.add_argument("uri", help="the new volume (s3:// URI or local path)")
+    emit.add_argument("--version", default="", help="the volume's version label")
+    emit.add_argument("--fixed", default=None, help="register onto this volume instead of "
+                      "the deployment's reference")
+    emit.set_defaults(run=cmd_emit_ingested)

@@ -123,7 +123,9 @@ def test_affine_then_bspline_beats_either_alone(tmp_path, dask_address):
     for name, stages in {"affine": [affine], "bspline": [fine],
                          "both": [affine, fine]}.items():
         result = run(pair, tmp_path / name, stages, dask_address)
-        errors[name] = field_error(result["field"], pair["truth"])["rms_after"]
+        # The shift (up to 6 voxels) maps the fixed image's outer band outside the moving
+        # image, where nothing can be recovered: measure 8 voxels (4 field voxels) inside.
+        errors[name] = field_error(result["field"], pair["truth"], margin=4)["rms_after"]
     assert errors["both"] < errors["affine"]
     assert errors["both"] < errors["bspline"]
     assert errors["both"] <= 0.25

@@ -1,0 +1,87 @@
+"""The events registration listens to and announces.
+
+Upstream, the ingestion system announces a new volume:
+
+    event     dreg.volume.ingested
+    resource  {"prefect.resource.id": "dreg.volume.<uri>", "dreg.uri": <uri>,
+               "dreg.version": <version>}
+    payload   {"uri": <uri>, "version": <version>, "fixed": <reference uri, optional>}
+
+`emit_ingested` (or ``dreg emit-ingested URI``) sends it. The `register-on-ingest`
+deployment's trigger turns each such event into one flow run.
+
+Downstream, a registration announces its outcome:
+
+    dreg.registration.completed  resource dreg.field.<field uri>; related: the fixed and
+                                 moving volumes (roles "fixed", "moving"), the output;
+                                 payload: output, field, result, flow run id
+    dreg.registration.failed     resource dreg.registration.<output uri>; related as
+                                 above; payload: reason, flow run id
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+INGESTED = "dreg.volume.ingested"
+COMPLETED = "dreg.registration.completed"
+FAILED = "dreg.registration.failed"
+
+
+def volume_resource_id(uri: str) -> str:
+    return f"dreg.volume.{uri}"
+
+
+def emit_ingested(uri: str, version: str = "", fixed: str | None = None) -> Any:
+    """Announce a new volume at `uri` (call this from the ingestion system).
+
+    Needs PREFECT_API_URL pointing at the Prefect server. Returns the emitted event.
+    """
+    from prefect.events import emit_event
+
+    payload = {"uri": uri, "version": version}
+    if fixed:
+        payload["fixed"] = fixed
+    return emit_event(
+        event=INGESTED,
+        resource={"prefect.resource.id": volume_resource_id(uri), "dreg.uri": uri,
+                  "dreg.version": version},
+        payload=payload,
+    )
+
+
+def _related(fixed: str | None, moving: str | None, out: str | None) -> list[dict]:
+    related = []
+    for role, uri in (("fixed", fixed), ("moving", moving)):
+        if uri:
+            related.append({"prefect.resource.id": volume_resource_id(uri),
+                            "prefect.resource.role": role})
+    if out:
+        related.append({"prefect.resource.id": f"dreg.output.{out}",
+                        "prefect.resource.role": "output"})
+    return related
+
+
+def emit_completed(result: dict) -> Any:
+    from prefect.events import emit_event
+
+    return emit_event(
+        event=COMPLETED,
+        resource={"prefect.resource.id": f"dreg.field.{result['field']}",
+                  "dreg.uri": result["field"]},
+        related=_related(result["fixed"], result["moving"], result["output"]),
+        payload={"output": result["output"], "field": result["field"],
+                 "result": result["result"], "flow_run_id": result["flow_run_id"]},
+    )
+
+
+def emit_failed(reason: str, fixed: str | None, moving: str | None, out: str | None,
+                flow_run_id: str | None) -> Any:
+    from prefect.events import emit_event
+
+    return emit_event(
+        event=FAILED,
+        resource={"prefect.resource.id": f"dreg.registration.{out or 'unknown'}"},
+        related=_related(fixed, moving, out),
+        payload={"reason": reason, "flow_run_id": flow_run_id},
+    )

@@ -1,0 +1,90 @@
+"""Validation of untrusted parameters (those that arrive with an event).
+
+An event can name any string as an image. Before it is used: the scheme must be one we
+serve (``s3://`` or a local path), it must lie under one of the prefixes the deployment
+allows (an S3 bucket/prefix, or a local root: resolved, so ``..`` cannot climb out), it
+must carry no credentials and be of sane length, and the version must be a plain label.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from dreg.errors import InputError
+
+MAX_URI_LENGTH = 1024
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9._:+-]{0,128}$")
+S3_URI_PATTERN = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?$")
+
+
+def _local_under(path: str, root: str) -> bool:
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    return resolved == base or base in resolved.parents
+
+
+def _s3_under(uri: str, prefix: str) -> bool:
+    prefix = prefix if prefix.endswith("/") else prefix + "/"
+    return uri.rstrip("/") + "/" == prefix or uri.startswith(prefix)
+
+
+def validate_uri(uri: str, allowed_prefixes: Sequence[str], name: str = "uri") -> str:
+    """Return the normalised URI, or raise InputError naming `name` and the problem."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise InputError(f"{name}: missing (an s3:// URI or a local path is required)")
+    uri = uri.strip()
+    if len(uri) > MAX_URI_LENGTH:
+        raise InputError(f"{name}: longer than {MAX_URI_LENGTH} characters")
+    if not allowed_prefixes:
+        raise InputError(f"{name}: no allowed prefixes are configured for this deployment")
+    if uri.startswith("s3://"):
+        if "@" in uri.split("/", 3)[2] or not S3_URI_PATTERN.match(uri):
+            raise InputError(f"{name}: not a valid s3:// URI")
+        if ".." in uri.split("/"):
+            raise InputError(f"{name}: '..' is not allowed in an s3:// URI")
+        allowed = [p for p in allowed_prefixes if p.startswith("s3://")]
+        if not any(_s3_under(uri, p) for p in allowed):
+            raise InputError(f"{name}: {uri} is outside the allowed prefixes "
+                             f"({', '.join(allowed_prefixes)})")
+        return uri.rstrip("/")
+    if "://" in uri or uri.startswith("file:"):
+        scheme = uri.split(":", 1)[0]
+        raise InputError(f"{name}: scheme '{scheme}' is not allowed (use s3:// or a local path)")
+    if not os.path.isabs(uri):
+        raise InputError(f"{name}: a local path must be absolute")
+    roots = [p for p in allowed_prefixes if not p.startswith("s3://")]
+    if not any(_local_under(uri, root) for root in roots):
+        raise InputError(f"{name}: {uri} is outside the allowed prefixes "
+                         f"({', '.join(allowed_prefixes)})")
+    return str(Path(uri).resolve())
+
+
+def validate_version(version: str | None) -> str:
+    """A version label: letters, digits and ._:+- only, up to 128 characters."""
+    version = (version or "").strip()
+    if not VERSION_PATTERN.match(version):
+        raise InputError("version: only letters, digits and ._:+- are allowed "
+                         "(up to 128 characters)")
+    return version
+
+
+def check_size(shape_zyx: Sequence[int], max_voxels: int, name: str) -> None:
+    voxels = 1
+    for n in shape_zyx:
+        voxels *= int(n)
+    if voxels > max_voxels:
+        raise InputError(f"{name}: {voxels} voxels is more than this deployment accepts "
+                         f"({max_voxels})")
+
+
+def output_name(moving_uri: str, version: str) -> str:
+    """A readable folder name for a registration's output: the moving image's name and
+    its version."""
+    stem = moving_uri.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".ome.zarr", ".zarr"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-") or "volume"
+    return f"{stem}-{version}" if version else stem

@@ -1,0 +1,69 @@
+"""Scheduled registration: a configured pair, or every pending pair of a manifest.
+
+Prefect entrypoint: ``flows/batch.py:register_scheduled`` (the nightly batch). A manifest
+is a JSON or YAML list of ``{fixed, moving, out}`` at a local path or ``s3://`` URI; a
+pair is pending while its output has no result.json. Each pending pair runs as its own
+registration subflow; one failing pair does not stop the others, and the run fails at
+the end if any did.
+"""
+
+from __future__ import annotations
+
+import yaml
+from prefect import flow, get_run_logger
+
+from dreg import storage
+from dreg.errors import InputError
+from dreg.pipeline import PipelineConfig
+from dreg.plan import RESULT_FILE
+from flows.registration import register_images
+
+
+def read_manifest(uri: str) -> list[dict]:
+    try:
+        entries = yaml.safe_load(storage.read_text(uri))
+    except FileNotFoundError:
+        raise InputError(f"{uri}: no such manifest") from None
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and {"fixed", "moving", "out"} <= set(e) for e in entries
+    ):
+        raise InputError(f"{uri}: a manifest is a list of {{fixed, moving, out}} entries")
+    return entries
+
+
+def pending(entries: list[dict]) -> list[dict]:
+    return [e for e in entries if not storage.exists(storage.join(e["out"], RESULT_FILE))]
+
+
+@flow(name="dreg-register-scheduled")
+def register_scheduled(
+    manifest: str = "",
+    fixed: str = "",
+    moving: str = "",
+    out: str = "",
+    pipeline: PipelineConfig | None = None,
+    dask_address: str | None = None,
+    workers: int | None = None,
+) -> list[dict]:
+    """Register every pending pair of `manifest`, or the one pair given."""
+    logger = get_run_logger()
+    if manifest:
+        entries = pending(read_manifest(manifest))
+    elif fixed and moving and out:
+        entries = pending([{"fixed": fixed, "moving": moving, "out": out}])
+    else:
+        raise InputError("give a manifest, or fixed, moving and out")
+    logger.info(f"{len(entries)} pending pair(s)")
+    outcomes, failures = [], []
+    for entry in entries:
+        try:
+            result = register_images(fixed=entry["fixed"], moving=entry["moving"],
+                                     out=entry["out"], pipeline=pipeline,
+                                     dask_address=dask_address, workers=workers)
+            outcomes.append({"out": entry["out"], "field": result["field"]})
+        except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on
+            logger.error(f"{entry['out']}: {exc}")
+            failures.append({"out": entry["out"], "error": str(exc).splitlines()[0]})
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(entries)} pair(s) failed: {failures}")
+    return outcomes

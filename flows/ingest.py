@@ -1,0 +1,77 @@
+"""Registration of a newly ingested volume, started by the ingestion event.
+
+Prefect entrypoint: ``flows/ingest.py:register_on_ingest``. The event supplies `moving`,
+`version` and optionally `event_fixed`; these are untrusted and validated (scheme,
+allowed prefixes, size) before anything is read or written. The reference volume, the
+output prefix, the allowed prefixes and the pipeline are the deployment's parameters.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from deployments import events
+from dreg import ome_zarr, storage, trust
+from dreg.pipeline import PipelineConfig
+from flows.registration import register_images
+
+DEFAULT_MAX_VOXELS = 2**40  # about a tebivoxel
+
+
+def split_prefixes(prefixes: list[str] | str) -> list[str]:
+    """Allowed prefixes as a list; a comma-separated string (from an environment
+    variable at deploy time) is accepted too."""
+    if isinstance(prefixes, str):
+        prefixes = prefixes.split(",")
+    return [p.strip() for p in prefixes if p and p.strip()]
+
+
+def validated_request(moving: str, version: str, event_fixed: str, reference: str,
+                      out_prefix: str, allowed_prefixes: list[str], max_voxels: int) -> dict:
+    """Check an event's parameters; returns the fixed, moving and output URIs to use."""
+    moving = trust.validate_uri(moving, allowed_prefixes, "moving")
+    version = trust.validate_version(version)
+    fixed = (trust.validate_uri(event_fixed, allowed_prefixes, "fixed") if event_fixed
+             else reference)
+    if not fixed:
+        raise trust.InputError("fixed: no reference volume configured and none in the event")
+    if not out_prefix:
+        raise trust.InputError("out_prefix: the deployment has no output prefix")
+    for name, uri in (("moving", moving), ("fixed", fixed)):
+        image = ome_zarr.open_image(uri, require_scalar=True)
+        trust.check_size(image.levels[0].grid.shape_zyx, max_voxels, name)
+    out = storage.join(storage.normalize_uri(out_prefix), trust.output_name(moving, version))
+    return {"fixed": fixed, "moving": moving, "out": out, "version": version}
+
+
+@flow(name="dreg-register-on-ingest")
+def register_on_ingest(
+    moving: str,
+    version: str = "",
+    event_fixed: str = "",
+    reference: str = "",
+    out_prefix: str = "",
+    allowed_prefixes: list[str] | str = "",
+    pipeline: PipelineConfig | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    overwrite: bool = False,
+    dask_address: str | None = None,
+    workers: int | None = None,
+) -> dict:
+    """Register an ingested volume onto the reference; output under `out_prefix`."""
+    logger = get_run_logger()
+    try:
+        request = validated_request(moving, version, event_fixed, reference, out_prefix,
+                                    split_prefixes(allowed_prefixes), max_voxels)
+    except Exception as exc:
+        logger.error(f"rejected: {exc}")
+        events.emit_failed(f"rejected: {exc}", event_fixed or reference or None,
+                           moving if isinstance(moving, str) else None, None,
+                           str(flow_run.get_id()))
+        raise
+    logger.info(f"registering {request['moving']} onto {request['fixed']} "
+                f"into {request['out']}")
+    return register_images(fixed=request["fixed"], moving=request["moving"],
+                           out=request["out"], pipeline=pipeline, overwrite=overwrite,
+                           dask_address=dask_address, workers=workers)

@@ -1,0 +1,204 @@
+"""Operations end to end: a real `prefect server start` (SQLite in a temporary folder),
+moto's S3 server, `prefect deploy --all`, a real process worker, ingestion events.
+
+Run alone with ``pytest -m ops``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import s3_server
+
+from dreg import field, synth
+from dreg.grid import Grid
+
+pytestmark = pytest.mark.ops
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+POOL = "dreg-process"
+RUN_TIMEOUT_S = 420
+
+
+def wait_for(url: str, timeout: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[:3]} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+@contextmanager
+def background(args: list[str], env: dict, log: Path):
+    with open(log, "wb") as out:
+        process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   cwd=ROOT)
+        try:
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory, s3):
+    """Server, pool, deployments and worker, with a reference and a moving volume on S3."""
+    tmp = tmp_path_factory.mktemp("ops")
+    port = s3_server.free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp / "home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_UI_API_URL": api,
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}/prefect.db",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+        "DREG_REFERENCE": s3.uri("volumes", "pair", "fixed.ome.zarr"),
+        "DREG_OUT_PREFIX": s3.uri("registrations"),
+        "DREG_ALLOWED_PREFIXES": s3.uri("volumes") + "/",
+        "DREG_DASK_WORKERS": "1",
+        "DREG_MANIFEST": s3.uri("manifests", "nightly.yaml"),
+    }
+    env.pop("DREG_DASK_ADDRESS", None)
+    pair = synth.write_pair(s3.uri("volumes", "pair"), Grid((64, 64, 64), (1.0, 1.0, 1.0)),
+                            seed=2, amplitude_voxels=1.5)
+    server_args = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                   "--port", str(port)]
+    with background(server_args, env, tmp / "server.log") as server:
+        wait_for(f"{api}/health", 120, server)
+        subprocess.run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type",
+                        "process"], env=env, cwd=ROOT, check=True, capture_output=True)
+        deploy = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"],
+                                env=env, cwd=ROOT, capture_output=True, text=True)
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        worker_args = [str(BIN / "prefect"), "worker", "start", "--pool", POOL,
+                       "--limit", "1"]
+        with background(worker_args, env, tmp / "worker.log"):
+            yield {"api": api, "env": env, "pair": pair, "s3": s3, "tmp": tmp}
+
+
+@contextmanager
+def client_for(api: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}):
+        with get_client(sync_client=True) as client:
+            yield client
+
+
+def emit(api: str, uri: str, version: str) -> float:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from deployments.events import emit_ingested
+
+    with temporary_settings({PREFECT_API_URL: api}):
+        emit_ingested(uri, version=version)
+    return time.time()
+
+
+def wait_for_run(api: str, moving: str, timeout: float = RUN_TIMEOUT_S):
+    """The ingest flow run whose `moving` parameter is `moving`, once it has finished."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    deadline = time.monotonic() + timeout
+    with client_for(api) as client:
+        deployment = client.read_deployment_by_name("dreg-register-on-ingest/register-on-ingest")
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])))
+            for run in runs:
+                if run.parameters.get("moving") == moving and run.state.is_final():
+                    return run
+            time.sleep(2)
+    raise AssertionError(f"no finished run for {moving} within {timeout} s")
+
+
+def events_named(api: str, name: str) -> list[dict]:
+    request = urllib.request.Request(
+        f"{api}/events/filter", method="POST",
+        data=json.dumps({"filter": {"event": {"name": [name]}}, "limit": 50}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["events"]
+
+
+def test_ingestion_event_registers_the_volume(platform):
+    api, pair = platform["api"], platform["pair"]
+    emitted = emit(api, pair["moving"], "v1")
+    run = wait_for_run(api, pair["moving"])
+    assert run.state.is_completed(), run.state.message
+    started = run.start_time.timestamp()
+    finished = run.end_time.timestamp()
+    print(json.dumps({"event_to_run_start_s": round(started - emitted, 1),
+                      "event_to_completed_s": round(finished - emitted, 1)}))
+
+    from flows.artifacts import field_artifact_key
+
+    out = platform["s3"].uri("registrations", "moving-v1")
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with client_for(api) as client:
+        (artifact, *_) = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[field_artifact_key(out)])))
+    link = re.search(r"\((s3://[^)]+)\)", artifact.data).group(1)
+    assert link == out + "/field.ome.zarr"
+    opened = field.open_field(link)
+    assert opened.attributes["mapping"] == "fixed_to_moving"
+    assert opened.attributes["moving"]["uri"] == pair["moving"]
+    assert opened.attributes["fixed"]["uri"] == pair["fixed"]
+
+    completed = events_named(api, "dreg.registration.completed")
+    assert any(e["resource"]["prefect.resource.id"] == f"dreg.field.{link}" for e in completed)
+
+
+def test_cron_deployment_has_its_schedule(platform):
+    with client_for(platform["api"]) as client:
+        deployment = client.read_deployment_by_name(
+            "dreg-register-scheduled/register-scheduled")
+    crons = [s.schedule.cron for s in deployment.schedules]
+    assert crons == ["0 2 * * *"]
+    assert deployment.parameters["manifest"] == platform["s3"].uri("manifests", "nightly.yaml")
+
+
+def test_event_outside_the_allowed_prefixes_is_rejected(platform):
+    api, s3 = platform["api"], platform["s3"]
+    outside = s3.uri("elsewhere", "moving.ome.zarr")
+    emit(api, outside, "v2")
+    run = wait_for_run(api, outside, timeout=240)
+    assert run.state.is_failed()
+    assert "outside the allowed prefixes" in (run.state.message or "")
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint_url)
+    written = client.list_objects_v2(Bucket=s3.bucket, Prefix="registrations/moving-v2")
+    assert written.get("KeyCount", 0) == 0
+
+
+def test_ui_answers_on_the_root_url(platform):
+    root = platform["api"][: -len("/api")] + "/"
+    with urllib.request.urlopen(root, timeout=10) as response:
+        page = response.read().decode()
+    assert response.status == 200
+    assert "<html" in page.lower() and "prefect" in page.lower()
