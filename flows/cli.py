@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from dreg.errors import DregError
+from dreg.errors import DregError, InputError
 
 
 def _triple(text: str, kind=float, name: str = "value") -> tuple:
@@ -33,10 +33,37 @@ def _direction(text: str) -> tuple:
     return tuple(tuple(values[r * 3 : r * 3 + 3]) for r in range(3))
 
 
+def _release_freed_memory_promptly() -> None:
+    """Make glibc serve blocks of 1 MiB and more with mmap, so that they go back to the
+    system as soon as they are freed.
+
+    Chunk-sized buffers are allocated and freed all the time by several threads. By
+    default glibc raises its mmap threshold after such frees, and from then on keeps the
+    freed blocks in per-thread arenas: measured, that retained about as much memory again
+    as the working set. Setting the threshold also stops that adjustment. No effect where
+    the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    m_mmap_threshold = -3  # from glibc's malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(m_mmap_threshold, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from dreg import ome_zarr
 
-    print(json.dumps(ome_zarr.open_image(args.uri).describe(), indent=2))
+    image = ome_zarr.open_image(args.uri)
+    description = {
+        **image.describe(),
+        "ome_version": image.ome_version,
+        "attributes": image.attributes,
+    }
+    print(json.dumps(description, indent=2))
     return 0
 
 
@@ -44,12 +71,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from dreg import synth
     from dreg.grid import Grid
 
-    grid = Grid(
-        shape_zyx=args.shape,
-        spacing_xyz=args.spacing,
-        origin_xyz=args.origin,
-        direction=args.direction,
-    )
+    _release_freed_memory_promptly()
+
+    try:
+        grid = Grid(
+            shape_zyx=args.shape,
+            spacing_xyz=args.spacing,
+            origin_xyz=args.origin,
+            direction=args.direction,
+        )
+    except ValueError as exc:
+        raise InputError(f"dreg synth {args.out}: invalid grid: {exc}") from None
     summary = synth.write_pair(
         args.out,
         grid,
@@ -67,6 +99,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from dreg import convert
 
+    _release_freed_memory_promptly()
     image = convert.convert(
         args.input, args.out, chunks=args.chunks, workers=args.workers, overwrite=args.overwrite
     )
