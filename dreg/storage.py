@@ -18,6 +18,12 @@ import zarr.storage
 from dreg.errors import StorageError
 
 ENDPOINT_VARIABLES = ("DREG_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+# Attempts at two levels multiply: botocore retries each request (throttling, dropped
+# connections), and s3fs retries what botocore gave up on. With a 3 s connect time-out a
+# silent endpoint fails in about 2 x 3 x 3 s; a refused connection in about a second.
+CONNECT_TIMEOUT_S = 3
+BOTOCORE_ATTEMPTS = 3
+S3FS_ATTEMPTS = 2
 
 
 def is_s3(uri: str) -> bool:
@@ -54,9 +60,9 @@ def storage_options(uri: str) -> dict:
         return {}
     options: dict = {
         "config_kwargs": {
-            "connect_timeout": 5,
+            "connect_timeout": CONNECT_TIMEOUT_S,
             "read_timeout": 60,
-            "retries": {"max_attempts": 3, "mode": "standard"},
+            "retries": {"max_attempts": BOTOCORE_ATTEMPTS, "mode": "standard"},
         },
     }
     endpoint = s3_endpoint_url()
@@ -65,20 +71,31 @@ def storage_options(uri: str) -> dict:
     return options
 
 
+def _limit_s3fs_retries(fs: fsspec.AbstractFileSystem) -> None:
+    # s3fs takes its retry count only as an attribute (the constructor passes unknown
+    # options on to the botocore session); fsspec shares instances, so set it each time.
+    if hasattr(fs, "retries"):
+        fs.retries = S3FS_ATTEMPTS
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for a URI and the path within it."""
     uri = normalize_uri(uri)
     fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
+    if is_s3(uri):
+        _limit_s3fs_retries(fs)
     return fs, path
 
 
 def zarr_store(uri: str, read_only: bool = False) -> zarr.storage.StoreLike:
-    """A zarr v3 store for a local path or an S3 URI."""
+    """A zarr v3 store for a local path or an S3 URI (zarr v2 data opens through it too)."""
     uri = normalize_uri(uri)
     if is_s3(uri):
-        return zarr.storage.FsspecStore.from_url(
+        store = zarr.storage.FsspecStore.from_url(
             uri, storage_options=storage_options(uri), read_only=read_only
         )
+        _limit_s3fs_retries(store.fs)
+        return store
     return zarr.storage.LocalStore(uri, read_only=read_only)
 
 
