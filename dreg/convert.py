@@ -512,7 +512,7 @@ def _write_level0(image: ome_zarr.OmeZarrImage, source: Source, workers: int) ->
         ome_zarr.write_region(image, 0, chunk, data[local])
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for box in boxes(level.grid.shape_zyx, level.chunks_zyx, itemsize):
+        for box in boxes(level.grid.shape_zyx, level.chunks_zyx, itemsize, BOX_BYTES):
             data = source.read(box)
             box_shape = tuple(s.stop - s.start for s in box)
             chunks = [

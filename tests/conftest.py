@@ -1,0 +1,11 @@
+"""Shared fixtures. The S3 endpoint is a real moto server (see s3_server.py)."""
+
+import pytest
+import s3_server
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server for the session, with a bucket and AWS_*/DREG_S3_* pointing at it."""
+    with s3_server.running() as server:
+        yield server
