@@ -27,8 +27,8 @@ INGEST_TRIGGER = DeploymentEventTrigger(
     expect={events.INGESTED},
     parameters={
         "moving": "{{ event.payload.uri }}",
-        "version": "{{ event.payload.version }}",
-        "event_fixed": "{{ event.payload.fixed }}",
+        "version": "{{ event.payload.version | default('') }}",
+        "event_fixed": "{{ event.payload.fixed | default('') }}",
     },
 )
 

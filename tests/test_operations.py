@@ -169,8 +169,14 @@ def test_ingestion_event_registers_the_volume(platform):
     assert opened.attributes["moving"]["uri"] == pair["moving"]
     assert opened.attributes["fixed"]["uri"] == pair["fixed"]
 
-    completed = events_named(api, "dreg.registration.completed")
-    assert any(e["resource"]["prefect.resource.id"] == f"dreg.field.{link}" for e in completed)
+    # The server stores events asynchronously: give the feed a few seconds.
+    wanted = f"dreg.field.{link}"
+    for _ in range(30):
+        completed = events_named(api, "dreg.registration.completed")
+        if any(e["resource"]["prefect.resource.id"] == wanted for e in completed):
+            break
+        time.sleep(1)
+    assert [e["resource"]["prefect.resource.id"] for e in completed] == [wanted]
 
 
 def test_cron_deployment_has_its_schedule(platform):
