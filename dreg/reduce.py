@@ -9,6 +9,8 @@ over the chunk.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -98,9 +100,6 @@ def field_identity(identity_of_inputs: str, results: Sequence[BlockResult]) -> s
     """An identifier of a stage's field content, from what it was computed from: the
     stage's inputs and every block's outcome (residuals are named by their inputs). It
     keys the next stage's cache without hashing the field's voxels."""
-    import hashlib
-    import json
-
     rows = sorted(
         (list(r.block.index), r.status, r.residual_uri or "") for r in results
     )
