@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 from uuid import UUID
 
@@ -45,11 +46,18 @@ def task_runs(stage_flow_run_id: str, name: str = "register-block") -> list:
         TaskRunFilterName,
     )
 
+    # The API records task-run states asynchronously: wait until every run is final.
+    deadline = time.monotonic() + 60
     with get_client(sync_client=True) as client:
-        return client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(stage_flow_run_id)])),
-            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)),
-        )
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[UUID(stage_flow_run_id)])),
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)),
+            )
+            if all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.5)
 
 
 def read_field(uri: str) -> np.ndarray:
