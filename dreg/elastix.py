@@ -85,10 +85,16 @@ def parameter_map(
     return pmap
 
 
-def bspline_grid_spacing_voxels(pmap: ParameterMap) -> float | None:
-    """The final B-spline grid spacing in voxels, if the map sets it that way."""
-    values = pmap.get("FinalGridSpacingInVoxels")
-    return max(float(v) for v in values) if values else None
+def bspline_grid_spacing_voxels(overrides: dict[str, Any] | None = None) -> float | None:
+    """The final B-spline grid spacing in voxels that `parameter_map("bspline", overrides)`
+    will use, or None when the overrides set it in physical units instead. Needs no ITK,
+    so that planning a registration does not load elastix."""
+    overrides = overrides or {}
+    if "FinalGridSpacingInPhysicalUnits" in overrides:
+        return None
+    value = overrides.get("FinalGridSpacingInVoxels",
+                          _PRESET_SETTINGS["bspline"]["FinalGridSpacingInVoxels"])
+    return max(float(v) for v in _as_strings(value))
 
 
 def to_itk_image(array: np.ndarray, grid: Grid):

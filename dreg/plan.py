@@ -33,7 +33,8 @@ MAX_BLOCK_VOXELS = 256**3
 
 @dataclass(frozen=True)
 class StagePlan:
-    """One stage laid out: where it reads, where it writes, what elastix runs."""
+    """One stage laid out: what it reads and where it writes. Its elastix parameter map
+    is built on a worker (loading elastix costs hundreds of MB: not in the flow process)."""
 
     number: int
     config: StageConfig
@@ -41,7 +42,6 @@ class StagePlan:
     fixed_grid: Grid
     moving_grid: Grid
     field_grid: Grid
-    parameter_map: dict[str, list[str]]
     folder: str
 
     @property
@@ -104,7 +104,7 @@ def check_overlap(fixed: ome_zarr.OmeZarrImage, moving: ome_zarr.OmeZarrImage,
         )
 
 
-def _check_block_size(stage: StageConfig, grid: Grid, pmap: dict) -> None:
+def _check_block_size(stage: StageConfig, grid: Grid) -> None:
     size = normalize_block_size(stage.block_size, grid.shape_zyx)
     padded = [min(n, round(b * (1 + stage.overlap))) for b, n in zip(size, grid.shape_zyx,
                                                                       strict=True)]
@@ -117,7 +117,8 @@ def _check_block_size(stage: StageConfig, grid: Grid, pmap: dict) -> None:
         )
     if stage.block_size is None:
         return
-    spacing = elastix.bspline_grid_spacing_voxels(pmap) if stage.transform == "bspline" else None
+    spacing = (elastix.bspline_grid_spacing_voxels(stage.parameters)
+               if stage.transform == "bspline" else None)
     if spacing and min(size) < MIN_BSPLINE_CELLS * spacing:
         raise InputError(
             f"stage {stage.name}: block_size {stage.block_size} is too small for a B-spline "
@@ -146,7 +147,6 @@ def plan_registration(
     pipeline: PipelineConfig,
     initial: AffineTransform | None = None,
     overwrite: bool = False,
-    threads: int = 1,
 ) -> RegistrationPlan:
     """Validate inputs and lay out the stages. Raises InputError/StorageError on bad input."""
     fixed = ome_zarr.open_image(fixed_uri, require_scalar=True)
@@ -163,8 +163,7 @@ def plan_registration(
         except InputError as exc:
             raise InputError(f"stage {stage.name}: {exc}") from None
         fixed_grid = fixed.levels[level].grid
-        pmap = elastix.parameter_map(stage.transform, stage.parameters, threads)
-        _check_block_size(stage, fixed_grid, pmap)
+        _check_block_size(stage, fixed_grid)
         stages.append(
             StagePlan(
                 number=number,
@@ -173,7 +172,6 @@ def plan_registration(
                 fixed_grid=fixed_grid,
                 moving_grid=moving_level.grid,
                 field_grid=fixed_grid.coarsened(float(stage.field_grid_factor)),
-                parameter_map=pmap,
                 folder=_stage_folder(out_uri, number, stage.name),
             )
         )

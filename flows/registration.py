@@ -36,7 +36,7 @@ from flows import artifacts
 from flows.cluster import dask_cluster
 from tasks.publish import write_json, write_result
 from tasks.reduce import create_field, reduce_chunk
-from tasks.register import check_parameters, register_block, tile
+from tasks.register import build_parameter_map, register_block, tile
 
 RESULTS_FOLDER = ".prefect-results"
 
@@ -79,6 +79,7 @@ def _collect(futures, blocks, progress: artifacts.Progress) -> list[BlockResult]
 def register_stage(
     plan: RegistrationPlan,
     stage: StagePlan,
+    parameter_map: dict[str, list[str]],
     previous: str | None,
     previous_version: str,
     destinations: list[str],
@@ -100,7 +101,7 @@ def register_stage(
         field_grid=stage.field_grid,
         field_factor=float(stage.config.field_grid_factor),
         previous=previous if previous is not None else plan.initial,
-        parameter_map=stage.parameter_map,
+        parameter_map=parameter_map,
         foreground_intensity=plan.foreground_intensity,
         foreground_fraction=stage.config.foreground_threshold,
         metric_guard=stage.config.metric_guard,
@@ -160,12 +161,12 @@ def register_stage(
 
 
 @flow(name="dreg-preflight")
-def preflight(plan: RegistrationPlan) -> None:
-    """Try every stage's elastix parameters on a tiny image, on the cluster's workers,
-    so that a map elastix rejects fails the run before any block runs."""
-    futures = [check_parameters.submit(s.parameter_map, s.name) for s in plan.stages]
-    for future in futures:
-        future.result()
+def preflight(plan: RegistrationPlan) -> list[dict[str, list[str]]]:
+    """Every stage's elastix parameter map, built and tried on a tiny image on the
+    cluster's workers, so that a map elastix rejects fails the run before any block."""
+    futures = [build_parameter_map.submit(s.config.transform, s.config.parameters, s.name)
+               for s in plan.stages]
+    return [future.result() for future in futures]
 
 
 @flow(name="dreg-register")
@@ -216,14 +217,14 @@ def _register(fixed, moving, out, pipeline, initial_affine, overwrite, dask_addr
     summaries = []
     with dask_cluster(dask_address, workers) as address:
         runner = DaskTaskRunner(address=address)
-        preflight.with_options(task_runner=runner)(plan)
+        parameter_maps = preflight.with_options(task_runner=runner)(plan)
         previous, previous_version = None, ""
-        for stage in plan.stages:
+        for stage, parameter_map in zip(plan.stages, parameter_maps, strict=True):
             destinations = [stage.field_uri]
             if stage is plan.stages[-1]:
                 destinations.append(plan.field_uri)
             summary = register_stage.with_options(task_runner=runner)(
-                plan, stage, previous, previous_version, destinations,
+                plan, stage, parameter_map, previous, previous_version, destinations,
                 storage_slug,
                 show_progress, debug,
             )

@@ -16,10 +16,15 @@ FAULT_VARIABLE = "DREG_FAULT_INJECT"
 BLOCK_CACHE_POLICY = INPUTS + TASK_SOURCE
 
 
-@task(name="check-parameters", retries=1)
-def check_parameters(parameter_map: dict[str, list[str]], stage_name: str) -> None:
-    """Run elastix briefly on a tiny image with the stage's map (on a warm worker)."""
-    elastix.check_parameter_map(parameter_map, f"stage {stage_name}")
+@task(name="build-parameter-map", retries=1)
+def build_parameter_map(
+    transform: str, overrides: dict, stage_name: str, threads: int = 1
+) -> dict[str, list[str]]:
+    """A stage's elastix parameter map, tried briefly on a tiny image so that a map
+    elastix rejects fails the run before any block runs. Runs on a (warm) worker."""
+    pmap = elastix.parameter_map(transform, overrides, threads)
+    elastix.check_parameter_map(pmap, f"stage {stage_name}")
+    return pmap
 
 
 @task(name="tile")

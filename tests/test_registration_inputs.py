@@ -138,7 +138,14 @@ def test_a_whole_image_stage_on_a_large_level_is_refused(tmp_path):
 
     big = Grid((300, 300, 300), (1.0, 1.0, 1.0))
     stage = StageConfig(name="global", level=0, transform="affine")
-    pmap = elastix.parameter_map("affine")
     with pytest.raises(InputError, match="stage global: the whole level at level 0"):
-        plan_module._check_block_size(stage, big, pmap)
-    plan_module._check_block_size(stage.model_copy(update={"block_size": 128}), big, pmap)
+        plan_module._check_block_size(stage, big)
+    plan_module._check_block_size(stage.model_copy(update={"block_size": 128}), big)
+
+
+def test_bspline_grid_spacing_without_loading_elastix():
+    assert elastix.bspline_grid_spacing_voxels({}) == 8
+    assert elastix.bspline_grid_spacing_voxels({"FinalGridSpacingInVoxels": [4, 6, 6]}) == 6
+    assert elastix.bspline_grid_spacing_voxels({"FinalGridSpacingInPhysicalUnits": 10}) is None
+    default = elastix.parameter_map("bspline")
+    assert default["FinalGridSpacingInVoxels"] == ["8"]
