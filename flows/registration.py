@@ -86,6 +86,7 @@ def register_stage(
     result_storage_block: str,
     show_progress: bool = False,
     debug: bool = False,
+    block_retries: int = 2,
 ) -> dict:
     """One resolution stage: tile → register blocks → reduce into a field → record."""
     started = time.perf_counter()
@@ -115,7 +116,8 @@ def register_stage(
     blocks = tile(stage.fixed_grid.shape_zyx, stage.config.block_size, stage.config.overlap,
                   stage.field_grid.shape_zyx, float(stage.config.field_grid_factor))
     logger.info(f"stage {stage.number}-{stage.name}: {len(blocks)} blocks at level {stage.level}")
-    registrar = register_block.with_options(result_storage=result_storage_block)
+    registrar = register_block.with_options(result_storage=result_storage_block,
+                                            retries=block_retries)
     futures = registrar.map(unmapped(ctx), blocks)
     progress = artifacts.Progress(len(blocks), f"stage {stage.number}-{stage.name}",
                                   show_progress)
@@ -181,6 +183,7 @@ def register_images(
     workers: int | None = None,
     debug: bool = False,
     show_progress: bool = False,
+    block_retries: int = 2,
 ) -> dict:
     """Register `moving` onto `fixed` and write the displacement field under `out`.
 
@@ -189,7 +192,7 @@ def register_images(
     """
     try:
         result = _register(fixed, moving, out, pipeline, initial_affine, overwrite,
-                           dask_address, workers, debug, show_progress)
+                           dask_address, workers, debug, show_progress, block_retries)
     except BaseException as exc:
         events.emit_failed(_reason(exc), fixed, moving, out, str(flow_run.get_id()))
         raise
@@ -203,7 +206,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _register(fixed, moving, out, pipeline, initial_affine, overwrite, dask_address, workers,
-              debug, show_progress) -> dict:
+              debug, show_progress, block_retries) -> dict:
     """The body of `register_images` (which adds the outcome events)."""
     started = time.perf_counter()
     pipeline = pipeline or default_pipeline()
@@ -226,7 +229,7 @@ def _register(fixed, moving, out, pipeline, initial_affine, overwrite, dask_addr
             summary = register_stage.with_options(task_runner=runner)(
                 plan, stage, parameter_map, previous, previous_version, destinations,
                 storage_slug,
-                show_progress, debug,
+                show_progress, debug, block_retries,
             )
             summaries.append(summary)
             previous, previous_version = stage.field_uri, summary["identity"]

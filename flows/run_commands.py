@@ -27,6 +27,7 @@ def _run_registration(args: argparse.Namespace, pipeline) -> dict:
         workers=args.workers,
         debug=getattr(args, "debug", False),
         show_progress=True,
+        block_retries=getattr(args, "retries", 2),
     )
 
 
@@ -120,6 +121,8 @@ def add_commands(sub) -> None:
     register.add_argument("--config", help="pipeline YAML (default: the built-in pipeline)")
     register.add_argument("--overwrite", action="store_true",
                           help="replace a finished result in OUT")
+    register.add_argument("--retries", type=int, default=2,
+                          help="attempts after a block's first failure (default 2)")
     register.add_argument("--debug", action="store_true",
                           help="write elastix logs per block under each stage folder")
     _add_cluster_options(register)
