@@ -54,6 +54,12 @@ class OmeZarrImage:
     attributes: dict = field(default_factory=dict)
     ome_version: str = "0.5"
 
+    @property
+    def zarr_format(self) -> int:
+        """The zarr format of the arrays: NGFF 0.4 and earlier are zarr v2, 0.5 is v3."""
+        major, minor = (int(p) for p in (self.ome_version.split(".") + ["0"])[:2])
+        return 2 if (major, minor) <= (0, 4) else 3
+
     def level(self, index: int) -> ImageLevel:
         """Level `index`; negative values count from the coarsest (-1 is the coarsest)."""
         count = len(self.levels)
@@ -235,7 +241,11 @@ def open_image(uri: str, require_scalar: bool = False) -> OmeZarrImage:
 
 def _open_array(image: OmeZarrImage, level: int, mode: str = "r") -> zarr.Array:
     store = storage.zarr_store(image.uri, read_only=(mode == "r"))
-    return zarr.open_array(store, path=image.level(level).path, mode=mode)
+    # Naming the zarr format spares the probes for the other one: on S3, four requests
+    # before every read or write otherwise.
+    return zarr.open_array(
+        store, path=image.level(level).path, mode=mode, zarr_format=image.zarr_format
+    )
 
 
 def read_region(image: OmeZarrImage, level: int, region: Region) -> np.ndarray:
