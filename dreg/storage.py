@@ -59,6 +59,10 @@ def storage_options(uri: str) -> dict:
     if not is_s3(uri):
         return {}
     options: dict = {
+        # Above 1, s3fs sends a HEAD before every whole-object GET to decide whether to
+        # split it into ranged reads: a second request per zarr chunk. zarr already reads
+        # many chunks at once.
+        "max_concurrency": 1,
         "config_kwargs": {
             "connect_timeout": CONNECT_TIMEOUT_S,
             "read_timeout": 60,
