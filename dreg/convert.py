@@ -6,9 +6,10 @@ level 0 chunk by chunk. How each format's voxels are read:
 
 - MetaImage (.mha, .mhd) without compression and NIfTI (.nii, .nii.gz): ITK streaming,
   which reads only the requested box. For .nii.gz ITK decompresses the stream up to the
-  box each time: memory stays bounded, time grows with the file.
-- NRRD (.nrrd, .nhdr) with raw encoding: ITK reads the header; the voxels are
-  memory-mapped, because ITK's NRRD reader always reads the whole file.
+  box each time: memory stays bounded, time grows with the file. NIfTI files are first
+  checked to hold all the voxels their header announces (ITK would read zeros instead).
+- NRRD (.nrrd, .nhdr) with raw encoding: ITK reads the header; each box's slices are
+  read from the file directly, because ITK's NRRD reader always reads the whole file.
 - TIFF (.tif, .tiff): tifffile as a zarr store, so only the pages a box needs are read.
   Pages are z, rows y, columns x. Spacing comes from ImageJ or OME metadata (else 1);
   origin is 0 and direction identity (TIFF has no such fields).
@@ -328,13 +329,14 @@ def _check_nifti_complete(path: str) -> None:
     opener = gzip.open if path.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as handle:
-            end = _nifti_data_end(handle.read(540))
+            header = handle.read(540)
+            end = _nifti_data_end(header)
             if end is None:
                 return  # not a single-file NIfTI-1/2: leave it to ITK
             if opener is open:
                 available = os.path.getsize(path)
             else:
-                available = 540
+                available = len(header)
                 while block := handle.read(16 * 2**20):
                     available += len(block)
     except (OSError, EOFError) as exc:  # gzip reports a cut stream as EOFError
@@ -365,25 +367,23 @@ def _nrrd_fields(path: str) -> tuple[dict[str, str], int]:
 
 
 class _RawArray:
-    """Boxes of a raw block of voxels in a file (C order, z slowest).
-
-    Each box maps just the z-slices it needs and copies them out, so the mapping (whose
-    pages count as resident memory) never outlives a read.
-    """
+    """Boxes of a raw block of voxels in a file (C order, z slowest): for each slice of a
+    box, its run of rows is one contiguous read."""
 
     def __init__(self, path: str, offset: int, dtype: np.dtype, shape_zyx) -> None:
         self.path, self.offset, self.dtype, self.shape = path, offset, dtype, tuple(shape_zyx)
 
     def __getitem__(self, box: Region) -> np.ndarray:
         zs, ys, xs = box
-        plane = self.shape[1] * self.shape[2] * self.dtype.itemsize
-        mapped = np.memmap(self.path, dtype=self.dtype, mode="r",
-                           offset=self.offset + zs.start * plane,
-                           shape=(zs.stop - zs.start, *self.shape[1:]))
-        try:
-            return np.array(mapped[:, ys, xs])
-        finally:
-            mapped._mmap.close()
+        _, ny, nx = self.shape
+        rows = ys.stop - ys.start
+        out = np.empty((zs.stop - zs.start, rows, xs.stop - xs.start), dtype=self.dtype)
+        with open(self.path, "rb") as handle:
+            for k, z in enumerate(range(zs.start, zs.stop)):
+                handle.seek(self.offset + (z * ny + ys.start) * nx * self.dtype.itemsize)
+                run = np.fromfile(handle, dtype=self.dtype, count=rows * nx)
+                out[k] = run.reshape(rows, nx)[:, xs]
+        return out
 
 
 def _raw_nrrd(path: str, header: _ItkHeader) -> _RawArray | None:
