@@ -1,0 +1,195 @@
+"""Helpers shared by the benchmark scripts (not a benchmark itself).
+
+Each script prints progress on stderr and exactly one JSON line, last, on stdout. Flows
+run as bench/registration.py runs them: a LocalCluster started inside a small Prefect
+flow, so that the Prefect API (the temporary one, unless PREFECT_API_URL is set) is up
+before the workers start; the workers get PREFECT_API_URL in their environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def emit(figures: dict) -> None:
+    """The one JSON line of figures, last on stdout."""
+    sys.stderr.flush()
+    print(json.dumps(figures), flush=True)
+
+
+def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    """Peak resident set size of this process (or its waited-for children), MiB."""
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def make_pair(out: Path, size: int, seed: int = 1, amplitude: float = 2.0,
+              workers: int = 2) -> dict:
+    """A `dreg synth` pair of size^3 under `out`, made in a child process (so that its
+    memory and threads stay out of the benchmark's process). Returns synth's summary."""
+    command = [sys.executable, "-m", "flows.cli", "synth", str(out),
+               "--shape", f"{size},{size},{size}", "--seed", str(seed),
+               "--amplitude", str(amplitude), "--workers", str(workers), "--overwrite"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"dreg synth failed: {done.stderr.strip()}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def stage_pipeline(transform: str, block: int, overlap: float, parameters: dict,
+                   factor: int = 2):
+    """A pipeline of one block stage at level 0."""
+    from dreg.pipeline import PipelineConfig, StageConfig
+
+    return PipelineConfig(stages=[StageConfig(
+        name=transform, level=0, block_size=block, overlap=overlap, transform=transform,
+        parameters=parameters, field_grid_factor=factor)])
+
+
+def in_flow_with_cluster(workers: int, body: Callable, name: str = "dreg-bench"):
+    """Run ``body(cluster)`` inside a small Prefect flow, on a LocalCluster of `workers`
+    single-threaded worker processes, prepared (`prepare_workers`) before `body` runs.
+    Returns what `body` returns."""
+    from distributed import LocalCluster
+    from prefect import flow
+
+    from flows.cluster import current_api_url
+
+    @flow(name=name)
+    def bench_flow():
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                          dashboard_address=None, silence_logs=logging.WARNING,
+                          env={"PREFECT_API_URL": current_api_url()}) as cluster:
+            started = time.perf_counter()
+            prepare_workers(cluster.scheduler_address)
+            log(f"{workers} worker(s) up and warm in {time.perf_counter() - started:.1f} s")
+            return body(cluster)
+
+    return bench_flow()
+
+
+# What the first task on a worker imports (Prefect among it, about a second): imported
+# up front, so that a one-time cost per worker is not counted as per-block time.
+TASK_MODULES = ("tasks.register", "tasks.reduce", "tasks.publish", "dreg.register_block",
+                "dreg.reduce")
+
+
+def prepare_workers(address: str) -> None:
+    """Warm every worker (flows.cluster.warm_up: elastix's first use) and import the
+    modules the stage's tasks run."""
+    import importlib
+
+    from distributed import Client
+
+    from flows.cluster import warm_up
+
+    warm_up(address)
+    with Client(address) as client:
+        for module in TASK_MODULES:
+            client.run(importlib.import_module, module)
+
+
+def worker_peak_rss_mb(address: str) -> list[float]:
+    """Peak RSS of every worker process of a cluster, MiB, sorted."""
+    from distributed import Client
+
+    with Client(address) as client:
+        peaks = client.run(peak_rss_mb)
+    return sorted(round(v, 1) for v in peaks.values())
+
+
+def register(pair: dict, out: Path, pipeline, address: str) -> dict:
+    """register_images on an existing cluster; returns its result and the wall time."""
+    from flows.registration import register_images
+
+    started = time.perf_counter()
+    result = register_images(fixed=pair["fixed"], moving=pair["moving"], out=str(out),
+                             pipeline=pipeline, dask_address=address, overwrite=True)
+    return {"result": result, "wall": time.perf_counter() - started}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def prefect_server(timeout: float = 120) -> Iterator[str]:
+    """A real `prefect server start` on a free loopback port, its SQLite database in a
+    temporary folder; PREFECT_API_URL points this process (and its children) at it.
+    Stopped, and its folder removed, on exit. Call before Prefect is imported."""
+    home = Path(tempfile.mkdtemp(prefix="dreg-bench-prefect-"))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home),
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": url}
+    env.pop("PREFECT_API_URL", None)
+    prefect = Path(sys.executable).with_name("prefect")
+    command = [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with open(home / "server.log", "wb") as server_log:
+        server = subprocess.Popen(command, env=env, stdout=server_log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        started = time.perf_counter()
+        while not _healthy(url):
+            if server.poll() is not None:
+                raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()}")
+            if time.perf_counter() - started > timeout:
+                raise RuntimeError(f"prefect server not healthy after {timeout} s")
+            time.sleep(0.5)
+        log(f"prefect server up at {url} in {time.perf_counter() - started:.1f} s")
+        previous = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            yield url
+        finally:
+            if previous is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = previous
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        shutil.rmtree(home, ignore_errors=True)

@@ -1,0 +1,122 @@
+"""Orchestration overhead per block: a stage of many cheap blocks.
+
+Registers a `dreg synth` pair of size^3 with one translation stage of small blocks (by
+default 1000 blocks of 16^3 on 160^3, a few elastix iterations each), on a LocalCluster
+of single-threaded workers, and compares the stage's register wall time with the
+seconds its blocks computed:
+
+    overhead_s_per_block = (register_seconds - block_seconds / workers) / blocks
+
+register_seconds, block_seconds and blocks come from the stage summary in
+result["stages"]. The Prefect API is the temporary one, or with --server a real
+`prefect server start` (SQLite in a temporary folder) that this script starts and stops.
+--profile prints the flow process's cProfile of the registration (stderr).
+
+    .venv/bin/python bench/overhead.py [--size 160] [--block 16] [--iterations 8]
+                                       [--workers 2] [--server] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    emit,
+    in_flow_with_cluster,
+    load_average,
+    log,
+    make_pair,
+    peak_rss_mb,
+    prefect_server,
+    register,
+    stage_pipeline,
+    worker_peak_rss_mb,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=160, help="image edge, voxels")
+    parser.add_argument("--block", type=int, default=16, help="block edge, voxels")
+    parser.add_argument("--overlap", type=float, default=0.25)
+    parser.add_argument("--iterations", type=int, default=8,
+                        help="elastix MaximumNumberOfIterations (one resolution)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--server", action="store_true",
+                        help="run against a real `prefect server start` on a free port")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the flow process during the registration (stderr)")
+    parser.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
+    args = parser.parse_args()
+
+    owned = args.dir is None
+    work = Path(args.dir or tempfile.mkdtemp(prefix="dreg-bench-overhead-"))
+    load_before = load_average()
+    log(f"making a {args.size}^3 pair in {work} (load average {load_before})")
+    pair = make_pair(work / "pair", args.size)
+    pipeline = stage_pipeline("translation", args.block, args.overlap,
+                              {"MaximumNumberOfIterations": args.iterations,
+                               "NumberOfResolutions": 1})
+
+    def body(cluster) -> dict:
+        profiler = None
+        if args.profile:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+        run = register(pair, work / "out", pipeline, cluster.scheduler_address)
+        if profiler is not None:
+            import pstats
+
+            profiler.disable()
+            stats = pstats.Stats(profiler, stream=sys.stderr)
+            stats.sort_stats("cumulative").print_stats(30)
+            stats.sort_stats("tottime").print_stats(20)
+        run["workers"] = worker_peak_rss_mb(cluster.scheduler_address)
+        return run
+
+    server = prefect_server() if args.server else contextlib.nullcontext()
+    with server as server_url:
+        api = "prefect server " + server_url if server_url else "temporary"
+        log(f"registering with {args.workers} workers, Prefect API: {api}")
+        run = in_flow_with_cluster(args.workers, body, name="dreg-bench-overhead")
+
+    (stage,) = run["result"]["stages"]
+    blocks = stage["blocks"]
+    compute_per_worker = stage["block_seconds"] / args.workers
+    overhead = (stage["register_seconds"] - compute_per_worker) / blocks
+    log(f"{blocks} blocks: register {stage['register_seconds']} s, block compute "
+        f"{stage['block_seconds']} s over {args.workers} workers; "
+        f"overhead {overhead:.4f} s per block")
+    emit({
+        "size": args.size, "block": args.block, "overlap": args.overlap,
+        "iterations": args.iterations, "workers": args.workers,
+        "prefect_api": "server" if args.server else "temporary",
+        "blocks": blocks, "counts": stage["counts"],
+        "register_s": stage["register_seconds"],
+        "block_compute_s": stage["block_seconds"],
+        "block_compute_s_mean": round(stage["block_seconds"] / blocks, 4),
+        "reduce_s": stage["reduce_seconds"],
+        "stage_s": stage["seconds"],
+        "wall_s": round(run["wall"], 2),
+        "overhead_s_per_block": round(overhead, 4),
+        "flow_peak_rss_mb": round(peak_rss_mb(), 1),
+        "worker_peak_rss_mb": run["workers"],
+        "load_average": [load_before, load_average()],
+        "measured": time.strftime("%Y-%m-%d %H:%M"),
+    })
+    if owned:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
