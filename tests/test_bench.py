@@ -1,0 +1,57 @@
+"""Every benchmark script runs at a tiny size and prints its figures as one JSON line,
+last on stdout, with its headline keys (so the scripts never rot). No timings are
+asserted: the figures only have to be there and be numbers. The scripts that run flows
+report to the session's Prefect API (the test harness's server), not a temporary one
+each."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# script: (tiny arguments, headline keys, whether it runs flows)
+CASES = {
+    "reduce": (["--blocks", "8", "--block", "32", "--chunk", "16"],
+               ["field_voxels_per_s"], False),
+    "overhead": (["--size", "32", "--block", "16", "--iterations", "2", "--workers", "1"],
+                 ["overhead_s_per_block"], True),
+    "scaling": (["--size", "48", "--block", "24", "--iterations", "2"],
+                ["parallel_efficiency"], True),
+    "memory": (["--sizes", "24,32", "--block", "16", "--iterations", "2", "--workers", "1"],
+               ["worker_peak_rss_mb_24", "worker_peak_rss_mb_32", "flow_peak_rss_mb"], True),
+    "accuracy": (["--size", "48", "--block", "24", "--iterations", "4", "--workers", "1"],
+                 ["rms_blockwise", "rms_whole_image"], True),
+}
+
+
+def run_script(name: str, args: list[str], env: dict) -> dict:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / f"{name}.py"), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines, f"no output on stdout; stderr: {done.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_script_prints_its_figures_last(name, tmp_path, request):
+    args, keys, runs_flows = CASES[name]
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    if runs_flows:
+        env["PREFECT_API_URL"] = request.getfixturevalue("prefect_api")
+    figures = run_script(name, [*args, "--dir", str(tmp_path / "work")], env)
+    for key in keys:
+        value = figures[key]
+        assert isinstance(value, int | float) and math.isfinite(value), (key, value)
+    if name == "accuracy":
+        # Both registrations improve on no registration at all.
+        assert figures["rms_blockwise"] < figures["rms_before"]
+        assert figures["rms_whole_image"] < figures["rms_before"]
