@@ -49,7 +49,10 @@ class Grid:
         if min(spacing) <= 0:
             raise ValueError(f"spacing_xyz must be positive, got {spacing}")
         direction = np.asarray(self.direction, dtype=float)
-        if direction.shape != (3, 3) or abs(abs(np.linalg.det(direction)) - 1) > 1e-4:
+        # Orthonormal, to the precision of a float32 direction (as NIfTI stores it).
+        if direction.shape != (3, 3) or not np.allclose(
+            direction.T @ direction, np.eye(3), atol=1e-4
+        ):
             raise ValueError(f"direction must be a 3x3 orthonormal matrix, got {self.direction}")
         object.__setattr__(self, "shape_zyx", shape)
         object.__setattr__(self, "spacing_xyz", spacing)

@@ -12,6 +12,7 @@ import json
 import sys
 
 from dreg.errors import DregError, InputError
+from dreg.memory import release_freed_memory_promptly
 
 
 def _triple(text: str, kind=float, name: str = "value") -> tuple:
@@ -33,27 +34,6 @@ def _direction(text: str) -> tuple:
     return tuple(tuple(values[r * 3 : r * 3 + 3]) for r in range(3))
 
 
-def _release_freed_memory_promptly() -> None:
-    """Make glibc serve blocks of 1 MiB and more with mmap, so that they go back to the
-    system as soon as they are freed.
-
-    Chunk-sized buffers are allocated and freed all the time by several threads. By
-    default glibc raises its mmap threshold after such frees, and from then on keeps the
-    freed blocks in per-thread arenas: measured, that retained about as much memory again
-    as the working set. Setting the threshold also stops that adjustment. No effect where
-    the C library is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    m_mmap_threshold = -3  # from glibc's malloc.h
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(m_mmap_threshold, 1 << 20)
-    except (OSError, AttributeError):
-        pass
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     from dreg import ome_zarr
 
@@ -71,7 +51,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from dreg import synth
     from dreg.grid import Grid
 
-    _release_freed_memory_promptly()
+    release_freed_memory_promptly()
 
     try:
         grid = Grid(
@@ -99,7 +79,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from dreg import convert
 
-    _release_freed_memory_promptly()
+    release_freed_memory_promptly()
     image = convert.convert(
         args.input, args.out, chunks=args.chunks, workers=args.workers, overwrite=args.overwrite
     )

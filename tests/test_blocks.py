@@ -76,3 +76,12 @@ def test_compose_with_an_affine_is_exact():
     r_xyz = np.moveaxis(residual, 0, -1)[..., ::-1]
     expected = (points + r_xyz) @ rotation.T + np.array([1.0, 2.0, 3.0]) - points
     np.testing.assert_allclose(np.moveaxis(total, 0, -1)[..., ::-1], expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("direction", [
+    ((1.0, 0.5, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),  # shear, determinant 1
+    ((2.0, 0.0, 0.0), (0.0, 0.5, 0.0), (0.0, 0.0, 1.0)),  # scaling, determinant 1
+])
+def test_a_direction_must_be_orthonormal(direction):
+    with pytest.raises(ValueError, match="orthonormal"):
+        Grid((4, 4, 4), (1.0, 1.0, 1.0), direction=direction)

@@ -30,7 +30,10 @@ def two_blocks(tmp_path, values, statuses=(OK, OK)):
     return field_grid, results
 
 
-def reduce_all(tmp_path, field_grid, results, previous=AffineTransform.identity()):
+IDENTITY = AffineTransform.identity()
+
+
+def reduce_all(tmp_path, field_grid, results, previous=IDENTITY):
     uri = str(tmp_path / "field.ome.zarr")
     field.create_field(uri, field_grid, chunks=16, overwrite=True)
     for region in ome_zarr.chunk_regions(field_grid.shape_zyx, (16, 16, 16)):
