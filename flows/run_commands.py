@@ -101,7 +101,7 @@ def cmd_emit_ingested(args: argparse.Namespace) -> int:
 
         raise DregError("no event was sent: set PREFECT_API_URL to the Prefect server")
     print(json.dumps({"event": event.event, "id": str(event.id),
-                      "resource": event.resource.id}))
+                      "resource": event.resource.id, "occurred": event.occurred.isoformat()}))
     return 0
 
 

@@ -55,18 +55,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_until_answering(url: str, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
+def wait_until_answering(
+    url: str, process: subprocess.Popen, timeout: float = START_TIMEOUT_S
+) -> None:
+    """Wait until a server started as `process` answers `url`; fail if it exits first."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"moto server exited with status {process.returncode}")
+            raise RuntimeError(f"{process.args[:3]} exited with status {process.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:
+            with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status < 500:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.1)
-    raise RuntimeError(f"moto server at {url} did not answer within {START_TIMEOUT_S} s")
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
 def environment(endpoint_url: str) -> dict[str, str]:
@@ -90,7 +93,7 @@ def start(bucket: str = "dreg-test") -> S3Server:
     )
     server = S3Server(endpoint_url=endpoint, bucket=bucket, process=process)
     try:
-        _wait_until_answering(endpoint + "/", process)
+        wait_until_answering(endpoint + "/", process)
         _create_bucket(endpoint, bucket)
     except BaseException:
         server.stop()

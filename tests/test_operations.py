@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -28,20 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 POOL = "dreg-process"
 RUN_TIMEOUT_S = 420
-
-
-def wait_for(url: str, timeout: float, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[:3]} exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
 @contextmanager
@@ -86,7 +73,7 @@ def platform(tmp_path_factory, s3):
     server_args = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                    "--port", str(port)]
     with background(server_args, env, tmp / "server.log") as server:
-        wait_for(f"{api}/health", 120, server)
+        s3_server.wait_until_answering(f"{api}/health", server, timeout=120)
         subprocess.run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type",
                         "process"], env=env, cwd=ROOT, check=True, capture_output=True)
         deploy = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"],
@@ -108,14 +95,18 @@ def client_for(api: str):
             yield client
 
 
-def emit(api: str, uri: str, version: str) -> float:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from deployments.events import emit_ingested
-
-    with temporary_settings({PREFECT_API_URL: api}):
-        emit_ingested(uri, version=version)
-    return time.time()
+def emit(platform: dict, uri: str, version: str) -> float:
+    """Announce a volume as the ingestion system would, with `dreg emit-ingested`; returns
+    when the event occurred. (A subprocess: no events client lingers in this process
+    after the server stops.)"""
+    done = subprocess.run([str(BIN / "dreg"), "emit-ingested", uri, "--version", version],
+                          env=platform["env"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    event = json.loads(done.stdout.strip().splitlines()[-1])
+    assert event["event"] == "dreg.volume.ingested"
+    assert event["resource"] == f"dreg.volume.{uri}"
+    return datetime.fromisoformat(event["occurred"]).timestamp()
 
 
 def wait_for_run(api: str, moving: str, timeout: float = RUN_TIMEOUT_S):
@@ -146,7 +137,7 @@ def events_named(api: str, name: str) -> list[dict]:
 
 def test_ingestion_event_registers_the_volume(platform):
     api, pair = platform["api"], platform["pair"]
-    emitted = emit(api, pair["moving"], "v1")
+    emitted = emit(platform, pair["moving"], "v1")
     run = wait_for_run(api, pair["moving"])
     assert run.state.is_completed(), run.state.message
     started = run.start_time.timestamp()
@@ -191,7 +182,7 @@ def test_cron_deployment_has_its_schedule(platform):
 def test_event_outside_the_allowed_prefixes_is_rejected(platform):
     api, s3 = platform["api"], platform["s3"]
     outside = s3.uri("elsewhere", "moving.ome.zarr")
-    emit(api, outside, "v2")
+    emit(platform, outside, "v2")
     run = wait_for_run(api, outside, timeout=240)
     assert run.state.is_failed()
     assert "outside the allowed prefixes" in (run.state.message or "")
