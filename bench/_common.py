@@ -134,6 +134,48 @@ def register(pair: dict, out: Path, pipeline, address: str) -> dict:
     return {"result": result, "wall": time.perf_counter() - started}
 
 
+def process_role(process) -> str:
+    """What a process of this benchmark is: flow, worker, prefect-server, or other."""
+    import psutil
+
+    if process.pid == os.getpid():
+        return "flow"
+    try:
+        command = " ".join(process.cmdline())
+    except psutil.Error:
+        return "other"
+    if "uvicorn" in command or "prefect server" in command or "prefect.server" in command:
+        return "prefect-server"
+    if "spawn_main" in command:
+        return "worker"
+    return "other"
+
+
+def cpu_seconds_by_role() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of this process and all its descendants (the
+    workers, the Prefect server it started), by pid: {pid: (role, seconds)}."""
+    import psutil
+
+    me = psutil.Process()
+    processes = [me, *me.children(recursive=True)]
+    out = {}
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            out[process.pid] = (process_role(process), times.user + times.system)
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_used_by_role(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds used between two `cpu_seconds_by_role` snapshots, summed by role."""
+    used: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        used[role] = used.get(role, 0.0) + seconds - before.get(pid, (role, 0.0))[1]
+    return {role: round(seconds, 2) for role, seconds in sorted(used.items())}
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -179,6 +221,10 @@ def prefect_server(timeout: float = 120) -> Iterator[str]:
         try:
             yield url
         finally:
+            if "prefect" in sys.modules:  # send the logs still queued while it is up
+                from prefect.logging.handlers import APILogWorker
+
+                APILogWorker.drain_all(timeout=10)
             if previous is None:
                 os.environ.pop("PREFECT_API_URL", None)
             else:

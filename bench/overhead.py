@@ -29,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    cpu_seconds_by_role,
+    cpu_used_by_role,
     emit,
     in_flow_with_cluster,
     load_average,
@@ -73,7 +75,9 @@ def main() -> None:
 
             profiler = cProfile.Profile()
             profiler.enable()
+        cpu_before = cpu_seconds_by_role()
         run = register(pair, work / "out", pipeline, cluster.scheduler_address)
+        run["cpu"] = cpu_used_by_role(cpu_before, cpu_seconds_by_role())
         if profiler is not None:
             import pstats
 
@@ -109,6 +113,10 @@ def main() -> None:
         "stage_s": stage["seconds"],
         "wall_s": round(run["wall"], 2),
         "overhead_s_per_block": round(overhead, 4),
+        # CPU seconds spent during the whole registration by the flow process (with the
+        # Dask scheduler), the workers and the Prefect server, per block.
+        "cpu_s_per_block": {role: round(seconds / blocks, 4)
+                            for role, seconds in run["cpu"].items()},
         "flow_peak_rss_mb": round(peak_rss_mb(), 1),
         "worker_peak_rss_mb": run["workers"],
         "load_average": [load_before, load_average()],
