@@ -10,6 +10,7 @@ Prefect entrypoints: ``flows/registration.py:register_images`` (the registration
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections import Counter
@@ -171,6 +172,18 @@ def preflight(plan: RegistrationPlan) -> list[dict[str, list[str]]]:
     return [future.result() for future in futures]
 
 
+@contextlib.contextmanager
+def _failure_announced(fixed: str, moving: str, out: str):
+    """Emit dreg.registration.failed, with the reason, if the block raises."""
+    try:
+        yield
+    except BaseException as exc:
+        text = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {text[0] if text else ''}"
+        events.emit_failed(reason, fixed, moving, out, str(flow_run.get_id()))
+        raise
+
+
 @flow(name="dreg-register")
 def register_images(
     fixed: str,
@@ -190,66 +203,50 @@ def register_images(
     The field maps fixed points to moving points. result.json is written last: its
     presence means the result is complete.
     """
-    try:
-        result = _register(fixed, moving, out, pipeline, initial_affine, overwrite,
-                           dask_address, workers, debug, show_progress, block_retries)
-    except BaseException as exc:
-        events.emit_failed(_reason(exc), fixed, moving, out, str(flow_run.get_id()))
-        raise
+    with _failure_announced(fixed, moving, out):
+        started = time.perf_counter()
+        pipeline = pipeline or default_pipeline()
+        initial = initial_affine.to_transform() if initial_affine else None
+        plan = plan_registration(fixed, moving, out, pipeline, initial, overwrite=overwrite)
+        if storage.exists(plan.result_uri):
+            # Replacing a finished result: withdraw its completion mark before touching it.
+            storage.remove_tree(plan.result_uri)
+        storage_slug = result_storage(plan.out_uri)
+
+        summaries = []
+        with dask_cluster(dask_address, workers) as address:
+            runner = DaskTaskRunner(address=address)
+            parameter_maps = preflight.with_options(task_runner=runner)(plan)
+            previous, previous_version = None, ""
+            for stage, parameter_map in zip(plan.stages, parameter_maps, strict=True):
+                destinations = [stage.field_uri]
+                if stage is plan.stages[-1]:
+                    destinations.append(plan.field_uri)
+                summary = register_stage.with_options(task_runner=runner)(
+                    plan, stage, parameter_map, previous, previous_version, destinations,
+                    storage_slug,
+                    show_progress, debug, block_retries,
+                )
+                summaries.append(summary)
+                previous, previous_version = stage.field_uri, summary["identity"]
+
+        result = {
+            "output": plan.out_uri,
+            "field": plan.field_uri,
+            "result": plan.result_uri,
+            "fixed": plan.fixed_uri,
+            "moving": plan.moving_uri,
+            "flow_run_id": str(flow_run.get_id()),
+            "stages": summaries,
+            "block_counts": {s["name"]: s["counts"] for s in summaries},
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        write_result(plan.result_uri, result_document(plan, summaries, {
+            "output": plan.out_uri, "flow_run_id": result["flow_run_id"],
+            "block_counts": result["block_counts"], "seconds": result["seconds"],
+        }))
+        artifacts.publish_field_link(plan.out_uri, plan.field_uri)
+        artifacts.publish_status_table(summaries)
+        artifacts.publish_summary(result)
     events.emit_completed(result)
-    return result
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
-def _register(fixed, moving, out, pipeline, initial_affine, overwrite, dask_address, workers,
-              debug, show_progress, block_retries) -> dict:
-    """The body of `register_images` (which adds the outcome events)."""
-    started = time.perf_counter()
-    pipeline = pipeline or default_pipeline()
-    initial = initial_affine.to_transform() if initial_affine else None
-    plan = plan_registration(fixed, moving, out, pipeline, initial, overwrite=overwrite)
-    if storage.exists(plan.result_uri):
-        # Replacing a finished result: withdraw its completion mark before touching it.
-        storage.remove_tree(plan.result_uri)
-    storage_slug = result_storage(plan.out_uri)
-
-    summaries = []
-    with dask_cluster(dask_address, workers) as address:
-        runner = DaskTaskRunner(address=address)
-        parameter_maps = preflight.with_options(task_runner=runner)(plan)
-        previous, previous_version = None, ""
-        for stage, parameter_map in zip(plan.stages, parameter_maps, strict=True):
-            destinations = [stage.field_uri]
-            if stage is plan.stages[-1]:
-                destinations.append(plan.field_uri)
-            summary = register_stage.with_options(task_runner=runner)(
-                plan, stage, parameter_map, previous, previous_version, destinations,
-                storage_slug,
-                show_progress, debug, block_retries,
-            )
-            summaries.append(summary)
-            previous, previous_version = stage.field_uri, summary["identity"]
-
-    result = {
-        "output": plan.out_uri,
-        "field": plan.field_uri,
-        "result": plan.result_uri,
-        "fixed": plan.fixed_uri,
-        "moving": plan.moving_uri,
-        "flow_run_id": str(flow_run.get_id()),
-        "stages": summaries,
-        "block_counts": {s["name"]: s["counts"] for s in summaries},
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    write_result(plan.result_uri, result_document(plan, summaries, {
-        "output": plan.out_uri, "flow_run_id": result["flow_run_id"],
-        "block_counts": result["block_counts"], "seconds": result["seconds"],
-    }))
-    artifacts.publish_field_link(plan.out_uri, plan.field_uri)
-    artifacts.publish_status_table(summaries)
-    artifacts.publish_summary(result)
     return result

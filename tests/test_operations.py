@@ -191,6 +191,13 @@ def test_event_outside_the_allowed_prefixes_is_rejected(platform):
     client = boto3.client("s3", endpoint_url=s3.endpoint_url)
     written = client.list_objects_v2(Bucket=s3.bucket, Prefix="registrations/moving-v2")
     assert written.get("KeyCount", 0) == 0
+    reasons = []
+    for _ in range(30):  # the server stores events asynchronously
+        reasons = [e["payload"]["reason"] for e in events_named(api, "dreg.registration.failed")]
+        if reasons:
+            break
+        time.sleep(1)
+    assert any("outside the allowed prefixes" in r for r in reasons), reasons
 
 
 def test_ui_answers_on_the_root_url(platform):
