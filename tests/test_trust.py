@@ -1,0 +1,57 @@
+"""Validation of parameters that arrive with an event (untrusted)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dreg.errors import InputError
+from dreg.trust import check_size, output_name, validate_uri, validate_version
+
+ALLOWED = ["s3://landing/volumes/", "/data/incoming"]
+
+
+@pytest.mark.parametrize("uri", [
+    "s3://landing/volumes/a.ome.zarr",
+    "s3://landing/volumes/sub/b.ome.zarr/",
+    "/data/incoming/c.ome.zarr",
+    "/data/incoming/x/../d.ome.zarr",
+])
+def test_accepted(uri):
+    assert validate_uri(uri, ALLOWED, "moving")
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("s3://landing/volumesX/a.ome.zarr", "outside the allowed prefixes"),
+    ("s3://other/volumes/a.ome.zarr", "outside the allowed prefixes"),
+    ("s3://landing/volumes/../secrets/a", "'..' is not allowed"),
+    ("s3://key:secret@landing/volumes/a", "not a valid s3:// URI"),
+    ("/data/incoming/../../etc/passwd", "outside the allowed prefixes"),
+    ("/data/incoming2/a.ome.zarr", "outside the allowed prefixes"),
+    ("data/incoming/a.ome.zarr", "must be absolute"),
+    ("http://landing/volumes/a", "scheme 'http' is not allowed"),
+    ("file:///data/incoming/a", "scheme 'file' is not allowed"),
+    ("", "missing"),
+    ("s3://landing/volumes/" + "a" * 2000, "longer than"),
+])
+def test_rejected_with_a_reason(uri, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(")):
+        validate_uri(uri, ALLOWED, "moving")
+
+
+def test_nothing_is_allowed_without_prefixes():
+    with pytest.raises(InputError, match="no allowed prefixes"):
+        validate_uri("s3://landing/volumes/a", [], "moving")
+
+
+def test_versions_and_sizes():
+    assert validate_version("2026-11-25T10:00") == "2026-11-25T10:00"
+    with pytest.raises(InputError, match="version"):
+        validate_version("v1; rm -rf /")
+    check_size((100, 100, 100), 10**6, "moving")
+    with pytest.raises(InputError, match="more than this deployment accepts"):
+        check_size((101, 100, 100), 10**6, "moving")
+
+
+def test_output_names_are_plain():
+    assert output_name("s3://landing/volumes/sample 17.ome.zarr", "v1") == "sample-17-v1"
+    assert output_name("/data/incoming/x.zarr/", "") == "x"
