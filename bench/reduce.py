@@ -101,7 +101,9 @@ def _ready() -> int:
 def _reduce_one(args) -> dict:
     from dreg.reduce import reduce_chunk
 
-    return reduce_chunk(*args)
+    started = time.perf_counter()
+    counts = reduce_chunk(*args)
+    return {**counts, "seconds": time.perf_counter() - started}
 
 
 def main() -> None:
@@ -156,6 +158,16 @@ def main() -> None:
     voxels = sum(c["voxels"] for c in counts)
     rate = voxels / seconds
     log(f"{voxels} field voxels in {seconds:.2f} s: {rate / 1e6:.2f} million per second")
+    # Full chunks against the partial ones at the far faces (a field grid of n/f + 1
+    # voxels leaves slabs one voxel thick when n/f is a multiple of the chunk).
+    full = [c for c in counts if c["voxels"] == args.chunk**3]
+    partial = [c for c in counts if c["voxels"] != args.chunk**3]
+    task_seconds = sum(c["seconds"] for c in counts)
+    full_rate = (sum(c["voxels"] for c in full) / sum(c["seconds"] for c in full)
+                 if full else None)
+    log(f"{len(full)} full chunks at {(full_rate or 0) / 1e6:.2f} million voxels per second "
+        f"per process; {len(partial)} partial chunks take "
+        f"{sum(c['seconds'] for c in partial) / task_seconds:.0%} of the task time")
 
     if args.profile:
         import cProfile
@@ -182,6 +194,11 @@ def main() -> None:
         "field_voxels": voxels,
         "seconds": round(seconds, 3),
         "field_voxels_per_s": round(rate),
+        "full_chunks": len(full),
+        "full_chunk_voxels_per_s_per_process": round(full_rate) if full_rate else None,
+        "partial_chunks_share_of_task_s": round(
+            sum(c["seconds"] for c in partial) / task_seconds, 3),
+        "chunk_task_s_mean": round(task_seconds / len(counts), 4),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "worker_peak_rss_mb": round(peak_rss_mb(resource.RUSAGE_CHILDREN), 1)
         if args.pool == "processes" else None,

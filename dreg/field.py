@@ -87,27 +87,31 @@ class AffineTransform:
 
 
 def sample_field(field: ome_zarr.OmeZarrImage, points_xyz: np.ndarray) -> np.ndarray:
-    """u at world points (..., 3) as world (x, y, z) vectors (..., 3), float64.
+    """u at world points (..., 3) as world (x, y, z) vectors (..., 3), in the field's
+    dtype (float32).
 
-    Reads only the box of the field that the points need, plus one voxel for the
-    trilinear interpolation.
+    Reads only the box of the field that the points need: from the floor of their
+    smallest index to the ceiling of their largest, the voxels trilinear interpolation
+    weighs (the field is stored in chunks, and every chunk the box touches is decoded
+    whole: a wider box costs up to 27 chunks instead of 8 or fewer).
     """
     points = np.asarray(points_xyz, dtype=float)
     flat = points.reshape(-1, 3)
     if flat.shape[0] == 0:
         return np.zeros_like(points)
     grid = field.levels[0].grid
-    index = grid.world_to_index(flat)
-    lo = np.clip(np.floor(index.min(axis=0)).astype(int) - 1, 0, np.array(grid.shape_zyx) - 1)
-    hi = np.clip(np.ceil(index.max(axis=0)).astype(int) + 2, lo + 1, np.array(grid.shape_zyx))
+    shape = np.array(grid.shape_zyx)
+    # (3, N) rows z, y, x: contiguous rows make the bounds and map_coordinates fast.
+    index = np.ascontiguousarray(grid.world_to_index(flat).T)
+    lo = np.clip(np.floor(index.min(axis=1)).astype(int), 0, shape - 1)
+    hi = np.clip(np.ceil(index.max(axis=1)).astype(int) + 1, lo + 1, shape)
     region: Region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     data = ome_zarr.read_region(field, 0, region)  # (3, z, y, x), components z, y, x
-    local = (index - lo).T
-    values = np.stack(
-        [ndimage.map_coordinates(data[c], local, order=1, mode="nearest") for c in range(3)],
-        axis=-1,
-    )
-    return values[:, ::-1].reshape(points.shape)
+    index -= lo[:, None]
+    values = np.empty((flat.shape[0], 3), dtype=data.dtype)
+    for c in range(3):  # component c (z, y, x) is world axis 2 - c (x, y, z)
+        values[:, 2 - c] = ndimage.map_coordinates(data[c], index, order=1, mode="nearest")
+    return values.reshape(points.shape)
 
 
 def displacement_of(previous, points_xyz: np.ndarray) -> np.ndarray:

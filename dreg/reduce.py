@@ -40,8 +40,10 @@ def blend_residuals(
 ) -> np.ndarray:
     """The blended residual r on a chunk, (3, z, y, x) with world (z, y, x) components."""
     shape = tuple(b - a for a, b in chunk)
-    numerator = np.zeros((3, *shape), dtype=np.float64)
-    denominator = np.zeros(shape, dtype=np.float64)
+    # float32, as the residuals are stored and the field is written: weights are in
+    # [0, 1] and a voxel sums a few terms, so float64 would only double the traffic.
+    numerator = np.zeros((3, *shape), dtype=np.float32)
+    denominator = np.zeros(shape, dtype=np.float32)
     for result in results:
         if result.status != OK:
             continue
@@ -57,12 +59,12 @@ def blend_residuals(
             slice(a - c0, b - c0) for (a, b), (c0, _) in zip(overlap, chunk, strict=True)
         )
         weight = blend_weights(result.block, overlap, image_shape_zyx, factor)
+        weight = weight.astype(np.float32)
         numerator[(slice(None),) + target] += residual[source] * weight
         denominator[target] += weight
-    covered = denominator > 0
-    blended = np.zeros_like(numerator)
-    blended[:, covered] = numerator[:, covered] / denominator[covered]
-    return blended
+    # Where no block succeeded the residual is zero.
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator),
+                     where=denominator > 0)
 
 
 def compose(residual: np.ndarray, points_xyz: np.ndarray, previous) -> np.ndarray:
