@@ -92,8 +92,9 @@ def sample_field(field: ome_zarr.OmeZarrImage, points_xyz: np.ndarray) -> np.nda
 
     Reads only the box of the field that the points need: from the floor of their
     smallest index to the ceiling of their largest, the voxels trilinear interpolation
-    weighs (the field is stored in chunks, and every chunk the box touches is decoded
-    whole: a wider box costs up to 27 chunks instead of 8 or fewer).
+    weighs. Every chunk the box touches is decoded whole, so a margin beyond that would
+    decode the neighbouring chunks on every side (27 for the points of one chunk) even
+    where no point reaches them.
     """
     points = np.asarray(points_xyz, dtype=float)
     flat = points.reshape(-1, 3)
