@@ -176,6 +176,53 @@ def cpu_used_by_role(before: dict, after: dict) -> dict[str, float]:
     return {role: round(seconds, 2) for role, seconds in sorted(used.items())}
 
 
+def _profile_thread_start() -> bool:
+    """Runs as a task: profile the worker thread that runs tasks, from now on."""
+    import cProfile
+    import threading
+
+    profiler = cProfile.Profile()
+    threading.current_thread().dreg_profiler = profiler
+    profiler.enable()
+    return True
+
+
+def _profile_thread_stop(lines: int) -> str:
+    """Runs as a task on the same thread: stop profiling; the top functions as text."""
+    import io
+    import pstats
+    import threading
+
+    profiler = threading.current_thread().__dict__.pop("dreg_profiler", None)
+    if profiler is None:
+        return "(this worker thread was not profiled)"
+    profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(lines)
+    stats.sort_stats("tottime").print_stats(lines)
+    return text.getvalue()
+
+
+@contextlib.contextmanager
+def profile_workers(address: str, lines: int = 30) -> Iterator[dict]:
+    """cProfile the task thread of every worker (single-threaded workers) while the
+    block runs; on exit the yielded dict holds each worker's top functions as text."""
+    from distributed import Client
+
+    reports: dict = {}
+    with Client(address) as client:
+        workers = list(client.scheduler_info()["workers"])
+        for worker in workers:
+            client.submit(_profile_thread_start, pure=False, workers=[worker]).result()
+        try:
+            yield reports
+        finally:
+            for worker in workers:
+                reports[worker] = client.submit(_profile_thread_stop, lines, pure=False,
+                                                workers=[worker]).result()
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -10,7 +10,8 @@ seconds its blocks computed:
 register_seconds, block_seconds and blocks come from the stage summary in
 result["stages"]. The Prefect API is the temporary one, or with --server a real
 `prefect server start` (SQLite in a temporary folder) that this script starts and stops.
---profile prints the flow process's cProfile of the registration (stderr).
+--profile prints cProfiles of the registration (stderr): the flow process's main thread
+and each worker's task thread.
 
     .venv/bin/python bench/overhead.py [--size 160] [--block 16] [--iterations 8]
                                        [--workers 2] [--server] [--profile]
@@ -38,6 +39,7 @@ from _common import (  # noqa: E402
     make_pair,
     peak_rss_mb,
     prefect_server,
+    profile_workers,
     register,
     stage_pipeline,
     worker_peak_rss_mb,
@@ -69,23 +71,31 @@ def main() -> None:
                                "NumberOfResolutions": 1})
 
     def body(cluster) -> dict:
-        profiler = None
+        address = cluster.scheduler_address
+        profiler, workers_profiled = None, contextlib.nullcontext({})
         if args.profile:
             import cProfile
 
             profiler = cProfile.Profile()
-            profiler.enable()
-        cpu_before = cpu_seconds_by_role()
-        run = register(pair, work / "out", pipeline, cluster.scheduler_address)
-        run["cpu"] = cpu_used_by_role(cpu_before, cpu_seconds_by_role())
+            workers_profiled = profile_workers(address)
+        with workers_profiled as worker_reports:
+            if profiler is not None:
+                profiler.enable()
+            cpu_before = cpu_seconds_by_role()
+            run = register(pair, work / "out", pipeline, address)
+            run["cpu"] = cpu_used_by_role(cpu_before, cpu_seconds_by_role())
+            if profiler is not None:
+                profiler.disable()
         if profiler is not None:
             import pstats
 
-            profiler.disable()
+            log("--- flow process (main thread) ---")
             stats = pstats.Stats(profiler, stream=sys.stderr)
             stats.sort_stats("cumulative").print_stats(30)
             stats.sort_stats("tottime").print_stats(20)
-        run["workers"] = worker_peak_rss_mb(cluster.scheduler_address)
+            for worker, report in worker_reports.items():
+                log(f"--- worker {worker} (task thread) ---\n{report}")
+        run["workers"] = worker_peak_rss_mb(address)
         return run
 
     server = prefect_server() if args.server else contextlib.nullcontext()
