@@ -56,6 +56,9 @@ def create_field(
         dreg_attributes=field_attributes(grid, fixed, moving_uri),
         name="displacement_field",
         overwrite=overwrite,
+        # Float displacements barely compress, and compressing them was about half of the
+        # reduce step's time: store the chunks raw.
+        compressed=False,
     )
 
 

@@ -298,6 +298,7 @@ def create_image(
     name: str = "image",
     overwrite: bool = False,
     fill_value: float = 0,
+    compressed: bool = True,
 ) -> OmeZarrImage:
     """Create an empty OME-Zarr 0.5 multiscale image (metadata and empty arrays).
 
@@ -326,7 +327,8 @@ def create_image(
         if components is not None:
             shape, level_chunks = (components, *shape), (components, *level_chunks)
         group.create_array(
-            str(k), shape=shape, chunks=level_chunks, dtype=dtype, fill_value=fill_value
+            str(k), shape=shape, chunks=level_chunks, dtype=dtype, fill_value=fill_value,
+            **({} if compressed else {"compressors": None}),
         )
         levels.append(ImageLevel(str(k), grid, level_chunks[-3:], str(np.dtype(dtype))))
     return OmeZarrImage(uri=uri, levels=tuple(levels), components=components, attributes=dreg_attrs)
