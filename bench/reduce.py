@@ -101,9 +101,12 @@ def _ready() -> int:
 def _reduce_one(args) -> dict:
     from dreg.reduce import reduce_chunk
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     counts = reduce_chunk(*args)
-    return {**counts, "seconds": time.perf_counter() - started}
+    # process_time counts every thread of the process (zarr decodes and encodes in its
+    # own): one task at a time per process, so this is the task's CPU time.
+    return {**counts, "seconds": time.perf_counter() - started,
+            "cpu_seconds": time.process_time() - cpu_started}
 
 
 def main() -> None:
@@ -199,6 +202,10 @@ def main() -> None:
         "partial_chunks_share_of_task_s": round(
             sum(c["seconds"] for c in partial) / task_seconds, 3),
         "chunk_task_s_mean": round(task_seconds / len(counts), 4),
+        # Less sensitive to other load on the machine than the wall-clock rate (processes
+        # only: threads share one process's CPU clock).
+        "field_voxels_per_cpu_s": round(voxels / sum(c["cpu_seconds"] for c in counts))
+        if args.pool == "processes" else None,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "worker_peak_rss_mb": round(peak_rss_mb(resource.RUSAGE_CHILDREN), 1)
         if args.pool == "processes" else None,
