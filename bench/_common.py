@@ -65,7 +65,7 @@ def make_pair(out: Path, size: int, seed: int = 1, amplitude: float = 2.0,
 def stage_pipeline(transform: str, block: int, overlap: float, parameters: dict,
                    factor: int = 2):
     """A pipeline of one block stage at level 0."""
-    from dreg.pipeline import PipelineConfig, StageConfig
+    from dreg.registration.pipeline import PipelineConfig, StageConfig
 
     return PipelineConfig(stages=[StageConfig(
         name=transform, level=0, block_size=block, overlap=overlap, transform=transform,
@@ -96,8 +96,8 @@ def in_flow_with_cluster(workers: int, body: Callable, name: str = "dreg-bench")
 
 # What the first task on a worker imports (Prefect among it, about a second): imported
 # up front, so that a one-time cost per worker is not counted as per-block time.
-TASK_MODULES = ("tasks.register", "tasks.reduce", "tasks.publish", "dreg.register_block",
-                "dreg.reduce")
+TASK_MODULES = ("tasks.register", "tasks.reduce", "tasks.publish", "dreg.registration.block",
+                "dreg.transform.reduce")
 
 
 def prepare_workers(address: str) -> None:
@@ -126,11 +126,13 @@ def worker_peak_rss_mb(address: str) -> list[float]:
 
 def register(pair: dict, out: Path, pipeline, address: str) -> dict:
     """register_images on an existing cluster; returns its result and the wall time."""
+    from dreg.registration import RunOptions
     from flows.registration import register_images
 
     started = time.perf_counter()
     result = register_images(fixed=pair["fixed"], moving=pair["moving"], out=str(out),
-                             pipeline=pipeline, dask_address=address, overwrite=True)
+                             pipeline=pipeline,
+                             options=RunOptions(dask_address=address, overwrite=True))
     return {"result": result, "wall": time.perf_counter() - started}
 
 

@@ -1,16 +1,16 @@
 """Accuracy of block-wise registration against whole-image ITK-Elastix, side by side.
 
 Makes a `dreg synth` pair of size^3 (exact ground truth) and registers it twice with the
-same elastix parameter map (dreg.elastix.parameter_map of one B-spline preset and the
+same elastix parameter map (dreg.registration.elastix.parameter_map of one B-spline preset and the
 same overrides):
 - block-wise: register_images with one B-spline block stage at level 0, on a
   LocalCluster of single-threaded workers;
-- whole image: dreg.elastix.register on the whole level-0 arrays in this process (after
+- whole image: dreg.registration.elastix.register on the whole level-0 arrays in this process (after
   elastix's first-use cost is paid, untimed), with MaximumNumberOfThreads set to the
   number of workers so that both use the same cores; its transform sampled with
-  dreg.elastix.displacement_on_grid on the block-wise field's grid and written to a field
+  dreg.registration.elastix.displacement_on_grid on the block-wise field's grid and written to a field
   zarr.
-Both fields are compared with the truth by dreg.evaluate.field_error (RMS and 95th
+Both fields are compared with the truth by dreg.qc.field_error (RMS and 95th
 percentile of |u - u_true| in voxels), and timed. Elastix draws a fixed number of
 samples per iteration (NumberOfSpatialSamples) whatever the image's size, so the
 block-wise run draws blocks times as many: a third run gives the whole image that same
@@ -44,7 +44,9 @@ from _common import (  # noqa: E402
 def whole_image(pair: dict, transform: str, overrides: dict, threads: int, grid,
                 out: Path) -> dict:
     """Register the whole level-0 images with elastix; write the field on `grid`."""
-    from dreg import elastix, field, ome_zarr
+    from dreg.io import ome_zarr
+    from dreg.registration import elastix
+    from dreg.transform import field
 
     elastix.warm_up(threads)  # elastix's first use in this process, untimed
     started = time.perf_counter()
@@ -67,7 +69,7 @@ def whole_image(pair: dict, transform: str, overrides: dict, threads: int, grid,
 
 def elastix_default_samples() -> str:
     """NumberOfSpatialSamples of the B-spline preset's map (what each block draws)."""
-    from dreg import elastix
+    from dreg.registration import elastix
 
     return elastix.parameter_map("bspline")["NumberOfSpatialSamples"][0]
 
@@ -102,10 +104,10 @@ def main() -> None:
         lambda cluster: register(pair, work / "blockwise", pipeline, cluster.scheduler_address),
         name="dreg-bench-accuracy")
 
-    from dreg.evaluate import field_error
-    from dreg.field import open_field
+    from dreg.qc.accuracy import field_error
+    from dreg.transform.field import open_field
 
-    (stage,) = blockwise["result"]["stages"]
+    (stage,) = blockwise["result"].stages
     field_uri = blockwise["result"]["field"]
     grid = open_field(field_uri).levels[0].grid
     block_error = field_error(field_uri, pair["truth"])
@@ -121,7 +123,7 @@ def main() -> None:
     # Elastix draws a fixed number of samples per iteration whatever the image's size,
     # so the block-wise run draws `blocks` times as many in all: also give the whole
     # image that budget.
-    samples = int(elastix_default_samples()) * stage["blocks"]
+    samples = int(elastix_default_samples()) * stage.blocks
     log(f"whole image with the block-wise sample budget ({samples} samples per iteration)")
     matched = whole_image(pair, "bspline", {**overrides, "NumberOfSpatialSamples": samples},
                           args.workers, grid, work / "whole-image-matched.ome.zarr")
@@ -133,7 +135,7 @@ def main() -> None:
         "size": args.size, "block": args.block, "overlap": args.overlap,
         "iterations": args.iterations, "grid_spacing_voxels": args.grid_spacing,
         "amplitude_voxels": args.amplitude, "workers": args.workers,
-        "blocks": stage["blocks"], "counts": stage["counts"],
+        "blocks": stage.blocks, "counts": stage.counts,
         "rms_before": round(block_error["rms_before"], 4),
         "rms_blockwise": round(block_error["rms_after"], 4),
         "rms_whole_image": round(whole_error["rms_after"], 4),
@@ -142,10 +144,10 @@ def main() -> None:
         "max_blockwise": round(block_error["max_after"], 4),
         "max_whole_image": round(whole_error["max_after"], 4),
         "seconds_blockwise": round(blockwise["wall"], 2),
-        "seconds_blockwise_stage": stage["seconds"],
+        "seconds_blockwise_stage": stage.seconds,
         "seconds_whole_image": round(whole["seconds"], 2),
         "seconds_whole_image_elastix": round(whole["elastix_s"], 2),
-        "block_compute_s": stage["block_seconds"],
+        "block_compute_s": stage.block_seconds,
         "whole_image_matched_samples": samples,
         "rms_whole_image_matched_samples": round(matched_error["rms_after"], 4),
         "p95_whole_image_matched_samples": round(matched_error["p95_after"], 4),

@@ -90,20 +90,20 @@ def main() -> None:
             return run
 
         run = in_flow_with_cluster(args.workers, body, name=f"dreg-bench-memory-{size}")
-        (stage,) = run["result"]["stages"]
+        (stage,) = run["result"].stages
         workers = run["workers"]
         flow_peak = peak_rss_mb()
-        log(f"{size}^3: {stage['blocks']} blocks {stage['counts']}, register "
-            f"{stage['register_seconds']} s, reduce {stage['reduce_seconds']} s; worker peak "
+        log(f"{size}^3: {stage.blocks} blocks {stage.counts}, register "
+            f"{stage.register_seconds} s, reduce {stage.reduce_seconds} s; worker peak "
             f"RSS {workers} MiB, flow process {flow_peak:.0f} MiB so far")
         figures["sizes"].append(size)
         figures[f"worker_peak_rss_mb_{size}"] = max(workers)
         figures[f"worker_peak_rss_mb_all_{size}"] = workers
         figures[f"flow_peak_rss_mb_after_{size}"] = round(flow_peak, 1)
-        figures[f"blocks_{size}"] = stage["blocks"]
-        figures[f"counts_{size}"] = stage["counts"]
-        figures[f"register_s_{size}"] = stage["register_seconds"]
-        figures[f"reduce_s_{size}"] = stage["reduce_seconds"]
+        figures[f"blocks_{size}"] = stage.blocks
+        figures[f"counts_{size}"] = stage.counts
+        figures[f"register_s_{size}"] = stage.register_seconds
+        figures[f"reduce_s_{size}"] = stage.reduce_seconds
         figures[f"synth_s_{size}"] = round(synth_s, 1)
         shutil.rmtree(pair_dir, ignore_errors=True)
         shutil.rmtree(work / f"out-{size}", ignore_errors=True)

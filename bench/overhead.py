@@ -104,23 +104,23 @@ def main() -> None:
         log(f"registering with {args.workers} workers, Prefect API: {api}")
         run = in_flow_with_cluster(args.workers, body, name="dreg-bench-overhead")
 
-    (stage,) = run["result"]["stages"]
-    blocks = stage["blocks"]
-    compute_per_worker = stage["block_seconds"] / args.workers
-    overhead = (stage["register_seconds"] - compute_per_worker) / blocks
-    log(f"{blocks} blocks: register {stage['register_seconds']} s, block compute "
-        f"{stage['block_seconds']} s over {args.workers} workers; "
+    (stage,) = run["result"].stages
+    blocks = stage.blocks
+    compute_per_worker = stage.block_seconds / args.workers
+    overhead = (stage.register_seconds - compute_per_worker) / blocks
+    log(f"{blocks} blocks: register {stage.register_seconds} s, block compute "
+        f"{stage.block_seconds} s over {args.workers} workers; "
         f"overhead {overhead:.4f} s per block")
     emit({
         "size": args.size, "block": args.block, "overlap": args.overlap,
         "iterations": args.iterations, "workers": args.workers,
         "prefect_api": "server" if args.server else "temporary",
-        "blocks": blocks, "counts": stage["counts"],
-        "register_s": stage["register_seconds"],
-        "block_compute_s": stage["block_seconds"],
-        "block_compute_s_mean": round(stage["block_seconds"] / blocks, 4),
-        "reduce_s": stage["reduce_seconds"],
-        "stage_s": stage["seconds"],
+        "blocks": blocks, "counts": stage.counts,
+        "register_s": stage.register_seconds,
+        "block_compute_s": stage.block_seconds,
+        "block_compute_s_mean": round(stage.block_seconds / blocks, 4),
+        "reduce_s": stage.reduce_seconds,
+        "stage_s": stage.seconds,
         "wall_s": round(run["wall"], 2),
         "overhead_s_per_block": round(overhead, 4),
         # CPU seconds spent during the whole registration by the flow process (with the

@@ -2,8 +2,8 @@
 
 Tiles a cubic image into N blocks, gives every block a random smooth residual (stored as
 .npy, as a registered block's would be), writes a smooth previous field (a zarr made with
-dreg.field.create_field, so every chunk exercises composition through sample_field), then
-reduces every chunk of the stage's field with dreg.reduce.reduce_chunk (blend_residuals,
+dreg.transform.field.create_field, so every chunk exercises composition through sample_field), then
+reduces every chunk of the stage's field with dreg.transform.reduce.reduce_chunk (blend_residuals,
 compose, write) on a pool of worker processes (or threads), one chunk per task, each task
 given only the block results that reach its chunk (as the flow does). Prints progress,
 then one JSON line: field voxels per second, seconds, peak memory.
@@ -61,18 +61,20 @@ def smooth_residual(grid, rng, amplitude: float) -> np.ndarray:
 def make_inputs(work: Path, per_axis: int, block: int, overlap: float, factor: float,
                 chunk: int, seed: int):
     """Block results with residual files, a previous field, an empty output field."""
-    from dreg import blocks, field, ome_zarr
     from dreg.grid import Grid
-    from dreg.register_block import OK, BlockResult, field_box_grid, save_residual
+    from dreg.io import ome_zarr
+    from dreg.registration import tiling
+    from dreg.registration.outcome import OK, BlockResult, save_residual
+    from dreg.transform import field
 
     rng = np.random.default_rng(seed)
     image = Grid((per_axis * block,) * 3, (1.0, 1.0, 1.0))
     field_grid = image.coarsened(factor)
-    tiles = blocks.tile(image.shape_zyx, block, overlap, field_grid.shape_zyx, factor)
+    tiles = tiling.tile(image.shape_zyx, block, overlap, field_grid.shape_zyx, factor)
     results = []
     for tile in tiles:
         uri = str(work / "residuals" / f"{tile.name}.npy")
-        save_residual(uri, smooth_residual(field_box_grid(field_grid, tile.field_box), rng, 1.0))
+        save_residual(uri, smooth_residual(field_grid.subgrid(tile.field_box), rng, 1.0))
         results.append(BlockResult(tile, OK, metric_before=0.5, metric_after=0.6, seconds=1.0,
                                    residual_uri=uri))
     previous = field.create_field(str(work / "previous.ome.zarr"), field_grid, chunks=chunk,
@@ -93,13 +95,13 @@ def make_inputs(work: Path, per_axis: int, block: int, overlap: float, factor: f
 
 
 def _ready() -> int:
-    import dreg.reduce  # noqa: F401 - import the core once per worker, before timing
+    import dreg.transform.reduce  # noqa: F401 - import the core once per worker, before timing
 
     return os.getpid()
 
 
 def _reduce_one(args) -> dict:
-    from dreg.reduce import reduce_chunk
+    from dreg.transform.reduce import reduce_chunk
 
     started, cpu_started = time.perf_counter(), time.process_time()
     counts = reduce_chunk(*args)
@@ -126,8 +128,8 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args()
 
-    from dreg import ome_zarr
-    from dreg.reduce import blocks_for_chunk
+    from dreg.io import ome_zarr
+    from dreg.transform.reduce import blocks_for_chunk
 
     per_axis = max(1, round(args.blocks ** (1 / 3)))
     owned = args.dir is None

@@ -42,9 +42,9 @@ def main() -> None:
     from prefect import flow
 
     from dreg import synth
-    from dreg.evaluate import field_error
     from dreg.grid import Grid
-    from dreg.pipeline import PipelineConfig, StageConfig
+    from dreg.qc.accuracy import field_error
+    from dreg.registration import PipelineConfig, RunOptions, StageConfig
     from flows.cluster import current_api_url, warm_up
     from flows.registration import register_images
 
@@ -66,7 +66,8 @@ def main() -> None:
             started = time.perf_counter()
             result = register_images(fixed=pair["fixed"], moving=pair["moving"],
                                      out=str(work / "out"), pipeline=pipeline,
-                                     dask_address=cluster.scheduler_address, overwrite=True)
+                                     options=RunOptions(dask_address=cluster.scheduler_address,
+                                                        overwrite=True))
             wall = time.perf_counter() - started
             with Client(cluster.scheduler_address) as client:
                 workers = client.run(peak_rss_mb)
@@ -74,17 +75,17 @@ def main() -> None:
 
     print("registering", file=sys.stderr)
     run = bench()
-    (stage,) = run["result"]["stages"]
+    (stage,) = run["result"].stages
     error = field_error(run["result"]["field"], pair["truth"])
     print(json.dumps({
         "size": args.size, "block": args.block, "overlap": args.overlap,
-        "workers": args.workers, "iterations": args.iterations, "blocks": stage["blocks"],
+        "workers": args.workers, "iterations": args.iterations, "blocks": stage.blocks,
         "wall_s": round(run["wall"], 2),
-        "register_s": stage["register_seconds"],
-        "block_compute_s": stage["block_seconds"],
-        "reduce_s": stage["reduce_seconds"],
-        "field_voxels": stage["field_voxels"],
-        "reduce_field_voxels_per_s": round(stage["field_voxels"] / stage["reduce_seconds"]),
+        "register_s": stage.register_seconds,
+        "block_compute_s": stage.block_seconds,
+        "reduce_s": stage.reduce_seconds,
+        "field_voxels": stage.field_voxels,
+        "reduce_field_voxels_per_s": round(stage.field_voxels / stage.reduce_seconds),
         "flow_peak_rss_mb": round(peak_rss_mb(), 1),
         "worker_peak_rss_mb": sorted(round(v, 1) for v in run["workers"].values()),
         "rms_before": round(error["rms_before"], 4),

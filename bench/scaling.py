@@ -68,9 +68,9 @@ def main() -> None:
                 prepare_workers(cluster.scheduler_address)
             log(f"registering on {workers} worker(s)")
             run = register(pair, work / f"out-{workers}", pipeline, cluster.scheduler_address)
-            (stage,) = run["result"]["stages"]
-            log(f"{workers} worker(s): register {stage['register_seconds']} s, block compute "
-                f"{stage['block_seconds']} s, {stage['blocks']} blocks")
+            (stage,) = run["result"].stages
+            log(f"{workers} worker(s): register {stage.register_seconds} s, block compute "
+                f"{stage.block_seconds} s, {stage.blocks} blocks")
             runs[workers] = {"stage": stage, "wall": run["wall"]}
         return runs
 

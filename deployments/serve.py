@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prefect import serve  # noqa: E402
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger  # noqa: E402
 
-from deployments import events  # noqa: E402
+from flows import events  # noqa: E402
 from flows.batch import register_scheduled  # noqa: E402
 from flows.ingest import register_on_ingest  # noqa: E402
 

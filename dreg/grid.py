@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 Region = tuple[slice, slice, slice]
-"""A box of voxels in NumPy (z, y, x) order, with explicit non-negative start and stop."""
+"""The one box type: voxels in NumPy (z, y, x) order, explicit non-negative start and
+stop (stop exclusive), no step. It indexes arrays directly."""
 
 
 def _as_tuple(values, n: int, name: str) -> tuple[float, ...]:
@@ -70,14 +71,14 @@ class Grid:
 
     def index_to_world(self, index_zyx: np.ndarray) -> np.ndarray:
         """World (x, y, z) points of continuous indices given as (..., 3) in (z, y, x) order."""
-        ijk = np.asarray(index_zyx, dtype=float)[..., ::-1]
+        ijk = zyx_to_xyz(np.asarray(index_zyx, dtype=float))
         return ijk @ self.index_to_world_matrix.T + np.asarray(self.origin_xyz)
 
     def world_to_index(self, points_xyz: np.ndarray) -> np.ndarray:
         """Continuous (z, y, x) indices of world points given as (..., 3) in (x, y, z) order."""
         inverse = np.linalg.inv(self.index_to_world_matrix)
         ijk = (np.asarray(points_xyz, dtype=float) - np.asarray(self.origin_xyz)) @ inverse.T
-        return ijk[..., ::-1]
+        return xyz_to_zyx(ijk)
 
     def region_points(self, region: Region) -> np.ndarray:
         """World points of every voxel of a region, shape (nz, ny, nx, 3)."""
@@ -144,9 +145,28 @@ class Grid:
         )
 
 
-def world_vectors_xyz_to_zyx(vectors_xyz: np.ndarray) -> np.ndarray:
-    """Reorder the last axis of world vectors from (x, y, z) to (z, y, x)."""
-    return np.asarray(vectors_xyz)[..., ::-1]
+def xyz_to_zyx(values):
+    """Reverse the last axis: ITK's (x, y, z) order to NumPy's (z, y, x). A sequence
+    gives a tuple, an array a view."""
+    if isinstance(values, np.ndarray):
+        return values[..., ::-1]
+    return tuple(values)[::-1]
+
+
+def zyx_to_xyz(values):
+    """Reverse the last axis: NumPy's (z, y, x) order to ITK's (x, y, z)."""
+    return xyz_to_zyx(values)
+
+
+def vectors_to_components(vectors_xyz: np.ndarray) -> np.ndarray:
+    """World vectors (..., 3) in (x, y, z) order as components (3, ...) in (z, y, x) order,
+    the layout of a displacement field's c axis."""
+    return np.moveaxis(xyz_to_zyx(np.asarray(vectors_xyz)), -1, 0)
+
+
+def components_to_vectors(components_zyx: np.ndarray) -> np.ndarray:
+    """Components (3, ...) in (z, y, x) order as world vectors (..., 3) in (x, y, z) order."""
+    return zyx_to_xyz(np.moveaxis(np.asarray(components_zyx), 0, -1))
 
 
 def region_shape(region: Region) -> tuple[int, int, int]:
@@ -154,7 +174,12 @@ def region_shape(region: Region) -> tuple[int, int, int]:
 
 
 def region_from_bounds(start, stop) -> Region:
+    """The region from `start` (inclusive) to `stop` (exclusive) along z, y, x."""
     return tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
+
+
+def whole_region(shape_zyx) -> Region:
+    return region_from_bounds((0, 0, 0), shape_zyx)
 
 
 def intersect_regions(a: Region, b: Region) -> Region | None:
@@ -164,3 +189,14 @@ def intersect_regions(a: Region, b: Region) -> Region | None:
     if any(lo >= hi for lo, hi in zip(start, stop, strict=True)):
         return None
     return region_from_bounds(start, stop)
+
+
+def relative_region(region: Region, origin: Region) -> Region:
+    """`region` in the coordinates of a box that starts where `origin` starts."""
+    return tuple(slice(r.start - o.start, r.stop - o.start)
+                 for r, o in zip(region, origin, strict=True))
+
+
+def region_to_list(region: Region) -> list[list[int]]:
+    """A region as JSON: [[start, stop], ...] along z, y, x."""
+    return [[s.start, s.stop] for s in region]

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dreg import field, ome_zarr, pyramid, storage
-from dreg.grid import Grid, Region, region_shape
+from dreg.grid import Grid, Region, region_shape, vectors_to_components, zyx_to_xyz
+from dreg.io import ome_zarr, pyramid, storage
+from dreg.transform import field
 
 TEXTURE_WAVES = 24
 COARSE_WAVES = 6
@@ -90,7 +91,7 @@ def make_model(
     )
     disp_amplitudes = rng.uniform(0.5, 1.0, (3, DISPLACEMENT_WAVES))
     disp_amplitudes *= amplitude_voxels * unit / disp_amplitudes.sum(axis=1, keepdims=True)
-    shift_index_xyz = np.asarray(shift_voxels, dtype=float)[::-1]
+    shift_index_xyz = zyx_to_xyz(np.asarray(shift_voxels, dtype=float))
     shift_xyz = grid.index_to_world_matrix @ shift_index_xyz
     return SynthModel(
         wave_vectors=wave_vectors,
@@ -141,7 +142,7 @@ def truth_region(model: SynthModel, grid: Grid, region: Region) -> np.ndarray:
     out = np.empty((3, *region_shape(region)), dtype=np.float32)
     for piece, local in _pieces(region):
         u = model.displacement(grid.region_points(piece))
-        out[(slice(None), *local)] = np.moveaxis(u[..., ::-1], -1, 0)
+        out[(slice(None), *local)] = vectors_to_components(u)
     return out
 
 

@@ -16,8 +16,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from dreg import storage
-from dreg.register_block import STATUSES
+from dreg.io import storage
+from dreg.registration import STATUSES, RegistrationResult, StageSummary
 
 
 def field_artifact_key(out_uri: str) -> str:
@@ -40,38 +40,48 @@ def publish_field_link(out_uri: str, field_uri: str) -> None:
     )
 
 
-def publish_status_table(stage_summaries: list[dict]) -> None:
+def publish_status_table(stages: list[StageSummary]) -> None:
     rows = [
-        {"stage": s["name"], **{status: s["counts"].get(status, 0) for status in STATUSES},
-         "seconds": s["seconds"]}
-        for s in stage_summaries
+        {"stage": s.name, **{status: s.counts.get(status, 0) for status in STATUSES},
+         "seconds": s.seconds}
+        for s in stages
     ]
     create_table_artifact(table=rows, key="dreg-block-status",
                           description="Blocks by status, per stage")
 
 
-def publish_summary(result: dict) -> None:
+def summary_markdown(result: RegistrationResult) -> str:
+    """The registration's summary: inputs, outputs, blocks by status per stage, and the
+    blocks that did not succeed."""
     lines = [
         "# Registration",
-        f"- fixed: `{result['fixed']}`",
-        f"- moving: `{result['moving']}`",
-        f"- output: `{result['output']}`",
-        f"- field: `{result['field']}`",
-        f"- seconds: {result['seconds']:.1f}",
+        f"- fixed: `{result.fixed}`",
+        f"- moving: `{result.moving}`",
+        f"- output: `{result.output}`",
+        f"- field: `{result.field}`",
+        f"- seconds: {result.seconds:.1f}",
         "",
         "| stage | level | transform | blocks | " + " | ".join(STATUSES) + " | seconds |",
         "|---|---|---|---|" + "---|" * len(STATUSES) + "---|",
     ]
-    for s in result["stages"]:
-        counts = " | ".join(str(s["counts"].get(status, 0)) for status in STATUSES)
-        lines.append(f"| {s['name']} | {s['level']} | {s['transform']} | {s['blocks']} | "
-                     f"{counts} | {s['seconds']:.1f} |")
-    failures = [(s["name"], f) for s in result["stages"] for f in s.get("failures", [])]
+    for s in result.stages:
+        counts = " | ".join(str(s.counts.get(status, 0)) for status in STATUSES)
+        lines.append(f"| {s.name} | {s.level} | {s.transform} | {s.blocks} | "
+                     f"{counts} | {s.seconds:.1f} |")
+    failures = [(s.name, f) for s in result.stages for f in s.failures]
     if failures:
         lines += ["", "## Blocks that did not succeed"]
         lines += [f"- {name} block {f['index']}: {f['status']}: {f['reason']}"
                   for name, f in failures[:50]]
-    create_markdown_artifact(markdown="\n".join(lines), key="dreg-summary",
+    return "\n".join(lines)
+
+
+def publish_result(result: RegistrationResult) -> None:
+    """Every artifact of a finished registration: the field link, the status table and
+    the summary. Made by the flow, so a fully cached re-run has them too."""
+    publish_field_link(result.output, result.field)
+    publish_status_table(result.stages)
+    create_markdown_artifact(markdown=summary_markdown(result), key="dreg-summary",
                              description="Registration summary")
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import yaml
 from prefect import flow, get_run_logger
 
-from dreg import storage
-from dreg.errors import InputError
-from dreg.pipeline import PipelineConfig
-from dreg.plan import RESULT_FILE
+from dreg.errors import InputError, first_line
+from dreg.io import storage
+from dreg.registration import PipelineConfig, RunOptions
+from dreg.registration.plan import RESULT_FILE
 from flows.registration import register_images
 
 
@@ -42,8 +42,7 @@ def register_scheduled(
     moving: str = "",
     out: str = "",
     pipeline: PipelineConfig | None = None,
-    dask_address: str | None = None,
-    workers: int | None = None,
+    options: RunOptions | None = None,
 ) -> list[dict]:
     """Register every pending pair of `manifest`, or the one pair given."""
     logger = get_run_logger()
@@ -58,12 +57,11 @@ def register_scheduled(
     for entry in entries:
         try:
             result = register_images(fixed=entry["fixed"], moving=entry["moving"],
-                                     out=entry["out"], pipeline=pipeline,
-                                     dask_address=dask_address, workers=workers)
-            outcomes.append({"out": entry["out"], "field": result["field"]})
+                                     out=entry["out"], pipeline=pipeline, options=options)
+            outcomes.append({"out": entry["out"], "field": result.field})
         except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on
             logger.error(f"{entry['out']}: {exc}")
-            failures.append({"out": entry["out"], "error": str(exc).splitlines()[0]})
+            failures.append({"out": entry["out"], "error": first_line(exc)})
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(entries)} pair(s) failed: {failures}")
     return outcomes

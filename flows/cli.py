@@ -13,6 +13,7 @@ import sys
 
 from dreg.errors import DregError, InputError
 from dreg.memory import release_freed_memory_promptly
+from flows import run_commands
 
 
 def _triple(text: str, kind=float, name: str = "value") -> tuple:
@@ -35,7 +36,7 @@ def _direction(text: str) -> tuple:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from dreg import ome_zarr
+    from dreg.io import ome_zarr
 
     image = ome_zarr.open_image(args.uri)
     description = {
@@ -77,7 +78,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from dreg import convert
+    from dreg.io import convert
 
     release_freed_memory_promptly()
     image = convert.convert(
@@ -126,17 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true")
     convert.set_defaults(run=cmd_convert)
 
-    _add_flow_commands(sub)
-    return parser
-
-
-def _add_flow_commands(sub) -> None:
-    """Commands that run Prefect flows; they import Prefect when they run."""
-    try:
-        from flows import run_commands
-    except ImportError:  # the flow commands are not built yet
-        return
+    # Commands that run flows import Prefect only when they run.
     run_commands.add_commands(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

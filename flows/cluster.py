@@ -20,8 +20,8 @@ THREADS_PER_WORKER = 1
 
 def _warm_worker(threads: int = THREADS_PER_WORKER) -> bool:
     """Runs on each worker: set ITK's thread count and pay elastix's first-use cost."""
-    from dreg import elastix
     from dreg.memory import release_freed_memory_promptly
+    from dreg.registration import elastix
 
     global _WARM  # noqa: PLW0603 - one flag per worker process
     if not globals().get("_WARM"):

@@ -11,9 +11,10 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from deployments import events
-from dreg import ome_zarr, storage, trust
-from dreg.pipeline import PipelineConfig
+from dreg import trust
+from dreg.io import ome_zarr, storage
+from dreg.registration import PipelineConfig, RegistrationResult, RunOptions
+from flows import events
 from flows.registration import register_images
 
 DEFAULT_MAX_VOXELS = 2**40  # about a tebivoxel
@@ -55,10 +56,8 @@ def register_on_ingest(
     allowed_prefixes: list[str] | str = "",
     pipeline: PipelineConfig | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
-    overwrite: bool = False,
-    dask_address: str | None = None,
-    workers: int | None = None,
-) -> dict:
+    options: RunOptions | None = None,
+) -> RegistrationResult:
     """Register an ingested volume onto the reference; output under `out_prefix`."""
     logger = get_run_logger()
     try:
@@ -73,5 +72,4 @@ def register_on_ingest(
     logger.info(f"registering {request['moving']} onto {request['fixed']} "
                 f"into {request['out']}")
     return register_images(fixed=request["fixed"], moving=request["moving"],
-                           out=request["out"], pipeline=pipeline, overwrite=overwrite,
-                           dask_address=dask_address, workers=workers)
+                           out=request["out"], pipeline=pipeline, options=options)

@@ -1,8 +1,9 @@
 """The registration flows: one subflow per stage, and the flow that runs the stages.
 
 A stage reads as its story: tile → register blocks → reduce → record. The registration
-flow validates everything first, starts (or joins) a warm Dask cluster, runs the stages
-coarse to fine, each from the field of the one before, and writes result.json last.
+flow plans (validates everything first), starts (or joins) a warm Dask cluster, runs the
+stages coarse to fine, each from the field of the one before, and writes result.json
+last. Plans, contexts and records are built by the core (`dreg.registration`).
 
 Prefect entrypoints: ``flows/registration.py:register_images`` (the registration) and
 ``flows/registration.py:register_stage`` (one stage, as a subflow).
@@ -10,10 +11,8 @@ Prefect entrypoints: ``flows/registration.py:register_images`` (the registration
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
-from collections import Counter
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
@@ -21,19 +20,25 @@ from prefect.futures import as_completed, wait
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
-from deployments import events
-from dreg import field, ome_zarr, storage
-from dreg.pipeline import InitialAffine, PipelineConfig, default_pipeline
-from dreg.plan import (
+from dreg.errors import first_line
+from dreg.io import ome_zarr, storage
+from dreg.registration import (
+    BlockResult,
     RegistrationPlan,
+    RegistrationResult,
+    RunOptions,
     StagePlan,
-    code_version,
+    StageSummary,
+    default_pipeline,
     plan_registration,
-    result_document,
+    stage_context,
 )
-from dreg.reduce import blocks_for_chunk, field_identity
-from dreg.register_block import FAILED, OK, BlockResult, StageContext
-from flows import artifacts
+from dreg.registration.outcome import FAILED
+from dreg.registration.pipeline import InitialAffine, PipelineConfig
+from dreg.registration.records import StageTimings, registration_result, summarize_stage
+from dreg.transform.field import FIELD_CHUNK, fixed_description
+from dreg.transform.reduce import blocks_for_chunk, field_identity
+from flows import artifacts, events
 from flows.cluster import dask_cluster
 from tasks.publish import write_json, write_result
 from tasks.reduce import create_field, reduce_chunk
@@ -49,8 +54,7 @@ def result_storage(out_uri: str) -> str:
     basepath = storage.join(out_uri, RESULTS_FOLDER)
     name = "dreg-results-" + hashlib.sha256(out_uri.encode()).hexdigest()[:16]
     if storage.is_s3(out_uri):
-        options = storage.storage_options(out_uri)
-        block = RemoteFileSystem(basepath=basepath, settings=options)
+        block = RemoteFileSystem(basepath=basepath, settings=storage.storage_options(out_uri))
     else:
         block = LocalFileSystem(basepath=basepath)
     block.save(name, overwrite=True)
@@ -71,9 +75,37 @@ def _collect(futures, blocks, progress: artifacts.Progress) -> list[BlockResult]
         if state.is_completed():
             results.append(future.result())
         else:
-            reason = (state.message or state.name or "task failed").splitlines()[0]
-            results.append(BlockResult(block, FAILED, reason))
+            results.append(BlockResult(block, FAILED,
+                                       first_line(state.message or state.name or "task failed")))
     return results
+
+
+def register_blocks(ctx, blocks, stage: StagePlan, storage_block: str,
+                    options: RunOptions) -> list[BlockResult]:
+    """Map the block task over the stage's blocks on Dask; every block gets a result."""
+    registrar = register_block.with_options(result_storage=storage_block,
+                                            retries=options.block_retries)
+    futures = registrar.map(unmapped(ctx), blocks)
+    progress = artifacts.Progress(len(blocks), f"stage {stage.number}-{stage.name}",
+                                  options.show_progress)
+    return _collect(futures, blocks, progress)
+
+
+def reduce_field(plan: RegistrationPlan, stage: StagePlan, previous, results,
+                 destinations: list[str]) -> int:
+    """Create the stage's field at every destination and fill it chunk by chunk, each
+    chunk from the blocks that reach it; returns the field's voxel count."""
+    fixed_grid = ome_zarr.open_image(plan.fixed_uri).levels[0].grid
+    fixed_info = fixed_description(plan.fixed_uri, fixed_grid)
+    wait([create_field.submit(uri, stage.field_grid, fixed_info, plan.moving_uri)
+          for uri in destinations])
+    futures = [
+        reduce_chunk.submit(blocks_for_chunk(results, chunk), chunk, stage.field_grid,
+                            stage.fixed_grid.shape_zyx, float(stage.config.field_grid_factor),
+                            previous, destinations)
+        for chunk in ome_zarr.chunk_regions(stage.field_grid.shape_zyx, (FIELD_CHUNK,) * 3)
+    ]
+    return sum(f.result()["voxels"] for f in futures)  # a failed chunk fails the stage
 
 
 @flow(name="dreg-stage", flow_run_name="stage-{stage.number}-{stage.config.name}")
@@ -81,85 +113,31 @@ def register_stage(
     plan: RegistrationPlan,
     stage: StagePlan,
     parameter_map: dict[str, list[str]],
-    previous: str | None,
-    previous_version: str,
+    previous: StageSummary | None,
     destinations: list[str],
     result_storage_block: str,
-    show_progress: bool = False,
-    debug: bool = False,
-    block_retries: int = 2,
-) -> dict:
+    options: RunOptions,
+) -> StageSummary:
     """One resolution stage: tile → register blocks → reduce into a field → record."""
     started = time.perf_counter()
     logger = get_run_logger()
-    fixed = ome_zarr.open_image(plan.fixed_uri)
-    moving = ome_zarr.open_image(plan.moving_uri)
-    ctx = StageContext(
-        fixed_uri=plan.fixed_uri,
-        moving_uri=plan.moving_uri,
-        level=stage.level,
-        fixed_grid=stage.fixed_grid,
-        moving_grid=stage.moving_grid,
-        field_grid=stage.field_grid,
-        field_factor=float(stage.config.field_grid_factor),
-        previous=previous if previous is not None else plan.initial,
-        parameter_map=parameter_map,
-        foreground_intensity=plan.foreground_intensity,
-        foreground_fraction=stage.config.foreground_threshold,
-        metric_guard=stage.config.metric_guard,
-        residual_dir=stage.residual_dir,
-        fixed_version=ome_zarr.fingerprint(fixed, [stage.level]),
-        moving_version=ome_zarr.fingerprint(moving, [stage.level]),
-        previous_version=previous_version + "/" + code_version(),
-        log_dir=storage.join(stage.folder, "elastix-logs") if debug else None,
-    )
-
+    ctx = stage_context(plan, stage, parameter_map, previous.field if previous else None,
+                        previous.identity if previous else "", options.debug)
     blocks = tile(stage.fixed_grid.shape_zyx, stage.config.block_size, stage.config.overlap,
                   stage.field_grid.shape_zyx, float(stage.config.field_grid_factor))
     logger.info(f"stage {stage.number}-{stage.name}: {len(blocks)} blocks at level {stage.level}")
-    registrar = register_block.with_options(result_storage=result_storage_block,
-                                            retries=block_retries)
-    futures = registrar.map(unmapped(ctx), blocks)
-    progress = artifacts.Progress(len(blocks), f"stage {stage.number}-{stage.name}",
-                                  show_progress)
-    results = _collect(futures, blocks, progress)
+    results = register_blocks(ctx, blocks, stage, result_storage_block, options)
     registered = time.perf_counter()
-
-    fixed_info = field.fixed_description(plan.fixed_uri, fixed.levels[0].grid)
-    wait([create_field.submit(uri, stage.field_grid, fixed_info, plan.moving_uri)
-          for uri in destinations])
-    chunk_futures = []
-    for region in ome_zarr.chunk_regions(stage.field_grid.shape_zyx, (field.FIELD_CHUNK,) * 3):
-        chunk = tuple((s.start, s.stop) for s in region)
-        chunk_futures.append(reduce_chunk.submit(
-            blocks_for_chunk(results, chunk), chunk, stage.field_grid,
-            stage.fixed_grid.shape_zyx, float(stage.config.field_grid_factor),
-            ctx.previous, destinations,
-        ))
-    reduced = [f.result() for f in chunk_futures]  # a failed chunk fails the stage
+    voxels = reduce_field(plan, stage, ctx.previous, results, destinations)
     finished = time.perf_counter()
 
-    counts = Counter(r.status for r in results)
-    summary = {
-        "number": stage.number,
-        "name": stage.name,
-        "flow_run_id": str(flow_run.get_id()),
-        "level": stage.level,
-        "transform": stage.config.transform,
-        "blocks": len(blocks),
-        "counts": dict(counts),
-        "field": stage.field_uri,
-        "identity": field_identity(repr(ctx), results),
-        "seconds": round(finished - started, 3),
-        "register_seconds": round(registered - started, 3),
-        "reduce_seconds": round(finished - registered, 3),
-        "block_seconds": round(sum(r.seconds for r in results), 3),
-        "field_voxels": sum(r["voxels"] for r in reduced),
-        "failures": [r.row() for r in results if r.status != OK][:200],
-    }
+    timings = StageTimings(seconds=finished - started, register_seconds=registered - started,
+                           reduce_seconds=finished - registered)
+    summary = summarize_stage(stage, results, field_identity(repr(ctx), results), voxels,
+                              timings, str(flow_run.get_id()))
     write_json(stage.table_uri, [r.row() for r in results])
-    write_json(storage.join(stage.folder, "stage.json"), summary)
-    logger.info(f"stage {stage.number}-{stage.name}: {dict(counts)} in {summary['seconds']} s")
+    write_json(stage.summary_uri, summary.model_dump(mode="json"))
+    logger.info(f"stage {stage.number}-{stage.name}: {summary.counts} in {summary.seconds} s")
     return summary
 
 
@@ -172,81 +150,57 @@ def preflight(plan: RegistrationPlan) -> list[dict[str, list[str]]]:
     return [future.result() for future in futures]
 
 
-@contextlib.contextmanager
-def _failure_announced(fixed: str, moving: str, out: str):
-    """Emit dreg.registration.failed, with the reason, if the block raises."""
-    try:
-        yield
-    except BaseException as exc:
-        text = str(exc).strip().splitlines()
-        reason = f"{type(exc).__name__}: {text[0] if text else ''}"
-        events.emit_failed(reason, fixed, moving, out, str(flow_run.get_id()))
-        raise
+def run_stages(plan: RegistrationPlan, storage_block: str,
+               options: RunOptions) -> list[StageSummary]:
+    """Preflight, then every stage coarse to fine, on one warm Dask cluster."""
+    summaries: list[StageSummary] = []
+    with dask_cluster(options.dask_address, options.workers) as address:
+        runner = DaskTaskRunner(address=address)
+        parameter_maps = preflight.with_options(task_runner=runner)(plan)
+        for stage, parameter_map in zip(plan.stages, parameter_maps, strict=True):
+            destinations = [stage.field_uri]
+            if stage is plan.stages[-1]:
+                destinations.append(plan.field_uri)
+            summaries.append(register_stage.with_options(task_runner=runner)(
+                plan, stage, parameter_map, summaries[-1] if summaries else None,
+                destinations, storage_block, options,
+            ))
+    return summaries
 
 
-@flow(name="dreg-register")
+def announce_failure(flow, run, state) -> None:
+    """A state hook: emit dreg.registration.failed with the reason."""
+    reason = first_line(state.message or state.name or "failed")
+    parameters = run.parameters or {}
+    events.emit_failed(reason, parameters.get("fixed"), parameters.get("moving"),
+                       parameters.get("out"), str(run.id))
+
+
+@flow(name="dreg-register", on_failure=[announce_failure], on_crashed=[announce_failure])
 def register_images(
     fixed: str,
     moving: str,
     out: str,
     pipeline: PipelineConfig | None = None,
     initial_affine: InitialAffine | None = None,
-    overwrite: bool = False,
-    dask_address: str | None = None,
-    workers: int | None = None,
-    debug: bool = False,
-    show_progress: bool = False,
-    block_retries: int = 2,
-) -> dict:
+    options: RunOptions | None = None,
+) -> RegistrationResult:
     """Register `moving` onto `fixed` and write the displacement field under `out`.
 
     The field maps fixed points to moving points. result.json is written last: its
     presence means the result is complete.
     """
-    with _failure_announced(fixed, moving, out):
-        started = time.perf_counter()
-        pipeline = pipeline or default_pipeline()
-        initial = initial_affine.to_transform() if initial_affine else None
-        plan = plan_registration(fixed, moving, out, pipeline, initial, overwrite=overwrite)
-        if storage.exists(plan.result_uri):
-            # Replacing a finished result: withdraw its completion mark before touching it.
-            storage.remove_tree(plan.result_uri)
-        storage_slug = result_storage(plan.out_uri)
-
-        summaries = []
-        with dask_cluster(dask_address, workers) as address:
-            runner = DaskTaskRunner(address=address)
-            parameter_maps = preflight.with_options(task_runner=runner)(plan)
-            previous, previous_version = None, ""
-            for stage, parameter_map in zip(plan.stages, parameter_maps, strict=True):
-                destinations = [stage.field_uri]
-                if stage is plan.stages[-1]:
-                    destinations.append(plan.field_uri)
-                summary = register_stage.with_options(task_runner=runner)(
-                    plan, stage, parameter_map, previous, previous_version, destinations,
-                    storage_slug,
-                    show_progress, debug, block_retries,
-                )
-                summaries.append(summary)
-                previous, previous_version = stage.field_uri, summary["identity"]
-
-        result = {
-            "output": plan.out_uri,
-            "field": plan.field_uri,
-            "result": plan.result_uri,
-            "fixed": plan.fixed_uri,
-            "moving": plan.moving_uri,
-            "flow_run_id": str(flow_run.get_id()),
-            "stages": summaries,
-            "block_counts": {s["name"]: s["counts"] for s in summaries},
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        write_result(plan.result_uri, result_document(plan, summaries, {
-            "output": plan.out_uri, "flow_run_id": result["flow_run_id"],
-            "block_counts": result["block_counts"], "seconds": result["seconds"],
-        }))
-        artifacts.publish_field_link(plan.out_uri, plan.field_uri)
-        artifacts.publish_status_table(summaries)
-        artifacts.publish_summary(result)
+    started = time.perf_counter()
+    options = options or RunOptions()
+    initial = initial_affine.to_transform() if initial_affine else None
+    plan = plan_registration(fixed, moving, out, pipeline or default_pipeline(), initial,
+                             overwrite=options.overwrite)
+    # Replacing a finished result: withdraw its completion mark before touching it.
+    storage.remove_tree(plan.result_uri)
+    summaries = run_stages(plan, result_storage(plan.out_uri), options)
+    result = registration_result(plan, summaries, str(flow_run.get_id()),
+                                 time.perf_counter() - started)
+    write_result(plan.result_uri, result)
+    artifacts.publish_result(result)
     events.emit_completed(result)
     return result

@@ -8,20 +8,17 @@ import json
 import os
 import time
 
-from dreg import storage
+from dreg.io import storage
 
 DEMO_SHAPE = (64, 80, 96)
 
 
-def _run_registration(args: argparse.Namespace, pipeline) -> dict:
+def _run_registration(args: argparse.Namespace, pipeline):
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from dreg.registration import RunOptions
     from flows.registration import register_images
 
-    return register_images(
-        fixed=args.fixed,
-        moving=args.moving,
-        out=args.out,
-        pipeline=pipeline,
+    options = RunOptions(
         overwrite=args.overwrite,
         dask_address=args.dask_address,
         workers=args.workers,
@@ -29,21 +26,18 @@ def _run_registration(args: argparse.Namespace, pipeline) -> dict:
         show_progress=True,
         block_retries=getattr(args, "retries", 2),
     )
+    return register_images(fixed=args.fixed, moving=args.moving, out=args.out,
+                           pipeline=pipeline, options=options)
 
 
-def _last_line(result: dict) -> dict:
-    return {
-        "output": result["output"],
-        "field": result["field"],
-        "flow_run_id": result["flow_run_id"],
-        "block_counts": result["block_counts"],
-        "seconds": result["seconds"],
-    }
+def _last_line(result) -> dict:
+    return result.model_dump(mode="json", include={"output", "field", "flow_run_id",
+                                                   "block_counts", "seconds"})
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from dreg.pipeline import default_pipeline, load_pipeline
-    from dreg.plan import plan_registration
+    from dreg.registration.pipeline import default_pipeline, load_pipeline
+    from dreg.registration.plan import plan_registration
 
     pipeline = load_pipeline(args.config) if args.config else default_pipeline()
     # Validate here first: bad input fails in a second, before a server or cluster starts.
@@ -56,7 +50,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 def demo_pipeline():
     """A quick pipeline for the demo pair: a global affine at the coarsest level, then
     B-spline blocks at full resolution."""
-    from dreg.pipeline import PipelineConfig, StageConfig
+    from dreg.registration.pipeline import PipelineConfig, StageConfig
 
     return PipelineConfig(stages=[
         StageConfig(name="affine", level=-1, transform="affine",
@@ -68,8 +62,8 @@ def demo_pipeline():
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from dreg import synth
-    from dreg.evaluate import field_error
     from dreg.grid import Grid
+    from dreg.qc.accuracy import field_error
 
     started = time.perf_counter()
     folder = storage.normalize_uri(args.dir)
@@ -84,7 +78,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.fixed, args.moving = pair["fixed"], pair["moving"]
     args.out, args.overwrite = storage.join(folder, "registration"), True
     result = _run_registration(args, demo_pipeline())
-    error = field_error(result["field"], pair["truth"])
+    error = field_error(result.field, pair["truth"])
     print(f"error against the truth (voxels): RMS {error['rms_before']:.3f} before, "
           f"{error['rms_after']:.3f} after; 95th percentile after {error['p95_after']:.3f}")
     print(json.dumps({**_last_line(result), "truth": pair["truth"], **error,
@@ -93,7 +87,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_emit_ingested(args: argparse.Namespace) -> int:
-    from deployments.events import emit_ingested
+    from flows.events import emit_ingested
 
     event = emit_ingested(args.uri, version=args.version, fixed=args.fixed)
     if event is None:

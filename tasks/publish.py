@@ -6,7 +6,8 @@ import json
 
 from prefect import task
 
-from dreg import storage
+from dreg.io import storage
+from dreg.registration import RegistrationResult
 
 
 @task(name="write-json", retries=2, retry_delay_seconds=1)
@@ -17,7 +18,7 @@ def write_json(uri: str, document: dict | list) -> str:
 
 
 @task(name="write-result", retries=2, retry_delay_seconds=1)
-def write_result(uri: str, text: str) -> str:
+def write_result(uri: str, result: RegistrationResult) -> str:
     """Write result.json: the last write of a registration, marking it complete."""
-    storage.write_text(uri, text)
+    storage.write_text(uri, result.document())
     return uri

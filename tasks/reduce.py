@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from prefect import task
 
-from dreg import field, reduce
-from dreg.blocks import Bounds
-from dreg.grid import Grid
-from dreg.register_block import BlockResult
+from dreg.grid import Grid, Region
+from dreg.registration import BlockResult
+from dreg.transform import field, reduce
 
 
 @task(name="create-field", retries=2, retry_delay_seconds=1)
@@ -25,7 +24,7 @@ def create_field(uri: str, grid: Grid, fixed: dict, moving_uri: str) -> str:
 )
 def reduce_chunk(
     results: list[BlockResult],
-    chunk: Bounds,
+    chunk: Region,
     field_grid: Grid,
     image_shape_zyx: tuple[int, int, int],
     factor: float,

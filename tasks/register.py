@@ -8,9 +8,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.context import TaskRunContext
 
-from dreg import blocks, elastix
-from dreg.register_block import BlockResult, StageContext
-from dreg.register_block import register_block as register_block_core
+from dreg.registration import BlockResult, StageContext, elastix, tiling
+from dreg.registration.block import register_block as register_block_core
 
 FAULT_VARIABLE = "DREG_FAULT_INJECT"
 BLOCK_CACHE_POLICY = INPUTS + TASK_SOURCE
@@ -30,10 +29,10 @@ def build_parameter_map(
 @task(name="tile")
 def tile(shape_zyx, block_size, overlap: float, field_shape_zyx, factor: float) -> list:
     """The stage's blocks."""
-    return blocks.tile(shape_zyx, block_size, overlap, field_shape_zyx, factor)
+    return tiling.tile(shape_zyx, block_size, overlap, field_shape_zyx, factor)
 
 
-def _inject_fault(block: blocks.Block) -> None:
+def _inject_fault(block: tiling.Block) -> None:
     """Fail on purpose, for testing retries and failure handling.
 
     ``DREG_FAULT_INJECT="<block name>:<attempts>"`` (several separated by commas) makes
@@ -56,7 +55,7 @@ def _inject_fault(block: blocks.Block) -> None:
     persist_result=True,
     task_run_name="register-block-{block.name}",
 )
-def register_block(ctx: StageContext, block: blocks.Block) -> BlockResult:
+def register_block(ctx: StageContext, block: tiling.Block) -> BlockResult:
     """Register one block. Its cache key is everything it depends on: `ctx` carries both
     images' URIs and versions, the level, the previous field's identity, the stage's
     parameters and the code version; `block` its region."""

@@ -10,7 +10,7 @@ import yaml
 from dreg import synth
 from dreg.errors import InputError
 from dreg.grid import Grid
-from dreg.pipeline import PipelineConfig, StageConfig
+from dreg.registration import PipelineConfig, RunOptions, StageConfig
 from flows.batch import pending, read_manifest
 
 
@@ -47,7 +47,7 @@ def test_scheduled_run_registers_only_pending_pairs(tmp_path, dask_address):
         name="t", level=0, transform="translation",
         parameters={"MaximumNumberOfIterations": 20})])
     outcomes = register_scheduled(manifest=str(manifest), pipeline=pipeline,
-                                  dask_address=dask_address)
+                                  options=RunOptions(dask_address=dask_address))
     assert outcomes == [{"out": str(tmp_path / "new"),
                          "field": str(tmp_path / "new" / "field.ome.zarr")}]
     assert (tmp_path / "new" / "result.json").exists()

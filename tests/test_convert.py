@@ -8,8 +8,8 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from dreg import convert, ome_zarr
 from dreg.errors import InputError
+from dreg.io import convert, ome_zarr
 
 SHAPE_ZYX = (40, 50, 150)  # three levels: longest axis 150, 75, then 38 <= 64
 SPACING_XYZ = (0.5, 0.75, 1.25)

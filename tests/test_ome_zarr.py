@@ -10,9 +10,9 @@ import pytest
 import zarr
 from scipy import ndimage
 
-from dreg import ome_zarr, pyramid
 from dreg.errors import InputError
 from dreg.grid import Grid
+from dreg.io import ome_zarr, pyramid
 
 
 def rotation(axis, degrees: float) -> tuple:

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import s3_server
 
-from dreg import field, synth
+from dreg import synth
 from dreg.grid import Grid
+from dreg.transform import field
 
 pytestmark = pytest.mark.ops
 

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from dreg import ome_zarr, synth
+from dreg import synth
 from dreg.grid import Grid
+from dreg.io import ome_zarr
 
 PEAK_RSS = str(Path(__file__).with_name("peak_rss.py"))
 BUDGET_MB = 100  # MiB, like the reports of peak_rss.py

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dreg import blocks, field, ome_zarr
-from dreg.field import AffineTransform
-from dreg.grid import Grid
-from dreg.reduce import blocks_for_chunk, reduce_chunk
-from dreg.register_block import FAILED, OK, BlockResult, save_residual
+from dreg.grid import Grid, region_shape
+from dreg.io import ome_zarr
+from dreg.registration import tiling
+from dreg.registration.outcome import FAILED, OK, BlockResult, save_residual
+from dreg.transform import field
+from dreg.transform.field import AffineTransform
+from dreg.transform.reduce import blocks_for_chunk, reduce_chunk
 
 GRID = Grid((32, 32, 64), (1.0, 1.0, 1.0))
 FACTOR = 2.0
@@ -18,10 +20,10 @@ FACTOR = 2.0
 def two_blocks(tmp_path, values, statuses=(OK, OK)):
     """Two blocks side by side along x, each with a constant residual along world x."""
     field_grid = GRID.coarsened(FACTOR)
-    tiles = blocks.tile(GRID.shape_zyx, (32, 32, 32), 0.25, field_grid.shape_zyx, FACTOR)
+    tiles = tiling.tile(GRID.shape_zyx, (32, 32, 32), 0.25, field_grid.shape_zyx, FACTOR)
     results = []
     for tile, value, status in zip(tiles, values, statuses, strict=True):
-        shape = tuple(b - a for a, b in tile.field_box)
+        shape = region_shape(tile.field_box)
         residual = np.zeros((3, *shape), np.float32)
         residual[2] = value
         uri = str(tmp_path / f"{tile.name}.npy")
@@ -36,8 +38,7 @@ IDENTITY = AffineTransform.identity()
 def reduce_all(tmp_path, field_grid, results, previous=IDENTITY):
     uri = str(tmp_path / "field.ome.zarr")
     field.create_field(uri, field_grid, chunks=16, overwrite=True)
-    for region in ome_zarr.chunk_regions(field_grid.shape_zyx, (16, 16, 16)):
-        chunk = tuple((s.start, s.stop) for s in region)
+    for chunk in ome_zarr.chunk_regions(field_grid.shape_zyx, (16, 16, 16)):
         reduce_chunk(blocks_for_chunk(results, chunk), chunk, field_grid, GRID.shape_zyx,
                      FACTOR, previous, [uri])
     return ome_zarr.read_region(field.open_field(uri), 0,
@@ -85,5 +86,5 @@ def test_composition_samples_the_previous_field_at_the_moved_point(tmp_path):
 @pytest.mark.parametrize("status", [OK, FAILED])
 def test_chunks_only_receive_blocks_that_reach_them(tmp_path, status):
     _, results = two_blocks(tmp_path, (0.0, 1.0), statuses=(OK, status))
-    far_left = ((0, 4), (0, 4), (0, 4))
+    far_left = (slice(0, 4), slice(0, 4), slice(0, 4))
     assert [r.block.index for r in blocks_for_chunk(results, far_left)] == [(0, 0, 0)]

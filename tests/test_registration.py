@@ -13,10 +13,12 @@ from uuid import UUID
 import numpy as np
 import pytest
 
-from dreg import field, ome_zarr, pyramid, synth
-from dreg.evaluate import field_error
+from dreg import synth
 from dreg.grid import Grid
-from dreg.pipeline import PipelineConfig, StageConfig
+from dreg.io import ome_zarr, pyramid
+from dreg.qc.accuracy import field_error
+from dreg.registration import PipelineConfig, RunOptions, StageConfig
+from dreg.transform import field
 
 pytestmark = [pytest.mark.slow, pytest.mark.prefect]
 
@@ -34,7 +36,7 @@ def run(pair: dict, out: Path, stages: list[StageConfig], dask_address: str, **o
 
     return register_images(fixed=pair["fixed"], moving=pair["moving"], out=str(out),
                            pipeline=PipelineConfig(stages=stages),
-                           dask_address=dask_address, **options)
+                           options=RunOptions(dask_address=dask_address, **options))
 
 
 def task_runs(stage_flow_run_id: str, name: str = "register-block") -> list:
@@ -88,18 +90,18 @@ def iso_result(pairs, tmp_path_factory, dask_address):
 
 
 def test_bspline_blocks_recover_the_truth(pairs, iso_result):
-    error = field_error(iso_result["field"], pairs["iso"]["truth"])
+    error = field_error(iso_result.field, pairs["iso"]["truth"])
     assert error["rms_after"] <= 0.25
     assert error["rms_after"] < 0.15 * error["rms_before"]
-    assert iso_result["block_counts"] == {"bspline": {"ok": 8}}
+    assert iso_result.block_counts == {"bspline": {"ok": 8}}
 
 
 def test_anisotropic_rotated_offset_pair(pairs, tmp_path, dask_address):
     result = run(pairs["aniso"], tmp_path / "out", [bspline()], dask_address)
-    error = field_error(result["field"], pairs["aniso"]["truth"])
+    error = field_error(result.field, pairs["aniso"]["truth"])
     assert error["rms_after"] <= 0.25
     assert error["rms_after"] < 0.15 * error["rms_before"]
-    grid = field.open_field(result["field"]).levels[0].grid
+    grid = field.open_field(result.field).levels[0].grid
     assert grid.direction == ROTATION_30
     assert grid.origin_xyz == (10.0, -20.0, 5.0)
     assert grid.spacing_xyz == (2.0, 2.0, 4.0)
@@ -108,7 +110,7 @@ def test_anisotropic_rotated_offset_pair(pairs, tmp_path, dask_address):
 def test_field_is_continuous_across_block_borders(iso_result):
     """Differences of u across the blocks' overlap zones are no larger than inside the
     blocks: no seam. (The blend itself is checked exactly in test_reduce.py.)"""
-    u = read_field(iso_result["field"])
+    u = read_field(iso_result.field)
     # Field voxel j sits at fixed index 2j; the blocks' overlap zone is fixed 28..36.
     seam = np.zeros(u.shape[1] - 1, bool)
     seam[13:18] = True
@@ -133,7 +135,7 @@ def test_affine_then_bspline_beats_either_alone(tmp_path, dask_address):
         result = run(pair, tmp_path / name, stages, dask_address)
         # The shift (up to 6 voxels) maps the fixed image's outer band outside the moving
         # image, where nothing can be recovered: measure 8 voxels (4 field voxels) inside.
-        errors[name] = field_error(result["field"], pair["truth"], margin=4)["rms_after"]
+        errors[name] = field_error(result.field, pair["truth"], margin=4)["rms_after"]
     assert errors["both"] < errors["affine"]
     assert errors["both"] < errors["bspline"]
     assert errors["both"] <= 0.25
@@ -145,16 +147,16 @@ def test_rerun_is_cached_and_changes_invalidate(pairs, tmp_path, dask_address):
     stages = [bspline(block_size=24, iterations=30)]
 
     def states(result):
-        (stage,) = result["stages"]
-        return sorted(run.state.name for run in task_runs(stage["flow_run_id"]))
+        (stage,) = result.stages
+        return sorted(run.state.name for run in task_runs(stage.flow_run_id))
 
     first = run(pair, out, stages, dask_address)
     assert states(first) == ["Completed"] * 8
-    first_field = read_field(first["field"])
+    first_field = read_field(first.field)
 
     second = run(pair, out, stages, dask_address, overwrite=True)
     assert states(second) == ["Cached"] * 8
-    np.testing.assert_array_equal(read_field(second["field"]), first_field)
+    np.testing.assert_array_equal(read_field(second.field), first_field)
 
     changed = run(pair, out, [bspline(block_size=24, iterations=31)], dask_address,
                   overwrite=True)
@@ -172,11 +174,11 @@ def test_rerun_is_cached_and_changes_invalidate(pairs, tmp_path, dask_address):
 
 def test_refuses_to_overwrite_a_finished_result(pairs, iso_result):
     from dreg.errors import InputError
-    from dreg.pipeline import PipelineConfig
-    from dreg.plan import plan_registration
+    from dreg.registration.pipeline import PipelineConfig
+    from dreg.registration.plan import plan_registration
 
     with pytest.raises(InputError, match="already holds a finished registration"):
-        plan_registration(pairs["iso"]["fixed"], pairs["iso"]["moving"], iso_result["output"],
+        plan_registration(pairs["iso"]["fixed"], pairs["iso"]["moving"], iso_result.output,
                           PipelineConfig(stages=[bspline()]))
 
 
@@ -189,9 +191,9 @@ def test_retries_and_failed_blocks(pairs, tmp_path, dask_client, dask_address):
                      dask_address)
     finally:
         dask_client.run(lambda: os.environ.pop("DREG_FAULT_INJECT", None))
-    assert result["block_counts"] == {"bspline": {"ok": 7, "failed": 1}}
-    (stage,) = result["stages"]
-    runs = {r.name: r for r in task_runs(stage["flow_run_id"])}
+    assert result.block_counts == {"bspline": {"ok": 7, "failed": 1}}
+    (stage,) = result.stages
+    runs = {r.name: r for r in task_runs(stage.flow_run_id)}
     assert runs["register-block-0-0-0"].run_count == 2
     assert runs["register-block-0-0-0"].state.name == "Completed"
     assert runs["register-block-1-1-1"].state.is_failed()
@@ -203,7 +205,7 @@ def test_retries_and_failed_blocks(pairs, tmp_path, dask_client, dask_address):
     assert (tmp_path / "out/result.json").exists()
     # Where only the failed block reached, the field falls back to the previous stage
     # (the identity here): fixed voxels 27.. of each axis, field voxels 14...
-    u = read_field(result["field"])
+    u = read_field(result.field)
     assert np.all(u[:, 14:, 14:, 14:] == 0)
     assert np.abs(u[:, :10, :10, :10]).max() > 0.1
 
@@ -214,7 +216,7 @@ def test_link_artifact_opens_the_field(pairs, iso_result):
 
     from flows.artifacts import field_artifact_key
 
-    key = field_artifact_key(iso_result["output"])
+    key = field_artifact_key(iso_result.output)
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
@@ -230,6 +232,6 @@ def test_link_artifact_opens_the_field(pairs, iso_result):
     assert attrs["fixed"]["uri"] == pairs["iso"]["fixed"]
     assert attrs["moving"]["uri"] == pairs["iso"]["moving"]
     assert Grid.from_dict(attrs["grid"]) == image.levels[0].grid
-    result = json.loads(Path(iso_result["output"], "result.json").read_text())
-    assert result["field"] == url[len("file://"):]
-    assert result["flow_run_id"] == iso_result["flow_run_id"]
+    document = json.loads(Path(iso_result.output, "result.json").read_text())
+    assert document["field"] == url[len("file://"):]
+    assert document["flow_run_id"] == iso_result.flow_run_id

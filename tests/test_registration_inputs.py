@@ -7,11 +7,13 @@ import sys
 
 import pytest
 
-from dreg import elastix, ome_zarr, synth
+from dreg import synth
 from dreg.errors import InputError, StorageError
 from dreg.grid import Grid
-from dreg.pipeline import PipelineConfig, StageConfig, load_pipeline, parse_pipeline
-from dreg.plan import plan_registration
+from dreg.io import ome_zarr
+from dreg.registration import elastix
+from dreg.registration.pipeline import PipelineConfig, StageConfig, load_pipeline, parse_pipeline
+from dreg.registration.plan import plan_registration
 
 BSPLINE = StageConfig(name="b", level=0, block_size=32, transform="bspline")
 
@@ -134,7 +136,7 @@ def test_cli_reports_bad_input_in_one_line_before_any_work(pair, tmp_path):
 
 
 def test_a_whole_image_stage_on_a_large_level_is_refused(tmp_path):
-    from dreg import plan as plan_module
+    from dreg.registration import plan as plan_module
 
     big = Grid((300, 300, 300), (1.0, 1.0, 1.0))
     stage = StageConfig(name="global", level=0, transform="affine")

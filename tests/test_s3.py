@@ -15,9 +15,11 @@ import pytest
 import s3_server
 import zarr
 
-from dreg import convert, field, ome_zarr, pyramid, storage, synth
+from dreg import synth
 from dreg.errors import InputError
 from dreg.grid import Grid
+from dreg.io import convert, ome_zarr, pyramid, storage
+from dreg.transform import field
 
 pytestmark = pytest.mark.s3
 

@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from dreg import field, ome_zarr, pyramid, synth
+from dreg import synth
 from dreg.grid import Grid
+from dreg.io import ome_zarr, pyramid
+from dreg.transform import field
 from flows import cli
 
 

@@ -9,18 +9,19 @@ is not writable or already holds a finished result.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dreg import elastix, ome_zarr, storage
-from dreg.blocks import normalize_block_size
 from dreg.errors import InputError
-from dreg.field import AffineTransform
 from dreg.grid import Grid
-from dreg.pipeline import PipelineConfig, StageConfig
+from dreg.io import ome_zarr, storage
+from dreg.registration import elastix
+from dreg.registration.block import StageContext
+from dreg.registration.pipeline import PipelineConfig, StageConfig
+from dreg.registration.tiling import normalize_block_size
+from dreg.transform.field import AffineTransform
 
 RESULT_FILE = "result.json"
 FIELD_NAME = "field.ome.zarr"
@@ -60,6 +61,10 @@ class StagePlan:
     def table_uri(self) -> str:
         return storage.join(self.folder, "blocks.json")
 
+    @property
+    def summary_uri(self) -> str:
+        return storage.join(self.folder, "stage.json")
+
 
 @dataclass(frozen=True)
 class RegistrationPlan:
@@ -81,9 +86,10 @@ class RegistrationPlan:
 
 def code_version() -> str:
     """A hash of the core library's source: a code change invalidates cached blocks."""
+    root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -193,26 +199,34 @@ def plan_registration(
     return plan
 
 
-def result_document(plan: RegistrationPlan, stage_summaries: list[dict], extra: dict) -> str:
-    """The JSON of result.json (written last, once everything else is complete)."""
-    import importlib.metadata as md
-
-    versions = {}
-    for package in ("dreg", "prefect", "prefect-dask", "itk-elastix", "zarr", "dask"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            versions[package] = None
-    return json.dumps(
-        {
-            "fixed": plan.fixed_uri,
-            "moving": plan.moving_uri,
-            "field": plan.field_uri,
-            "initial": {"matrix": [list(r) for r in plan.initial.matrix],
-                        "translation": list(plan.initial.translation)},
-            "stages": stage_summaries,
-            "versions": versions,
-            **extra,
-        },
-        indent=2,
+def stage_context(
+    plan: RegistrationPlan,
+    stage: StagePlan,
+    parameter_map: dict[str, list[str]],
+    previous_field: str | None,
+    previous_identity: str,
+    debug: bool = False,
+) -> StageContext:
+    """What every block of a stage shares, with the content versions of both images at
+    the stage's level (for the block cache). `previous_field` is the field of the stage
+    before, or None for the first stage (which starts from the plan's initial affine)."""
+    fixed = ome_zarr.open_image(plan.fixed_uri)
+    moving = ome_zarr.open_image(plan.moving_uri)
+    return StageContext(
+        fixed_uri=plan.fixed_uri,
+        moving_uri=plan.moving_uri,
+        level=stage.level,
+        fixed_grid=stage.fixed_grid,
+        moving_grid=stage.moving_grid,
+        field_grid=stage.field_grid,
+        previous=previous_field if previous_field is not None else plan.initial,
+        parameter_map=parameter_map,
+        foreground_intensity=plan.foreground_intensity,
+        foreground_fraction=stage.config.foreground_threshold,
+        metric_guard=stage.config.metric_guard,
+        residual_dir=stage.residual_dir,
+        fixed_version=ome_zarr.fingerprint(fixed, [stage.level]),
+        moving_version=ome_zarr.fingerprint(moving, [stage.level]),
+        previous_version=previous_identity + "/" + code_version(),
+        log_dir=storage.join(stage.folder, "elastix-logs") if debug else None,
     )

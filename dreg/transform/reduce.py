@@ -15,31 +15,35 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dreg import ome_zarr
-from dreg.blocks import Bounds, blend_weights
-from dreg.field import displacement_of
-from dreg.grid import Grid
-from dreg.register_block import OK, BlockResult, load_previous, load_residual
+from dreg.grid import (
+    Grid,
+    Region,
+    components_to_vectors,
+    intersect_regions,
+    region_shape,
+    relative_region,
+    vectors_to_components,
+)
+from dreg.io import ome_zarr
+from dreg.registration.outcome import OK, BlockResult, load_residual
+from dreg.registration.tiling import blend_weights
+from dreg.transform.field import as_transform, displacement_of
 
 
-def intersect(a: Bounds, b: Bounds) -> Bounds | None:
-    out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b, strict=True))
-    return None if any(lo >= hi for lo, hi in out) else out
-
-
-def blocks_for_chunk(results: Sequence[BlockResult], chunk: Bounds) -> list[BlockResult]:
+def blocks_for_chunk(results: Sequence[BlockResult], chunk: Region) -> list[BlockResult]:
     """The successful blocks whose field box overlaps a chunk."""
-    return [r for r in results if r.status == OK and intersect(r.block.field_box, chunk)]
+    return [r for r in results
+            if r.status == OK and intersect_regions(r.block.field_box, chunk)]
 
 
 def blend_residuals(
     results: Sequence[BlockResult],
-    chunk: Bounds,
+    chunk: Region,
     image_shape_zyx: Sequence[int],
     factor: float,
 ) -> np.ndarray:
     """The blended residual r on a chunk, (3, z, y, x) with world (z, y, x) components."""
-    shape = tuple(b - a for a, b in chunk)
+    shape = region_shape(chunk)
     # float32, as the residuals are stored and the field is written: weights are in
     # [0, 1] and a voxel sums a few terms, so float64 would only double the traffic.
     numerator = np.zeros((3, *shape), dtype=np.float32)
@@ -47,17 +51,12 @@ def blend_residuals(
     for result in results:
         if result.status != OK:
             continue
-        overlap = intersect(result.block.field_box, chunk)
+        overlap = intersect_regions(result.block.field_box, chunk)
         if overlap is None:
             continue
         residual = load_residual(result.residual_uri)
-        box = result.block.field_box
-        source = (slice(None),) + tuple(
-            slice(a - b0, b - b0) for (a, b), (b0, _) in zip(overlap, box, strict=True)
-        )
-        target = tuple(
-            slice(a - c0, b - c0) for (a, b), (c0, _) in zip(overlap, chunk, strict=True)
-        )
+        source = (slice(None), *relative_region(overlap, result.block.field_box))
+        target = relative_region(overlap, chunk)
         weight = blend_weights(result.block, overlap, image_shape_zyx, factor)
         weight = weight.astype(np.float32)
         numerator[(slice(None),) + target] += residual[source] * weight
@@ -70,14 +69,13 @@ def blend_residuals(
 def compose(residual: np.ndarray, points_xyz: np.ndarray, previous) -> np.ndarray:
     """u(x) = r(x) + u_prev(x + r(x)) for residuals (3, ...) in world (z, y, x) components
     at world points (..., 3); returns (3, ...) in world (z, y, x) components."""
-    r_xyz = np.moveaxis(residual, 0, -1)[..., ::-1]
-    total_xyz = r_xyz + displacement_of(previous, points_xyz + r_xyz)
-    return np.moveaxis(total_xyz[..., ::-1], -1, 0)
+    r_xyz = components_to_vectors(residual)
+    return vectors_to_components(r_xyz + displacement_of(previous, points_xyz + r_xyz))
 
 
 def reduce_chunk(
     results: Sequence[BlockResult],
-    chunk: Bounds,
+    chunk: Region,
     field_grid: Grid,
     image_shape_zyx: Sequence[int],
     factor: float,
@@ -88,13 +86,12 @@ def reduce_chunk(
 
     `previous` is an AffineTransform or the URI of the previous field. Returns counts.
     """
-    previous = load_previous(previous)
+    previous = as_transform(previous)
     residual = blend_residuals(results, chunk, image_shape_zyx, factor)
-    points = field_grid.region_points(tuple(slice(a, b) for a, b in chunk))
+    points = field_grid.region_points(chunk)
     total = compose(residual, points, previous).astype(np.float32)
-    region = tuple(slice(a, b) for a, b in chunk)
     for uri in destinations:
-        ome_zarr.write_region(ome_zarr.open_image(uri), 0, region, total)
+        ome_zarr.write_region(ome_zarr.open_image(uri), 0, chunk, total)
     return {"voxels": int(np.prod(total.shape[1:])), "blocks": len(results)}
 
 

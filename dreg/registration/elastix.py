@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from dreg.errors import InputError
-from dreg.grid import Grid
+from dreg.errors import InputError, first_line
+from dreg.grid import Grid, vectors_to_components, zyx_to_xyz
 
 PRESETS = ("translation", "rigid", "affine", "bspline")
 DEFAULT_RESOLUTIONS = 2
@@ -156,13 +156,13 @@ def displacement_on_grid(transform, grid: Grid) -> np.ndarray:
     sampler = itk.TransformToDisplacementFieldFilter[vector_image, itk.D].New()
     sampler.SetTransform(transform)
     sampler.SetUseReferenceImage(False)
-    sampler.SetSize([int(n) for n in grid.shape_zyx[::-1]])
+    sampler.SetSize([int(n) for n in zyx_to_xyz(grid.shape_zyx)])
     sampler.SetOutputSpacing(grid.spacing_xyz)
     sampler.SetOutputOrigin(grid.origin_xyz)
     sampler.SetOutputDirection(itk.matrix_from_array(grid.direction_matrix))
     sampler.Update()
     vectors_xyz = np.array(itk.array_view_from_image(sampler.GetOutput()), dtype=np.float32)
-    return np.moveaxis(vectors_xyz[..., ::-1], -1, 0).copy()
+    return vectors_to_components(vectors_xyz).copy()
 
 
 def _tiny_pair(size: int = 24) -> tuple[np.ndarray, np.ndarray, Grid]:
@@ -185,15 +185,6 @@ def check_parameter_map(pmap: ParameterMap, name: str = "stage") -> None:
         register(fixed, moving, grid, trial)
     except Exception as exc:  # noqa: BLE001 - elastix raises RuntimeError with its log
         raise InputError(f"{name}: elastix rejected the parameters: {first_line(exc)}") from None
-
-
-def first_line(exc: BaseException) -> str:
-    """The informative line of an elastix/ITK exception message."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for line in lines:
-        if line.lower().startswith(("description:", "error")):
-            return line.split(":", 1)[-1].strip() or line
-    return lines[-1] if lines else type(exc).__name__
 
 
 def warm_up(threads: int = 1) -> None:

@@ -14,12 +14,7 @@ from itertools import product
 
 import numpy as np
 
-Bounds = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
-"""(start, stop) per axis in (z, y, x) order, stop exclusive."""
-
-
-def to_slices(bounds: Bounds) -> tuple[slice, slice, slice]:
-    return tuple(slice(a, b) for a, b in bounds)
+from dreg.grid import Region, region_from_bounds
 
 
 @dataclass(frozen=True)
@@ -36,10 +31,10 @@ class Block:
     """
 
     index: tuple[int, int, int]
-    core: Bounds
-    padded: Bounds
+    core: Region
+    padded: Region
     ramp: tuple[float, float, float]
-    field_box: Bounds
+    field_box: Region
 
     @property
     def name(self) -> str:
@@ -47,7 +42,7 @@ class Block:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(b - a for a, b in self.padded)
+        return tuple(s.stop - s.start for s in self.padded)
 
 
 def normalize_block_size(block_size, shape_zyx) -> tuple[int, int, int]:
@@ -105,16 +100,16 @@ def tile(
         blocks.append(
             Block(
                 index=tuple(index),
-                core=tuple(core),
-                padded=tuple(padded),
+                core=region_from_bounds(*zip(*core, strict=True)),
+                padded=region_from_bounds(*zip(*padded, strict=True)),
                 ramp=tuple(ramp),
-                field_box=tuple(field_box),
+                field_box=region_from_bounds(*zip(*field_box, strict=True)),
             )
         )
     return blocks
 
 
-def blend_weights(block: Block, box: Bounds, image_shape_zyx, factor: float) -> np.ndarray:
+def blend_weights(block: Block, box: Region, image_shape_zyx, factor: float) -> np.ndarray:
     """Blending weight of a block at the field voxels of `box` (a part of its field box).
 
     Along each axis the weight rises linearly from 0 at a padded edge that has a
@@ -122,8 +117,9 @@ def blend_weights(block: Block, box: Bounds, image_shape_zyx, factor: float) -> 
     weights sum to one; at the image border (no neighbour) it stays 1.
     """
     weights = []
-    for axis, ((lo, hi), (b0, b1)) in enumerate(zip(block.padded, box, strict=True)):
-        t = np.arange(b0, b1, dtype=float) * factor  # fixed continuous index
+    for axis, (padded, part) in enumerate(zip(block.padded, box, strict=True)):
+        lo, hi = padded.start, padded.stop
+        t = np.arange(part.start, part.stop, dtype=float) * factor  # fixed continuous index
         w = np.ones_like(t)
         ramp = block.ramp[axis]
         if ramp > 0 and lo > 0:

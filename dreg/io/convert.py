@@ -28,16 +28,15 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dreg import ome_zarr, pyramid, storage
-from dreg.errors import InputError
-from dreg.grid import Grid, Region
+from dreg.errors import InputError, first_line
+from dreg.grid import Grid, Region, region_shape, relative_region, xyz_to_zyx, zyx_to_xyz
+from dreg.io import ome_zarr, pyramid, storage
 
 BOX_BYTES = 32 * 2**20  # peak memory of reading one box
 ITK_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
@@ -92,7 +91,7 @@ class Source:
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 - a damaged file: say so, naming it
-            raise InputError(f"{self.path}: cannot read voxels ({_short(exc)})") from None
+            raise InputError(f"{self.path}: cannot read voxels ({first_line(exc)})") from None
         return np.asarray(data).astype(self.dtype, copy=False)
 
     def close(self) -> None:
@@ -101,17 +100,6 @@ class Source:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _short(exc: BaseException) -> str:
-    """One line of an exception's message; for ITK, the 'ITK ERROR' line without the
-    class and address prefix."""
-    text = str(exc).strip()
-    for line in text.splitlines():
-        if "ITK ERROR" in line:
-            return line.split("):", 1)[-1].strip() or line.strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return first[:300]
 
 
 def _suffix(path: str) -> str | None:
@@ -189,7 +177,7 @@ def _read_itk_header(path: str) -> _ItkHeader:
         with _native_stderr_captured() as printed:
             io.ReadImageInformation()
     except RuntimeError as exc:
-        raise InputError(f"{path}: unreadable image header ({_short(exc)})") from None
+        raise InputError(f"{path}: unreadable image header ({first_line(exc)})") from None
     for line in printed:  # warnings about a header that was read: pass them on
         print(f"dreg: ITK: {line}", file=sys.stderr)
     ndim = io.GetNumberOfDimensions()
@@ -202,7 +190,7 @@ def _read_itk_header(path: str) -> _ItkHeader:
     columns = [[float(v) for v in io.GetDirection(i)] for i in range(3)]
     try:
         grid = Grid(
-            shape_zyx=tuple(sizes[::-1]),
+            shape_zyx=xyz_to_zyx(sizes),
             spacing_xyz=tuple(float(io.GetSpacing(i)) for i in range(3)),
             origin_xyz=tuple(float(io.GetOrigin(i)) for i in range(3)),
             direction=tuple(tuple(columns[c][r] for c in range(3)) for r in range(3)),
@@ -246,8 +234,8 @@ class _ItkStreamingArray:
         image_type = itk.Image[self.pixel_type, 3]
         reader = itk.ImageFileReader[image_type].New(FileName=self.path)
         region = itk.ImageRegion[3]()
-        region.SetIndex([int(s.start) for s in box[::-1]])
-        region.SetSize([int(s.stop - s.start) for s in box[::-1]])
+        region.SetIndex([int(s.start) for s in zyx_to_xyz(box)])
+        region.SetSize([int(s.stop - s.start) for s in zyx_to_xyz(box)])
         extract = itk.ExtractImageFilter[image_type, image_type].New(
             Input=reader.GetOutput(), ExtractionRegion=region
         )
@@ -258,7 +246,7 @@ class _ItkStreamingArray:
             with _native_stderr_captured():
                 extract.Update()
         except RuntimeError as exc:
-            raise InputError(f"{self.path}: cannot read voxels ({_short(exc)})") from None
+            raise InputError(f"{self.path}: cannot read voxels ({first_line(exc)})") from None
         # A copy that NumPy owns: a view's memory belongs to the pipeline, and NumPy's
         # views of views lose the reference that would keep the pipeline alive.
         return itk.array_from_image(extract.GetOutput())
@@ -271,7 +259,7 @@ def _read_whole_with_itk(path: str, pixel_type) -> np.ndarray:
         with _native_stderr_captured():
             image = itk.imread(path, pixel_type)
     except RuntimeError as exc:
-        raise InputError(f"{path}: cannot read voxels ({_short(exc)})") from None
+        raise InputError(f"{path}: cannot read voxels ({first_line(exc)})") from None
     return itk.array_view_from_image(image)
 
 
@@ -340,7 +328,7 @@ def _check_nifti_complete(path: str) -> None:
                 while block := handle.read(16 * 2**20):
                     available += len(block)
     except (OSError, EOFError) as exc:  # gzip reports a cut stream as EOFError
-        raise InputError(f"{path}: cannot read voxels ({_short(exc)})") from None
+        raise InputError(f"{path}: cannot read voxels ({first_line(exc)})") from None
     if available < end:
         raise InputError(f"{path}: truncated file ({available} bytes; its header needs {end})")
 
@@ -442,14 +430,14 @@ def _open_tiff(path: str) -> Source:
     try:
         tiff = tifffile.TiffFile(path)
     except Exception as exc:  # noqa: BLE001 - any parse failure means an unreadable file
-        raise InputError(f"{path}: unreadable TIFF ({_short(exc)})") from None
+        raise InputError(f"{path}: unreadable TIFF ({first_line(exc)})") from None
     try:
         series = tiff.series[0]
         axes = series.axes
         if "S" in axes or "C" in axes:
             raise InputError(f"{path}: needs a scalar 3D image; the TIFF has axes {axes} "
                              f"(shape {list(series.shape)})")
-        _require_3d(path, list(series.shape)[::-1], 1)
+        _require_3d(path, list(zyx_to_xyz(series.shape)), 1)
         spacing = _tiff_spacing_xyz(tiff)
         try:
             grid = Grid(shape_zyx=series.shape, spacing_xyz=spacing)
@@ -504,24 +492,16 @@ def boxes(
 def _write_level0(image: ome_zarr.OmeZarrImage, source: Source, workers: int) -> None:
     """Copy the source into level 0, box by box; a box's chunks are written in parallel."""
     level = image.level(0)
-    itemsize = source.read_bytes_per_voxel
-
-    def write_chunk(box: Region, data: np.ndarray, chunk: Region) -> None:
-        local = tuple(slice(c.start - b.start, c.stop - b.start)
-                      for c, b in zip(chunk, box, strict=True))
-        ome_zarr.write_region(image, 0, chunk, data[local])
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for box in boxes(level.grid.shape_zyx, level.chunks_zyx, itemsize, BOX_BYTES):
-            data = source.read(box)
-            box_shape = tuple(s.stop - s.start for s in box)
-            chunks = [
-                tuple(slice(c.start + b.start, c.stop + b.start)
-                      for c, b in zip(chunk, box, strict=True))
-                for chunk in ome_zarr.chunk_regions(box_shape, level.chunks_zyx)
-            ]
-            list(pool.map(lambda chunk, b=box, d=data: write_chunk(b, d, chunk), chunks))
-            del data
+    for box in boxes(level.grid.shape_zyx, level.chunks_zyx, source.read_bytes_per_voxel):
+        data = source.read(box)
+        chunks = [
+            tuple(slice(c.start + b.start, c.stop + b.start)
+                  for c, b in zip(chunk, box, strict=True))
+            for chunk in ome_zarr.chunk_regions(region_shape(box), level.chunks_zyx)
+        ]
+        ome_zarr.write_chunks(image, 0, chunks, lambda chunk, b=box, d=data:
+                              d[relative_region(chunk, b)], max(1, workers))
+        del data
 
 
 def convert(

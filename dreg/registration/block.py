@@ -11,31 +11,33 @@ stage's field grid and store it next to the stage. Every outcome is a `BlockResu
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
 
-from dreg import elastix, ome_zarr, storage
-from dreg.blocks import Block, Bounds, to_slices
-from dreg.field import AffineTransform, displacement_of, open_field
-from dreg.grid import Grid
-from dreg.similarity import normalized_mutual_information
+from dreg.errors import first_line
+from dreg.grid import Grid, Region, region_from_bounds, whole_region
+from dreg.io import ome_zarr, storage
+from dreg.registration import elastix
+from dreg.registration.outcome import (
+    FAILED,
+    OK,
+    OUTSIDE_MOVING,
+    REJECTED_METRIC,
+    SKIPPED_EMPTY,
+    BlockResult,
+    save_residual,
+)
+from dreg.registration.similarity import normalized_mutual_information
+from dreg.registration.tiling import Block
+from dreg.transform.field import AffineTransform, as_transform, displacement_of
 
 LATTICE_POINTS = 9  # per axis, over the padded block, to find the moving region
 MARGIN_VOXELS = 2  # beyond the mapped lattice's bounding box, for interpolation
-
-OK = "ok"
-SKIPPED_EMPTY = "skipped_empty"
-OUTSIDE_MOVING = "outside_moving"
-REJECTED_METRIC = "rejected_metric"
-FAILED = "failed"
-STATUSES = (OK, SKIPPED_EMPTY, OUTSIDE_MOVING, REJECTED_METRIC, FAILED)
-
 
 @dataclass(frozen=True)
 class StageContext:
@@ -51,7 +53,6 @@ class StageContext:
     fixed_grid: Grid
     moving_grid: Grid
     field_grid: Grid
-    field_factor: float
     previous: AffineTransform | str
     parameter_map: dict[str, list[str]]
     foreground_intensity: float
@@ -64,48 +65,17 @@ class StageContext:
     log_dir: str | None = None
 
 
-@dataclass(frozen=True)
-class BlockResult:
-    """The outcome of one block: small, plain, and enough for the reduce step."""
-
-    block: Block
-    status: str
-    reason: str = ""
-    metric_before: float | None = None
-    metric_after: float | None = None
-    seconds: float = 0.0
-    residual_uri: str | None = None
-    extra: dict = field(default_factory=dict)
-
-    def row(self) -> dict:
-        """One row of the stage's block table."""
-        return {
-            "index": list(self.block.index),
-            "region": [list(b) for b in self.block.padded],
-            "status": self.status,
-            "reason": self.reason,
-            "metric_before": self.metric_before,
-            "metric_after": self.metric_after,
-            "seconds": round(self.seconds, 3),
-        }
-
-
-def load_previous(previous: AffineTransform | str):
-    """The previous transform as something `displacement_of` can sample."""
-    return previous if isinstance(previous, AffineTransform) else open_field(previous)
-
-
-def lattice_indices(bounds: Bounds, points: int = LATTICE_POINTS) -> np.ndarray:
-    """A lattice of continuous indices over a box, edges included, shape (N, 3)."""
-    axes = [np.linspace(a, b - 1, min(points, b - a)) for a, b in bounds]
+def lattice_indices(region: Region, points: int = LATTICE_POINTS) -> np.ndarray:
+    """A lattice of continuous indices over a region, edges included, shape (N, 3)."""
+    axes = [np.linspace(s.start, s.stop - 1, min(points, s.stop - s.start)) for s in region]
     return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
 
 
 def moving_region(
-    block_bounds: Bounds, fixed_grid: Grid, moving_grid: Grid, previous
-) -> Bounds | None:
-    """The box of the moving image that the block maps into, or None if it misses it."""
-    points = fixed_grid.index_to_world(lattice_indices(block_bounds))
+    block_region: Region, fixed_grid: Grid, moving_grid: Grid, previous
+) -> Region | None:
+    """The region of the moving image that the block maps into, or None if it misses it."""
+    points = fixed_grid.index_to_world(lattice_indices(block_region))
     mapped = moving_grid.world_to_index(points + displacement_of(previous, points))
     lo = np.floor(mapped.min(axis=0)).astype(int) - MARGIN_VOXELS
     hi = np.ceil(mapped.max(axis=0)).astype(int) + MARGIN_VOXELS + 1
@@ -113,12 +83,12 @@ def moving_region(
     lo, hi = np.clip(lo, 0, shape), np.clip(hi, 0, shape)
     if np.any(hi <= lo):
         return None
-    return tuple((int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    return region_from_bounds(lo, hi)
 
 
 def resample_moving(
     moving: np.ndarray,
-    moving_bounds: Bounds,
+    region: Region,
     moving_grid: Grid,
     block_grid: Grid,
     previous,
@@ -127,10 +97,10 @@ def resample_moving(
 
     Linear interpolation; outside the moving region the nearest border value is held.
     """
-    points = block_grid.region_points(to_slices(tuple((0, n) for n in block_grid.shape_zyx)))
+    points = block_grid.region_points(whole_region(block_grid.shape_zyx))
     flat = points.reshape(-1, 3)
     index = moving_grid.world_to_index(flat + displacement_of(previous, flat))
-    index -= np.array([a for a, _ in moving_bounds], dtype=float)
+    index -= np.array([s.start for s in region], dtype=float)
     warped = ndimage.map_coordinates(moving, index.T, order=1, mode="nearest")
     return warped.reshape(block_grid.shape_zyx).astype(np.float32)
 
@@ -141,20 +111,6 @@ def residual_uri(ctx: StageContext, block: Block) -> str:
     identity = repr((replace(ctx, log_dir=None), block)).encode()
     digest = hashlib.sha256(identity).hexdigest()[:16]
     return storage.join(ctx.residual_dir, f"{block.name}-{digest}.npy")
-
-
-def save_residual(uri: str, residual: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, residual.astype(np.float32))
-    storage.write_bytes(uri, buffer.getvalue())
-
-
-def load_residual(uri: str) -> np.ndarray:
-    return np.load(io.BytesIO(storage.read_bytes(uri)))
-
-
-def field_box_grid(field_grid: Grid, box: Bounds) -> Grid:
-    return field_grid.subgrid(to_slices(box))
 
 
 def _run_elastix(ctx: StageContext, block: Block, fixed, warped, block_grid: Grid):
@@ -177,21 +133,21 @@ def _registered_block(
     ctx: StageContext, block: Block, fixed: np.ndarray, started: float
 ) -> BlockResult:
     """Steps after the foreground check: moving region, resample, elastix, guard."""
-    previous = load_previous(ctx.previous)
+    previous = as_transform(ctx.previous)
     region = moving_region(block.padded, ctx.fixed_grid, ctx.moving_grid, previous)
     if region is None:
         return BlockResult(block, OUTSIDE_MOVING, "the block maps outside the moving image",
                            seconds=time.perf_counter() - started)
     moving_image = ome_zarr.open_image(ctx.moving_uri)
-    moving = ome_zarr.read_region(moving_image, ctx.level, to_slices(region)).astype(np.float32)
-    block_grid = ctx.fixed_grid.subgrid(to_slices(block.padded))
+    moving = ome_zarr.read_region(moving_image, ctx.level, region).astype(np.float32)
+    block_grid = ctx.fixed_grid.subgrid(block.padded)
     warped = resample_moving(moving, region, ctx.moving_grid, block_grid, previous)
     before = normalized_mutual_information(fixed, warped)
 
     try:
         result = _run_elastix(ctx, block, fixed, warped, block_grid)
     except RuntimeError as exc:
-        return BlockResult(block, FAILED, f"elastix: {elastix.first_line(exc)}",
+        return BlockResult(block, FAILED, f"elastix: {first_line(exc)}",
                            metric_before=before, seconds=time.perf_counter() - started)
     after = normalized_mutual_information(fixed, result.result_image)
     if ctx.metric_guard and after < before:
@@ -201,7 +157,7 @@ def _registered_block(
             metric_before=before, metric_after=after, seconds=time.perf_counter() - started,
         )
     residual = elastix.displacement_on_grid(
-        result.transform, field_box_grid(ctx.field_grid, block.field_box)
+        result.transform, ctx.field_grid.subgrid(block.field_box)
     )
     uri = residual_uri(ctx, block)
     save_residual(uri, residual)
@@ -214,7 +170,7 @@ def register_block(ctx: StageContext, block: Block) -> BlockResult:
     elastix failures come back as a FAILED result with elastix's reason."""
     started = time.perf_counter()
     fixed_image = ome_zarr.open_image(ctx.fixed_uri)
-    fixed = ome_zarr.read_region(fixed_image, ctx.level, to_slices(block.padded))
+    fixed = ome_zarr.read_region(fixed_image, ctx.level, block.padded)
     fixed = fixed.astype(np.float32)
     foreground = float(np.mean(fixed > ctx.foreground_intensity))
     if foreground < ctx.foreground_fraction:

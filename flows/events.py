@@ -1,4 +1,5 @@
-"""The events registration listens to and announces.
+"""The events registration listens to and announces (emitted by the flows; the
+deployments' triggers match them).
 
 Upstream, the ingestion system announces a new volume:
 
@@ -21,7 +22,10 @@ Downstream, a registration announces its outcome:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dreg.registration import RegistrationResult
 
 INGESTED = "dreg.volume.ingested"
 COMPLETED = "dreg.registration.completed"
@@ -62,16 +66,15 @@ def _related(fixed: str | None, moving: str | None, out: str | None) -> list[dic
     return related
 
 
-def emit_completed(result: dict) -> Any:
+def emit_completed(result: RegistrationResult) -> Any:
     from prefect.events import emit_event
 
     return emit_event(
         event=COMPLETED,
-        resource={"prefect.resource.id": f"dreg.field.{result['field']}",
-                  "dreg.uri": result["field"]},
-        related=_related(result["fixed"], result["moving"], result["output"]),
-        payload={"output": result["output"], "field": result["field"],
-                 "result": result["result"], "flow_run_id": result["flow_run_id"]},
+        resource={"prefect.resource.id": f"dreg.field.{result.field}", "dreg.uri": result.field},
+        related=_related(result.fixed, result.moving, result.output),
+        payload={"output": result.output, "field": result.field, "result": result.result,
+                 "flow_run_id": result.flow_run_id},
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import fsspec
 import zarr.storage
 
-from dreg.errors import StorageError
+from dreg.errors import StorageError, describe
 
 ENDPOINT_VARIABLES = ("DREG_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 # Attempts at two levels multiply: botocore retries each request (throttling, dropped
@@ -120,7 +120,7 @@ def describe_storage_failure(uri: str, exc: BaseException) -> str:
         return f"{uri}: the S3 credentials were rejected"
     if "NoSuchBucket" in text:
         return f"{uri}: the bucket does not exist"
-    return f"{uri}: {name}: {text.splitlines()[0] if text else 'storage error'}"
+    return f"{uri}: {describe(exc)}"
 
 
 def exists(uri: str) -> bool:

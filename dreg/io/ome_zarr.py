@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import product
@@ -21,9 +21,9 @@ from itertools import product
 import numpy as np
 import zarr
 
-from dreg import storage
-from dreg.errors import InputError, StorageError
-from dreg.grid import Grid, Region
+from dreg.errors import InputError, StorageError, describe
+from dreg.grid import Grid, Region, xyz_to_zyx, zyx_to_xyz
+from dreg.io import storage
 
 SPATIAL_AXES = ("z", "y", "x")
 DEFAULT_CHUNK = 64
@@ -96,11 +96,6 @@ class OmeZarrImage:
 # ----------------------------------------------------------------------------- reading
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
-
-
 def _multiscales(attrs: dict) -> tuple[dict, str]:
     """The first multiscale of 0.5 (under "ome") or 0.4 (top level) metadata, and its
     version."""
@@ -151,7 +146,7 @@ def _open_group(uri: str) -> zarr.Group:
             f"{uri}: a zarr array, not an OME-Zarr image (open the multiscale group above it)"
         ) from None
     except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError is a ValueError
-        raise InputError(f"{uri}: unreadable zarr metadata ({_one_line(exc)})") from None
+        raise InputError(f"{uri}: unreadable zarr metadata ({describe(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - storage failures become one clear line
         raise StorageError(storage.describe_storage_failure(uri, exc)) from None
 
@@ -202,8 +197,8 @@ def _image_from_group(uri: str, group: zarr.Group) -> OmeZarrImage:
             components = int(array.shape[0])
         grid = Grid(
             shape_zyx=array.shape[-3:],
-            spacing_xyz=tuple(scale[-3:][::-1]),
-            origin_xyz=tuple(translation[-3:][::-1]),
+            spacing_xyz=zyx_to_xyz(scale[-3:]),
+            origin_xyz=zyx_to_xyz(translation[-3:]),
             direction=tuple(tuple(r) for r in direction),
         )
         chunks = tuple(int(c) for c in array.chunks[-3:])
@@ -233,7 +228,7 @@ def open_image(uri: str, require_scalar: bool = False) -> OmeZarrImage:
     try:
         image = _image_from_group(uri, group)
     except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise InputError(f"{uri}: unreadable OME-Zarr metadata ({_one_line(exc)})") from None
+        raise InputError(f"{uri}: unreadable OME-Zarr metadata ({describe(exc)})") from None
     if require_scalar and image.components is not None:
         raise InputError(f"{uri}: needs a scalar 3D image; it has a c axis of {image.components}")
     return image
@@ -274,8 +269,9 @@ def _ngff_attrs(grids: Sequence[Grid], components: int | None, name: str) -> dic
         {
             "path": str(k),
             "coordinateTransformations": [
-                {"type": "scale", "scale": lead_scale + list(g.spacing_xyz[::-1])},
-                {"type": "translation", "translation": lead_translation + list(g.origin_xyz[::-1])},
+                {"type": "scale", "scale": lead_scale + list(xyz_to_zyx(g.spacing_xyz))},
+                {"type": "translation",
+                 "translation": lead_translation + list(xyz_to_zyx(g.origin_xyz))},
             ],
         }
         for k, g in enumerate(grids)
@@ -320,6 +316,8 @@ def create_image(
             raise InputError(f"{uri}: already exists (pass overwrite to replace it)") from None
         raise StorageError(storage.describe_storage_failure(uri, exc)) from None
     group.attrs.update(attrs)
+    # NGFF 0.5 asks every array for dimension_names, equal to the axes' names.
+    dimension_names = (("c",) if components is not None else ()) + SPATIAL_AXES
     levels = []
     for k, grid in enumerate(grids):
         shape = grid.shape_zyx
@@ -328,6 +326,7 @@ def create_image(
             shape, level_chunks = (components, *shape), (components, *level_chunks)
         group.create_array(
             str(k), shape=shape, chunks=level_chunks, dtype=dtype, fill_value=fill_value,
+            dimension_names=dimension_names,
             **({} if compressed else {"compressors": None}),
         )
         levels.append(ImageLevel(str(k), grid, level_chunks[-3:], str(np.dtype(dtype))))
@@ -351,18 +350,19 @@ def chunk_regions(shape_zyx: Sequence[int], chunks_zyx: Sequence[int]) -> Iterat
         )
 
 
-def write_level_by_chunks(
+def write_chunks(
     image: OmeZarrImage,
     level: int,
+    regions: Iterable[Region],
     compute: Callable[[Region], np.ndarray],
     workers: int = 2,
 ) -> None:
-    """Fill a level chunk by chunk: ``compute(region)`` returns that chunk's voxels.
+    """Write each region (whole chunks) with the voxels ``compute(region)`` returns,
+    `workers` regions at a time.
 
-    At most `workers` chunks are in memory at once (plus what `compute` reads).
+    The queue is bounded, so at most a few regions' voxels are in memory at once (plus
+    what `compute` reads): the one thread-pool chunk writer of the project.
     """
-    lv = image.level(level)
-    regions = chunk_regions(lv.grid.shape_zyx, lv.chunks_zyx)
 
     def one(region: Region) -> None:
         write_region(image, level, region, compute(region))
@@ -372,7 +372,6 @@ def write_level_by_chunks(
             one(region)
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        # Submit in bounded batches so the queue never holds more than a few chunks' work.
         pending = []
         for region in regions:
             pending.append(pool.submit(one, region))
@@ -380,6 +379,17 @@ def write_level_by_chunks(
                 pending.pop(0).result()
         for future in pending:
             future.result()
+
+
+def write_level_by_chunks(
+    image: OmeZarrImage,
+    level: int,
+    compute: Callable[[Region], np.ndarray],
+    workers: int = 2,
+) -> None:
+    """Fill a level chunk by chunk: ``compute(region)`` returns that chunk's voxels."""
+    lv = image.level(level)
+    write_chunks(image, level, chunk_regions(lv.grid.shape_zyx, lv.chunks_zyx), compute, workers)
 
 
 def fingerprint(image: OmeZarrImage, levels: Sequence[int] | None = None) -> str:

@@ -12,8 +12,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from dreg import ome_zarr
 from dreg.grid import Grid, Region
+from dreg.io import ome_zarr
 
 SMOOTHING_SIGMA = 1.0
 HALO = 4  # input voxels read beyond a chunk, 4 sigma

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from dreg import ome_zarr
 from dreg.errors import InputError
-from dreg.grid import Grid, Region
+from dreg.grid import Grid, components_to_vectors, region_from_bounds
+from dreg.io import ome_zarr
 
 COMPONENTS = ["z", "y", "x"]
 FIELD_CHUNK = 64
@@ -109,13 +109,18 @@ def sample_field(field: ome_zarr.OmeZarrImage, points_xyz: np.ndarray) -> np.nda
     index = np.ascontiguousarray(grid.world_to_index(flat).T)
     lo = np.clip(np.floor(index.min(axis=1)).astype(int), 0, shape - 1)
     hi = np.clip(np.ceil(index.max(axis=1)).astype(int) + 1, lo + 1, shape)
-    region: Region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    region = region_from_bounds(lo, hi)
     data = ome_zarr.read_region(field, 0, region)  # (3, z, y, x), components z, y, x
     index -= lo[:, None]
-    values = np.empty((flat.shape[0], 3), dtype=data.dtype)
-    for c in range(3):  # component c (z, y, x) is world axis 2 - c (x, y, z)
-        values[:, 2 - c] = ndimage.map_coordinates(data[c], index, order=1, mode="nearest")
-    return values.reshape(points.shape)
+    components = np.stack([ndimage.map_coordinates(data[c], index, order=1, mode="nearest")
+                           for c in range(3)])
+    return components_to_vectors(components).reshape(points.shape)
+
+
+def as_transform(previous: AffineTransform | str) -> AffineTransform | ome_zarr.OmeZarrImage:
+    """A transform handed on between stages (an affine, or the URI of a field) as
+    something `displacement_of` can sample."""
+    return previous if isinstance(previous, AffineTransform) else open_field(previous)
 
 
 def displacement_of(previous, points_xyz: np.ndarray) -> np.ndarray:

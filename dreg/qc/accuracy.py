@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dreg import ome_zarr
-from dreg.field import open_field, sample_field
+from dreg.grid import components_to_vectors
+from dreg.io import ome_zarr
+from dreg.transform.field import open_field, sample_field
 
 
 def field_error(field_uri: str, truth_uri: str, margin: int = 2) -> dict:
@@ -22,7 +23,7 @@ def field_error(field_uri: str, truth_uri: str, margin: int = 2) -> dict:
                       for r, i in zip(region, interior, strict=True))
         if any(s.start >= s.stop for s in inner):
             continue
-        u = np.moveaxis(ome_zarr.read_region(estimate, 0, inner), 0, -1)[..., ::-1]
+        u = components_to_vectors(ome_zarr.read_region(estimate, 0, inner))
         points = grid.region_points(inner)
         u_true = sample_field(truth, points)
         errors.append(np.linalg.norm((u - u_true) @ to_voxels.T, axis=-1).ravel())

@@ -1,0 +1,5 @@
+"""Measures of a registration's quality."""
+
+from dreg.qc.accuracy import field_error
+
+__all__ = ["field_error"]

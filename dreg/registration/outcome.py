@@ -1,0 +1,60 @@
+"""What one block's registration leaves behind: a status, a reason, metrics and, when it
+succeeded, its residual displacement stored next to the stage.
+
+Kept apart from the registration steps so that the reduce step can read outcomes
+without depending on elastix or on how a block is registered.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from dreg.grid import region_to_list
+from dreg.io import storage
+from dreg.registration.tiling import Block
+
+OK = "ok"
+SKIPPED_EMPTY = "skipped_empty"
+OUTSIDE_MOVING = "outside_moving"
+REJECTED_METRIC = "rejected_metric"
+FAILED = "failed"
+STATUSES = (OK, SKIPPED_EMPTY, OUTSIDE_MOVING, REJECTED_METRIC, FAILED)
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """The outcome of one block: small, plain, and enough for the reduce step."""
+
+    block: Block
+    status: str
+    reason: str = ""
+    metric_before: float | None = None
+    metric_after: float | None = None
+    seconds: float = 0.0
+    residual_uri: str | None = None
+
+    def row(self) -> dict:
+        """One row of the stage's block table."""
+        return {
+            "index": list(self.block.index),
+            "region": region_to_list(self.block.padded),
+            "status": self.status,
+            "reason": self.reason,
+            "metric_before": self.metric_before,
+            "metric_after": self.metric_after,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def save_residual(uri: str, residual: np.ndarray) -> None:
+    """Store a block's residual, (3, z, y, x) float32 on its share of the field grid."""
+    buffer = io.BytesIO()
+    np.save(buffer, residual.astype(np.float32))
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+def load_residual(uri: str) -> np.ndarray:
+    return np.load(io.BytesIO(storage.read_bytes(uri)))
