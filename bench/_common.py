@@ -72,10 +72,13 @@ def stage_pipeline(transform: str, block: int, overlap: float, parameters: dict,
         parameters=parameters, field_grid_factor=factor)])
 
 
-def in_flow_with_cluster(workers: int, body: Callable, name: str = "dreg-bench"):
+def in_flow_with_cluster(workers: int, body: Callable, name: str = "dreg-bench",
+                         warm: bool = True, modules: tuple[str, ...] | None = None):
     """Run ``body(cluster)`` inside a small Prefect flow, on a LocalCluster of `workers`
     single-threaded worker processes, prepared (`prepare_workers`) before `body` runs.
-    Returns what `body` returns."""
+    `warm=False` skips elastix's first use (the flows that use a finished registration
+    do not run elastix); `modules` are what the workers import up front (default:
+    the registration's task modules). Returns what `body` returns."""
     from distributed import LocalCluster
     from prefect import flow
 
@@ -87,8 +90,10 @@ def in_flow_with_cluster(workers: int, body: Callable, name: str = "dreg-bench")
                           dashboard_address=None, silence_logs=logging.WARNING,
                           env={"PREFECT_API_URL": current_api_url()}) as cluster:
             started = time.perf_counter()
-            prepare_workers(cluster.scheduler_address)
-            log(f"{workers} worker(s) up and warm in {time.perf_counter() - started:.1f} s")
+            prepare_workers(cluster.scheduler_address, warm,
+                            TASK_MODULES if modules is None else modules)
+            log(f"{workers} worker(s) up{' and warm' if warm else ''} in "
+                f"{time.perf_counter() - started:.1f} s")
             return body(cluster)
 
     return bench_flow()
@@ -98,20 +103,25 @@ def in_flow_with_cluster(workers: int, body: Callable, name: str = "dreg-bench")
 # up front, so that a one-time cost per worker is not counted as per-block time.
 TASK_MODULES = ("tasks.register", "tasks.reduce", "tasks.publish", "dreg.registration.block",
                 "dreg.transform.reduce")
+# The same for the flows that use a finished registration (warp, invert, points).
+APPLY_TASK_MODULES = ("tasks.apply", "tasks.publish", "dreg.transform.warp",
+                      "dreg.transform.invert", "dreg.transform.points", "dreg.io.pyramid")
 
 
-def prepare_workers(address: str) -> None:
-    """Warm every worker (flows.cluster.warm_up: elastix's first use) and import the
-    modules the stage's tasks run."""
+def prepare_workers(address: str, warm: bool = True,
+                    modules: tuple[str, ...] = TASK_MODULES) -> None:
+    """Warm every worker (flows.cluster.warm_up: elastix's first use) unless not `warm`,
+    and import `modules` (what the tasks to come run) on every worker."""
     import importlib
 
     from distributed import Client
 
     from flows.cluster import warm_up
 
-    warm_up(address)
+    if warm:
+        warm_up(address)
     with Client(address) as client:
-        for module in TASK_MODULES:
+        for module in modules:
             client.run(importlib.import_module, module)
 
 
@@ -134,6 +144,107 @@ def register(pair: dict, out: Path, pipeline, address: str) -> dict:
                              pipeline=pipeline,
                              options=RunOptions(dask_address=address, overwrite=True))
     return {"result": result, "wall": time.perf_counter() - started}
+
+
+def finished_registration(pair: dict, out: Path) -> str:
+    """OUT as a finished registration leaves it (result.json and field.ome.zarr), made
+    without registering: the synth pair's exact field (truth.ome.zarr: on the fixed grid,
+    spacing factor 1) copied in as the field. Any earlier OUT is removed first, so that
+    no output (and no task cache keyed by it) of an earlier run is reused."""
+    import numpy as np
+
+    from dreg.registration.records import InitialRecord, RegistrationResult
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    field = out / "field.ome.zarr"
+    shutil.copytree(pair["truth"], field)
+    result = RegistrationResult(
+        output=str(out), field=str(field), result=str(out / "result.json"),
+        fixed=pair["fixed"], moving=pair["moving"], flow_run_id="made-by-the-benchmark",
+        initial=InitialRecord(matrix=np.eye(3).tolist(), translation=[0.0] * 3),
+        stages=[], seconds=0.0)
+    (out / "result.json").write_text(result.document())
+    return str(out)
+
+
+@contextlib.contextmanager
+def work_folder(folder: str | None, prefix: str, keep: bool = False) -> Iterator[Path]:
+    """The work folder: `folder` (kept), or a temporary one removed on exit unless
+    `keep`."""
+    if folder is not None:
+        path = Path(folder)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        if keep:
+            log(f"kept {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def task_run_spans(flow_run_id: str, expected: dict[str, int],
+                   timeout: float = 60) -> dict[str, dict] | None:
+    """Wall span of groups of task runs under a flow run's subflows, from the Prefect
+    API: for each name prefix in `expected` (how many task runs it should have once all
+    are reported), {"s": last end - first start, "runs": n, "task_s": sum of durations}.
+    Waits (up to `timeout`) until every expected run is reported final; None when the
+    API cannot tell (then the caller reports the total only)."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+
+    def read(client, prefix: str) -> list:
+        runs, page = [], 200
+        while True:
+            batch = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(
+                    any_=[UUID(flow_run_id)])),
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=prefix)),
+                limit=page, offset=len(runs))
+            runs.extend(batch)
+            if len(batch) < page:
+                return [r for r in runs if r.name.startswith(prefix)]
+
+    deadline = time.monotonic() + timeout
+    try:
+        with get_client(sync_client=True) as client:
+            while True:
+                found = {prefix: read(client, prefix) for prefix in expected}
+                ready = all(len(found[p]) >= n and all(
+                    r.state and r.state.is_final() and r.start_time and r.end_time
+                    for r in found[p]) for p, n in expected.items())
+                if ready:
+                    break
+                if time.monotonic() > deadline:
+                    log(f"task runs not all reported after {timeout} s: "
+                        f"{ {p: len(r) for p, r in found.items()} } of {expected}")
+                    return None
+                time.sleep(0.5)
+    except Exception as exc:  # noqa: BLE001 - a figure we can do without
+        log(f"could not read task runs from the Prefect API: {exc}")
+        return None
+    spans = {}
+    for prefix, runs in found.items():
+        if not runs:
+            spans[prefix] = {"s": 0.0, "runs": 0, "task_s": 0.0}
+            continue
+        first = min(r.start_time for r in runs)
+        last = max(r.end_time for r in runs)
+        spans[prefix] = {"s": round((last - first).total_seconds(), 3), "runs": len(runs),
+                         "task_s": round(sum((r.end_time - r.start_time).total_seconds()
+                                             for r in runs), 3)}
+    return spans
 
 
 def process_role(process) -> str:

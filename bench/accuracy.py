@@ -8,7 +8,8 @@ same overrides):
 - whole image: dreg.registration.elastix.register on the whole level-0 arrays in this process (after
   elastix's first-use cost is paid, untimed), with MaximumNumberOfThreads set to the
   number of workers so that both use the same cores; its transform sampled with
-  dreg.registration.elastix.displacement_on_grid on the block-wise field's grid and written to a field
+  dreg.registration.elastix.displacement_on_grid on the block-wise field's grid and written
+  to a field
   zarr.
 Both fields are compared with the truth by dreg.qc.field_error (RMS and 95th
 percentile of |u - u_true| in voxels), and timed. Elastix draws a fixed number of
@@ -108,7 +109,7 @@ def main() -> None:
     from dreg.transform.field import open_field
 
     (stage,) = blockwise["result"].stages
-    field_uri = blockwise["result"]["field"]
+    field_uri = blockwise["result"].field
     grid = open_field(field_uri).levels[0].grid
     block_error = field_error(field_uri, pair["truth"])
     log(f"block-wise: RMS {block_error['rms_after']:.4f} voxels "

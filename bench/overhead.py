@@ -8,7 +8,7 @@ seconds its blocks computed:
     overhead_s_per_block = (register_seconds - block_seconds / workers) / blocks
 
 register_seconds, block_seconds and blocks come from the stage summary in
-result["stages"]. The Prefect API is the temporary one, or with --server a real
+result.stages. The Prefect API is the temporary one, or with --server a real
 `prefect server start` (SQLite in a temporary folder) that this script starts and stops.
 --profile prints cProfiles of the registration (stderr): the flow process's main thread
 and each worker's task thread.

@@ -143,8 +143,7 @@ def main() -> None:
         f"{field_grid.shape_zyx}, chunks of {args.chunk}^3")
 
     tasks = []
-    for region in ome_zarr.chunk_regions(field_grid.shape_zyx, (args.chunk,) * 3):
-        chunk = tuple((s.start, s.stop) for s in region)
+    for chunk in ome_zarr.chunk_regions(field_grid.shape_zyx, (args.chunk,) * 3):
         tasks.append((blocks_for_chunk(results, chunk), chunk, field_grid, image.shape_zyx,
                       args.factor, previous, [out]))
 

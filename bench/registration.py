@@ -76,7 +76,7 @@ def main() -> None:
     print("registering", file=sys.stderr)
     run = bench()
     (stage,) = run["result"].stages
-    error = field_error(run["result"]["field"], pair["truth"])
+    error = field_error(run["result"].field, pair["truth"])
     print(json.dumps({
         "size": args.size, "block": args.block, "overlap": args.overlap,
         "workers": args.workers, "iterations": args.iterations, "blocks": stage.blocks,

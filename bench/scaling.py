@@ -5,7 +5,7 @@ B-spline pipeline (into two output folders, so no block is served from the cache
 on a LocalCluster of one single-threaded worker, then, after scaling the same cluster to
 two workers (the new one warmed too; every worker also imports the task modules
 before timing), on two. With t1 and t2 the stage's register wall
-seconds (result["stages"][0]["register_seconds"]):
+seconds (result.stages[0].register_seconds):
 
     parallel_efficiency = t1 / (2 * t2)
 
@@ -76,17 +76,17 @@ def main() -> None:
 
     runs = in_flow_with_cluster(1, body, name="dreg-bench-scaling")
     one, many = runs[1]["stage"], runs[args.workers]["stage"]
-    t1, t2 = one["register_seconds"], many["register_seconds"]
+    t1, t2 = one.register_seconds, many.register_seconds
     efficiency = t1 / (args.workers * t2)
     log(f"parallel efficiency {efficiency:.3f} (t1 {t1} s, t{args.workers} {t2} s)")
     emit({
         "size": args.size, "block": args.block, "overlap": args.overlap,
-        "iterations": args.iterations, "blocks": one["blocks"],
-        "counts": [one["counts"], many["counts"]],
+        "iterations": args.iterations, "blocks": one.blocks,
+        "counts": [one.counts, many.counts],
         "t1_register_s": t1, f"t{args.workers}_register_s": t2,
-        "t1_block_compute_s": one["block_seconds"],
-        f"t{args.workers}_block_compute_s": many["block_seconds"],
-        "t1_reduce_s": one["reduce_seconds"], f"t{args.workers}_reduce_s": many["reduce_seconds"],
+        "t1_block_compute_s": one.block_seconds,
+        f"t{args.workers}_block_compute_s": many.block_seconds,
+        "t1_reduce_s": one.reduce_seconds, f"t{args.workers}_reduce_s": many.reduce_seconds,
         "parallel_efficiency": round(efficiency, 3),
         "workers": args.workers,
         "flow_peak_rss_mb": round(peak_rss_mb(), 1),

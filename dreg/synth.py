@@ -21,6 +21,8 @@ COARSE_WAVES = 6
 DISPLACEMENT_WAVES = 3
 
 
+UNIT = "micrometer"  # a synthetic pair is laid out like a light-sheet volume
+
 @dataclass(frozen=True)
 class SynthModel:
     """The closed-form texture and displacement of one synthetic pair."""
@@ -164,18 +166,21 @@ def write_pair(
     model = make_model(grid, seed, amplitude_voxels, shift_voxels)
     uris = {name: storage.join(out, f"{name}.ome.zarr") for name in ("fixed", "moving", "truth")}
     grids = pyramid.pyramid_grids(grid)
+    images = {}
     for name, compute in (("fixed", fixed_region), ("moving", moving_region)):
         image = ome_zarr.create_image(
-            uris[name], grids, "float32", chunks=chunks, name=name, overwrite=overwrite
+            uris[name], grids, "float32", chunks=chunks, name=name, overwrite=overwrite,
+            unit=UNIT,
         )
         ome_zarr.write_level_by_chunks(
             image, 0, lambda region, c=compute: c(model, grid, region), workers=workers
         )
         pyramid.build_pyramid(image, workers=workers)
+        images[name] = image
     truth = field.create_field(
         uris["truth"],
         grid,
-        fixed=field.fixed_description(uris["fixed"], grid),
+        fixed=field.fixed_description(images["fixed"]),
         moving_uri=uris["moving"],
         chunks=chunks,
         overwrite=overwrite,

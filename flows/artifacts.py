@@ -20,11 +20,16 @@ from dreg.io import storage
 from dreg.registration import STATUSES, RegistrationResult, StageSummary
 
 
-def field_artifact_key(out_uri: str) -> str:
-    """A stable artifact key for an output location: readable, and unique by a hash."""
+def artifact_key(kind: str, out_uri: str) -> str:
+    """A stable artifact key for one kind of output of a location: readable, and unique
+    by a hash."""
     slug = re.sub(r"[^a-z0-9]+", "-", out_uri.lower()).strip("-")[-40:].strip("-")
     digest = hashlib.sha256(out_uri.encode()).hexdigest()[:8]
-    return f"dreg-field-{slug}-{digest}"
+    return f"dreg-{kind}-{slug}-{digest}"
+
+
+def field_artifact_key(out_uri: str) -> str:
+    return artifact_key("field", out_uri)
 
 
 def field_link(uri: str) -> str:
@@ -83,6 +88,16 @@ def publish_result(result: RegistrationResult) -> None:
     publish_status_table(result.stages)
     create_markdown_artifact(markdown=summary_markdown(result), key="dreg-summary",
                              description="Registration summary")
+
+
+def publish_output(kind: str, out_uri: str, uri: str, summary: dict,
+                   description: str) -> None:
+    """A link artifact to what a flow wrote, and its summary as a markdown table."""
+    create_link_artifact(key=artifact_key(kind, out_uri), link=field_link(uri),
+                         link_text=description, description=f"{description}: {uri}")
+    rows = "\n".join(f"| {name} | `{value}` |" for name, value in summary.items())
+    create_markdown_artifact(markdown=f"# {description}\n\n| | |\n|---|---|\n{rows}",
+                             key=f"dreg-{kind}-summary", description=description)
 
 
 class Progress:

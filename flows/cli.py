@@ -13,7 +13,7 @@ import sys
 
 from dreg.errors import DregError, InputError
 from dreg.memory import release_freed_memory_promptly
-from flows import run_commands
+from flows import apply_commands, run_commands
 
 
 def _triple(text: str, kind=float, name: str = "value") -> tuple:
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Commands that run flows import Prefect only when they run.
     run_commands.add_commands(sub)
+    apply_commands.add_commands(sub)
     return parser
 
 

@@ -49,11 +49,16 @@ def current_api_url() -> str | None:
 
 
 @contextlib.contextmanager
-def dask_cluster(address: str | None = None, workers: int | None = None) -> Iterator[str]:
-    """Yield the address of a warmed Dask cluster, starting a local one if none is given."""
+def dask_cluster(address: str | None = None, workers: int | None = None,
+                 warm: bool = True) -> Iterator[str]:
+    """Yield the address of a Dask cluster, starting a local one if none is given.
+
+    With `warm`, every worker pays elastix's first-use cost first (registration needs
+    it; warping, inverting and moving points do not)."""
     address = address or os.environ.get(ADDRESS_VARIABLE) or None
     if address:
-        warm_up(address)
+        if warm:
+            warm_up(address)
         yield address
         return
     from distributed import LocalCluster
@@ -71,5 +76,6 @@ def dask_cluster(address: str | None = None, workers: int | None = None) -> Iter
         silence_logs=logging.WARNING,
         env=env,
     ) as cluster:
-        warm_up(cluster.scheduler_address)
+        if warm:
+            warm_up(cluster.scheduler_address)
         yield cluster.scheduler_address

@@ -16,6 +16,7 @@ from dreg.io import ome_zarr, storage
 from dreg.registration import PipelineConfig, RegistrationResult, RunOptions
 from flows import events
 from flows.registration import register_images
+from flows.warp import warp_image
 
 DEFAULT_MAX_VOXELS = 2**40  # about a tebivoxel
 
@@ -57,8 +58,10 @@ def register_on_ingest(
     pipeline: PipelineConfig | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     options: RunOptions | None = None,
+    warp: bool = True,
 ) -> RegistrationResult:
-    """Register an ingested volume onto the reference; output under `out_prefix`."""
+    """Register an ingested volume onto the reference; output under `out_prefix`; then
+    (unless `warp` is off) warp the volume onto the reference's grid for viewing."""
     logger = get_run_logger()
     try:
         request = validated_request(moving, version, event_fixed, reference, out_prefix,
@@ -71,5 +74,8 @@ def register_on_ingest(
         raise
     logger.info(f"registering {request['moving']} onto {request['fixed']} "
                 f"into {request['out']}")
-    return register_images(fixed=request["fixed"], moving=request["moving"],
-                           out=request["out"], pipeline=pipeline, options=options)
+    result = register_images(fixed=request["fixed"], moving=request["moving"],
+                             out=request["out"], pipeline=pipeline, options=options)
+    if warp:
+        warp_image(result.output, options=options)
+    return result

@@ -37,10 +37,11 @@ from dreg.registration.outcome import FAILED
 from dreg.registration.pipeline import InitialAffine, PipelineConfig
 from dreg.registration.records import StageTimings, registration_result, summarize_stage
 from dreg.transform.field import FIELD_CHUNK, fixed_description
+from dreg.transform.plan import derived_outputs
 from dreg.transform.reduce import blocks_for_chunk, field_identity
 from flows import artifacts, events
 from flows.cluster import dask_cluster
-from tasks.publish import write_json, write_result
+from tasks.publish import write_json, write_result, write_scene
 from tasks.reduce import create_field, reduce_chunk
 from tasks.register import build_parameter_map, register_block, tile
 
@@ -95,8 +96,7 @@ def reduce_field(plan: RegistrationPlan, stage: StagePlan, previous, results,
                  destinations: list[str]) -> int:
     """Create the stage's field at every destination and fill it chunk by chunk, each
     chunk from the blocks that reach it; returns the field's voxel count."""
-    fixed_grid = ome_zarr.open_image(plan.fixed_uri).levels[0].grid
-    fixed_info = fixed_description(plan.fixed_uri, fixed_grid)
+    fixed_info = fixed_description(ome_zarr.open_image(plan.fixed_uri))
     wait([create_field.submit(uri, stage.field_grid, fixed_info, plan.moving_uri)
           for uri in destinations])
     futures = [
@@ -195,11 +195,14 @@ def register_images(
     initial = initial_affine.to_transform() if initial_affine else None
     plan = plan_registration(fixed, moving, out, pipeline or default_pipeline(), initial,
                              overwrite=options.overwrite)
-    # Replacing a finished result: withdraw its completion mark before touching it.
-    storage.remove_tree(plan.result_uri)
+    # Replacing a finished result: withdraw its completion mark before touching it, and
+    # what was derived from its field (warped image, inverse), which would be stale.
+    for uri in [plan.result_uri, *derived_outputs(plan.out_uri)]:
+        storage.remove_tree(uri)
     summaries = run_stages(plan, result_storage(plan.out_uri), options)
     result = registration_result(plan, summaries, str(flow_run.get_id()),
                                  time.perf_counter() - started)
+    write_scene(plan.out_uri, plan.fixed_uri, plan.moving_uri)
     write_result(plan.result_uri, result)
     artifacts.publish_result(result)
     events.emit_completed(result)

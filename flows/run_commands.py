@@ -9,6 +9,7 @@ import os
 import time
 
 from dreg.io import storage
+from flows.apply_commands import add_cluster_options
 
 DEMO_SHAPE = (64, 80, 96)
 
@@ -43,7 +44,15 @@ def cmd_register(args: argparse.Namespace) -> int:
     # Validate here first: bad input fails in a second, before a server or cluster starts.
     plan_registration(args.fixed, args.moving, args.out, pipeline, overwrite=args.overwrite)
     result = _run_registration(args, pipeline)
-    print(json.dumps(_last_line(result)))
+    line = _last_line(result)
+    if args.warp:
+        from dreg.registration import RunOptions
+        from flows.warp import warp_image
+
+        warped = warp_image(result.output, options=RunOptions(
+            dask_address=args.dask_address, workers=args.workers))
+        line["warped"] = warped.output
+    print(json.dumps(line))
     return 0
 
 
@@ -99,14 +108,6 @@ def cmd_emit_ingested(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dask-address", default=None,
-                        help="an existing Dask scheduler (default: $DREG_DASK_ADDRESS, "
-                             "else a local cluster)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="local cluster workers (default: one per core)")
-
-
 def add_commands(sub) -> None:
     register = sub.add_parser("register", help="register MOVING onto FIXED into OUT")
     register.add_argument("fixed")
@@ -119,13 +120,16 @@ def add_commands(sub) -> None:
                           help="attempts after a block's first failure (default 2)")
     register.add_argument("--debug", action="store_true",
                           help="write elastix logs per block under each stage folder")
-    _add_cluster_options(register)
+    register.add_argument("--warp", action="store_true",
+                          help="then warp the moving image onto the fixed grid "
+                               "(OUT/warped.ome.zarr)")
+    add_cluster_options(register)
     register.set_defaults(run=cmd_register)
 
     demo = sub.add_parser("demo", help="make a synthetic pair, register it, print the error")
     demo.add_argument("dir", nargs="?", default="demo-out")
     demo.add_argument("--seed", type=int, default=0)
-    _add_cluster_options(demo)
+    add_cluster_options(demo)
     demo.set_defaults(run=cmd_demo)
 
     emit = sub.add_parser("emit-ingested",

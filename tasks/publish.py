@@ -8,6 +8,7 @@ from prefect import task
 
 from dreg.io import storage
 from dreg.registration import RegistrationResult
+from dreg.transform import scene
 
 
 @task(name="write-json", retries=2, retry_delay_seconds=1)
@@ -22,3 +23,10 @@ def write_result(uri: str, result: RegistrationResult) -> str:
     """Write result.json: the last write of a registration, marking it complete."""
     storage.write_text(uri, result.document())
     return uri
+
+
+@task(name="write-scene", retries=2, retry_delay_seconds=1)
+def write_scene(out_uri: str, fixed_uri: str, moving_uri: str, inverse: bool = False) -> None:
+    """OUT's root group: the scene metadata from fixed to moving (a bijection once the
+    inverse exists)."""
+    scene.write_scene(out_uri, fixed_uri, moving_uri, inverse)

@@ -29,6 +29,13 @@ CASES = {
                ["worker_peak_rss_mb_24", "worker_peak_rss_mb_32", "flow_peak_rss_mb"], True),
     "accuracy": (["--size", "48", "--block", "24", "--iterations", "4", "--workers", "1"],
                  ["rms_blockwise", "rms_whole_image"], True),
+    "warp": (["--size", "32", "--workers", "1"],
+             ["warp_voxels_per_s", "warp_s", "voxels", "chunks"], True),
+    "invert": (["--size", "32", "--workers", "1"],
+               ["invert_voxels_per_s", "invert_s", "voxels", "round_trip_max",
+                "round_trip_p99"], True),
+    "points": (["--size", "32", "--points", "20000", "--workers", "1"],
+               ["points_per_s", "points_s", "rows", "outside", "batches"], True),
 }
 
 
@@ -55,3 +62,6 @@ def test_script_prints_its_figures_last(name, tmp_path, request):
         # Both registrations improve on no registration at all.
         assert figures["rms_blockwise"] < figures["rms_before"]
         assert figures["rms_whole_image"] < figures["rms_before"]
+    if name == "points":
+        # Every point was drawn inside the field's grid.
+        assert figures["rows"] == 20_000 and figures["outside"] == 0

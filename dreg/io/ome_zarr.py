@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from dreg.io import storage
 
 SPATIAL_AXES = ("z", "y", "x")
 DEFAULT_CHUNK = 64
+DISPLACEMENT_OME_VERSION = "0.6rc0"
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,13 @@ class OmeZarrImage:
     components: int | None = None
     attributes: dict = field(default_factory=dict)
     ome_version: str = "0.5"
+    unit: str | None = None
 
     @property
     def zarr_format(self) -> int:
         """The zarr format of the arrays: NGFF 0.4 and earlier are zarr v2, 0.5 is v3."""
-        major, minor = (int(p) for p in (self.ome_version.split(".") + ["0"])[:2])
+        major, minor = (int(re.match(r"\d*", p).group() or 0)
+                        for p in (self.ome_version.split(".") + ["0"])[:2])
         return 2 if (major, minor) <= (0, 4) else 3
 
     def level(self, index: int) -> ImageLevel:
@@ -78,6 +82,7 @@ class OmeZarrImage:
         return {
             "uri": self.uri,
             "components": self.components,
+            "unit": self.unit,
             "direction": [list(r) for r in self.levels[0].grid.direction],
             "levels": [
                 {
@@ -107,9 +112,17 @@ def _multiscales(attrs: dict) -> tuple[dict, str]:
     raise KeyError("multiscales")
 
 
+def _flattened(transforms: Sequence[dict]) -> list[dict]:
+    """A transform list with NGFF 0.6 sequences spelled out."""
+    out = []
+    for t in transforms:
+        out += _flattened(t["transformations"]) if t.get("type") == "sequence" else [t]
+    return out
+
+
 def _scale_translation(transforms: Sequence[dict], ndim: int) -> tuple[list, list]:
     scale, translation = [1.0] * ndim, [0.0] * ndim
-    for t in transforms:
+    for t in _flattened(transforms):
         if t.get("type") == "scale":
             scale = [float(v) for v in t["scale"]]
         elif t.get("type") == "translation":
@@ -179,8 +192,10 @@ def _image_from_group(uri: str, group: zarr.Group) -> OmeZarrImage:
         multiscale, version = _multiscales(attrs)
     except (KeyError, IndexError, TypeError):
         raise InputError(f"{uri}: not an OME-Zarr image (no multiscales metadata)") from None
-    axes = [a["name"] if isinstance(a, dict) else str(a) for a in multiscale["axes"]]
+    axis_specs = _axes(multiscale)
+    axes = [a["name"] if isinstance(a, dict) else str(a) for a in axis_specs]
     _check_axes(uri, axes)
+    units = {a.get("unit") for a in axis_specs if isinstance(a, dict) and a.get("type") == "space"}
     dreg_attrs = dict(attrs.get("dreg") or {})
     direction = dreg_attrs.get("direction") or (dreg_attrs.get("grid") or {}).get("direction")
     direction = direction or [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
@@ -211,7 +226,15 @@ def _image_from_group(uri: str, group: zarr.Group) -> OmeZarrImage:
         components=components,
         attributes=dreg_attrs,
         ome_version=version,
+        unit=units.pop() if len(units) == 1 else None,
     )
+
+
+def _axes(multiscale: dict) -> list:
+    """The axes of 0.4/0.5 metadata, or of the first coordinate system of 0.6's."""
+    if "axes" in multiscale:
+        return multiscale["axes"]
+    return multiscale["coordinateSystems"][0]["axes"]
 
 
 def open_image(uri: str, require_scalar: bool = False) -> OmeZarrImage:
@@ -259,29 +282,43 @@ def read_region(image: OmeZarrImage, level: int, region: Region) -> np.ndarray:
 # ----------------------------------------------------------------------------- writing
 
 
-def _ngff_attrs(grids: Sequence[Grid], components: int | None, name: str) -> dict:
-    axes = [{"name": a, "type": "space"} for a in SPATIAL_AXES]
+def _space_axes(unit: str | None) -> list[dict]:
+    return [{"name": a, "type": "space", **({"unit": unit} if unit else {})}
+            for a in SPATIAL_AXES]
+
+
+def _level_transforms(grid: Grid, lead: int) -> list[dict]:
+    return [
+        {"type": "scale", "scale": [1.0] * lead + list(xyz_to_zyx(grid.spacing_xyz))},
+        {"type": "translation", "translation": [0.0] * lead + list(xyz_to_zyx(grid.origin_xyz))},
+    ]
+
+
+def _ngff_attrs(grids: Sequence[Grid], components: int | None, name: str,
+                unit: str | None) -> dict:
+    """OME-Zarr 0.5 multiscales metadata (what viewers read)."""
+    axes = _space_axes(unit)
     if components is not None:
         axes = [{"name": "c", "type": "channel"}] + axes
-    lead_scale = [1.0] if components is not None else []
-    lead_translation = [0.0] if components is not None else []
-    datasets = [
-        {
-            "path": str(k),
-            "coordinateTransformations": [
-                {"type": "scale", "scale": lead_scale + list(xyz_to_zyx(g.spacing_xyz))},
-                {"type": "translation",
-                 "translation": lead_translation + list(xyz_to_zyx(g.origin_xyz))},
-            ],
-        }
-        for k, g in enumerate(grids)
-    ]
-    return {
-        "ome": {
-            "version": "0.5",
-            "multiscales": [{"name": name, "axes": axes, "datasets": datasets}],
-        }
-    }
+    lead = 0 if components is None else 1
+    datasets = [{"path": str(k), "coordinateTransformations": _level_transforms(g, lead)}
+                for k, g in enumerate(grids)]
+    return {"ome": {"version": "0.5",
+                    "multiscales": [{"name": name, "axes": axes, "datasets": datasets}]}}
+
+
+def _displacement_attrs(grids: Sequence[Grid], name: str, unit: str | None) -> dict:
+    """Displacement-field metadata as NGFF RFC-5 has it in OME-Zarr 0.6rc0: a coordinate
+    system whose first axis is the vector axis, typed displacement and discrete, and each
+    level mapped into it by a scale-then-translation sequence."""
+    system = {"name": "physical",
+              "axes": [{"name": "c", "type": "displacement", "discrete": True},
+                       *_space_axes(unit)]}
+    datasets = [{"path": str(k), "coordinateTransformations": [{
+        "type": "sequence", "input": {"path": str(k)}, "output": {"name": "physical"},
+        "transformations": _level_transforms(g, 1)}]} for k, g in enumerate(grids)]
+    return {"ome": {"version": DISPLACEMENT_OME_VERSION, "multiscales": [
+        {"name": name, "coordinateSystems": [system], "datasets": datasets}]}}
 
 
 def create_image(
@@ -295,6 +332,8 @@ def create_image(
     overwrite: bool = False,
     fill_value: float = 0,
     compressed: bool = True,
+    unit: str | None = None,
+    displacement: bool = False,
 ) -> OmeZarrImage:
     """Create an empty OME-Zarr 0.5 multiscale image (metadata and empty arrays).
 
@@ -303,7 +342,8 @@ def create_image(
     """
     uri = storage.normalize_uri(uri)
     chunk_zyx = (chunks,) * 3 if isinstance(chunks, int) else tuple(chunks)
-    attrs = _ngff_attrs(grids, components, name)
+    attrs = (_displacement_attrs(grids, name, unit) if displacement
+             else _ngff_attrs(grids, components, name, unit))
     dreg_attrs = {"direction": [list(r) for r in grids[0].direction]}
     dreg_attrs.update(dreg_attributes or {})
     attrs["dreg"] = dreg_attrs
@@ -330,7 +370,8 @@ def create_image(
             **({} if compressed else {"compressors": None}),
         )
         levels.append(ImageLevel(str(k), grid, level_chunks[-3:], str(np.dtype(dtype))))
-    return OmeZarrImage(uri=uri, levels=tuple(levels), components=components, attributes=dreg_attrs)
+    return OmeZarrImage(uri=uri, levels=tuple(levels), components=components,
+                        attributes=dreg_attrs, ome_version=attrs["ome"]["version"], unit=unit)
 
 
 def write_region(image: OmeZarrImage, level: int, region: Region, data: np.ndarray) -> None:
@@ -412,3 +453,9 @@ def fingerprint(image: OmeZarrImage, levels: Sequence[int] | None = None) -> str
             stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
             digest.update(f"{name[len(root):]}|{info.get('size')}|{stamp}\n".encode())
     return digest.hexdigest()[:32]
+
+
+def update_attributes(uri: str, updates: dict) -> None:
+    """Merge `updates` into an image's ``dreg`` root attributes (one small write)."""
+    group = zarr.open_group(storage.zarr_store(uri), mode="r+", zarr_format=3)
+    group.attrs["dreg"] = {**dict(group.attrs.get("dreg") or {}), **updates}

@@ -3,6 +3,9 @@
 Level k+1 halves level k along each axis: Gaussian smoothing (sigma of one input voxel)
 then taking every second voxel. Voxel j of level k+1 sits exactly on voxel 2j of level k,
 so the origin is unchanged and the spacing doubles.
+
+Label maps use the "nearest" method instead: every second voxel, no smoothing, since a
+smoothed label map holds values that are no label at all.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from dreg.io import ome_zarr
 SMOOTHING_SIGMA = 1.0
 HALO = 4  # input voxels read beyond a chunk, 4 sigma
 COARSEST_LONGEST_AXIS = 64
+GAUSSIAN = "gaussian"
+NEAREST = "nearest"
+DOWNSAMPLE_METHODS = (GAUSSIAN, NEAREST)
 
 
 def pyramid_grids(grid: Grid, coarsest_longest_axis: int = COARSEST_LONGEST_AXIS) -> list[Grid]:
@@ -31,9 +37,18 @@ def pyramid_grids(grid: Grid, coarsest_longest_axis: int = COARSEST_LONGEST_AXIS
 
 
 def downsample_region(
-    image: ome_zarr.OmeZarrImage, source_level: int, target_region: Region
+    image: ome_zarr.OmeZarrImage, source_level: int, target_region: Region,
+    method: str = GAUSSIAN,
 ) -> np.ndarray:
-    """The voxels of `target_region` at level source_level + 1, from the source level."""
+    """The voxels of `target_region` at level source_level + 1, from the source level.
+
+    `method` is "gaussian" (smooth, then take every second voxel) or "nearest" (voxel j
+    of the coarser level is voxel 2j of the source level, values untouched: labels).
+    """
+    if method not in DOWNSAMPLE_METHODS:
+        raise ValueError(f"method must be one of {DOWNSAMPLE_METHODS}, got {method!r}")
+    if method == NEAREST:
+        return _subsample_region(image, source_level, target_region)
     source_shape = image.level(source_level).grid.shape_zyx
     read_start = [max(2 * s.start - HALO, 0) for s in target_region]
     read_stop = [
@@ -63,12 +78,34 @@ def downsample_region(
     return out.astype(dtype)
 
 
-def build_pyramid(image: ome_zarr.OmeZarrImage, workers: int = 2) -> None:
-    """Fill levels 1.. of an image whose level 0 is written, one output chunk at a time."""
+def _subsample_region(
+    image: ome_zarr.OmeZarrImage, source_level: int, target_region: Region
+) -> np.ndarray:
+    """Every second voxel of the source level: the target region's voxels, unsmoothed."""
+    # Read only from voxel 2 * start to voxel 2 * (stop - 1): the span the target covers.
+    read = tuple(slice(2 * s.start, 2 * (s.stop - 1) + 1) for s in target_region)
+    data = ome_zarr.read_region(image, source_level, read)
+    every_second = (slice(None, None, 2),) * 3
+    if image.components is not None:
+        every_second = (slice(None), *every_second)
+    dtype = np.dtype(image.level(source_level + 1).dtype)
+    return np.ascontiguousarray(data[every_second]).astype(dtype, copy=False)
+
+
+def build_pyramid(
+    image: ome_zarr.OmeZarrImage, workers: int = 2, method: str = GAUSSIAN
+) -> None:
+    """Fill levels 1.. of an image whose level 0 is written, one output chunk at a time.
+
+    `method` is passed on to `downsample_region` ("nearest" for label maps)."""
+    if method not in DOWNSAMPLE_METHODS:
+        raise ValueError(f"method must be one of {DOWNSAMPLE_METHODS}, got {method!r}")
     for level in range(1, len(image.levels)):
         ome_zarr.write_level_by_chunks(
             image,
             level,
-            lambda region, source=level - 1: downsample_region(image, source, region),
+            lambda region, source=level - 1: downsample_region(
+                image, source, region, method=method
+            ),
             workers=workers,
         )

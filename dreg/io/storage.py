@@ -131,6 +131,14 @@ def exists(uri: str) -> bool:
         raise StorageError(describe_storage_failure(uri, exc)) from None
 
 
+def version_of(uri: str) -> str:
+    """A file's size and modification stamp (ETag on S3): changes when it is rewritten."""
+    fs, path = filesystem(uri)
+    info = fs.info(path)
+    stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}|{stamp}"
+
+
 def read_text(uri: str) -> str:
     fs, path = filesystem(uri)
     with fs.open(path, "r") as handle:

@@ -12,8 +12,10 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from dreg.errors import InputError, first_line
+from dreg.io import storage
 from dreg.registration.outcome import OK, BlockResult
-from dreg.registration.plan import RegistrationPlan, StagePlan
+from dreg.registration.plan import RESULT_FILE, RegistrationPlan, StagePlan
 
 FAILURES_LISTED = 200  # in a stage summary; every block is in the stage's table
 VERSIONED_PACKAGES = ("dreg", "prefect", "prefect-dask", "itk-elastix", "zarr", "dask")
@@ -144,3 +146,17 @@ def registration_result(
         seconds=round(seconds, 3),
         versions=package_versions(),
     )
+
+
+def load_result(out_uri: str) -> RegistrationResult:
+    """The finished registration in `out_uri`, from its result.json; an InputError naming
+    the location when there is none (a run that has not finished, or not a registration
+    output at all)."""
+    out_uri = storage.normalize_uri(out_uri)
+    uri = storage.join(out_uri, RESULT_FILE)
+    if not storage.exists(uri):
+        raise InputError(f"{out_uri}: no finished registration here (no {RESULT_FILE})")
+    try:
+        return RegistrationResult.model_validate_json(storage.read_text(uri))
+    except ValueError as exc:
+        raise InputError(f"{uri}: not a registration result ({first_line(exc)})") from None

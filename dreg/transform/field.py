@@ -20,22 +20,30 @@ from dreg.io import ome_zarr
 
 COMPONENTS = ["z", "y", "x"]
 FIELD_CHUNK = 64
+FIXED_TO_MOVING = "fixed_to_moving"  # the registration's field u, on the fixed grid
+MOVING_TO_FIXED = "moving_to_fixed"  # its inverse v, on the moving grid
+MAPPINGS = (FIXED_TO_MOVING, MOVING_TO_FIXED)
 
 
-def field_attributes(grid: Grid, fixed: dict | None, moving_uri: str | None) -> dict:
+def field_attributes(grid: Grid, fixed: dict | None, moving_uri: str | None,
+                     mapping: str = FIXED_TO_MOVING, moving_grid: Grid | None = None) -> dict:
     """The ``dreg`` object of a displacement field's root attributes (DESIGN.md)."""
+    if mapping not in MAPPINGS:
+        raise ValueError(f"mapping must be one of {MAPPINGS}, got {mapping!r}")
+    moving = {"uri": moving_uri, **(moving_grid.to_dict() if moving_grid else {})}
     return {
         "kind": "displacement_field",
-        "mapping": "fixed_to_moving",
+        "mapping": mapping,
         "components": COMPONENTS,
         "grid": grid.to_dict(),
         "fixed": fixed or {},
-        "moving": {"uri": moving_uri},
+        "moving": moving,
     }
 
 
-def fixed_description(uri: str, grid: Grid) -> dict:
-    return {"uri": uri, **grid.to_dict()}
+def fixed_description(image: ome_zarr.OmeZarrImage) -> dict:
+    """The fixed image as a field records it: URI, full-resolution grid, unit."""
+    return {"uri": image.uri, **image.levels[0].grid.to_dict(), "unit": image.unit}
 
 
 def create_field(
@@ -45,30 +53,41 @@ def create_field(
     moving_uri: str | None = None,
     chunks: int | Sequence[int] = FIELD_CHUNK,
     overwrite: bool = False,
+    mapping: str = FIXED_TO_MOVING,
+    moving_grid: Grid | None = None,
+    fill_value: float = 0.0,
 ) -> ome_zarr.OmeZarrImage:
-    """An empty displacement field (zeros) ready to be written chunk by chunk."""
+    """An empty displacement field (zeros) ready to be written chunk by chunk.
+
+    `mapping` says which way it maps: fixed_to_moving (u, on a grid over the fixed image)
+    or moving_to_fixed (the inverse v, on a grid over the moving image, whose full-
+    resolution grid `moving_grid` then records)."""
     return ome_zarr.create_image(
         uri,
         [grid],
         dtype="float32",
         chunks=chunks,
         components=3,
-        dreg_attributes=field_attributes(grid, fixed, moving_uri),
+        dreg_attributes=field_attributes(grid, fixed, moving_uri, mapping, moving_grid),
         name="displacement_field",
         overwrite=overwrite,
+        displacement=True,
+        unit=(fixed or {}).get("unit"),
+        fill_value=fill_value,
         # Float displacements barely compress, and compressing them was about half of the
         # reduce step's time: store the chunks raw.
         compressed=False,
     )
 
 
-def open_field(uri: str) -> ome_zarr.OmeZarrImage:
-    """Open a displacement field, checking that it is one."""
+def open_field(uri: str, mapping: str = FIXED_TO_MOVING) -> ome_zarr.OmeZarrImage:
+    """Open a displacement field, checking that it is one and maps the way expected."""
     image = ome_zarr.open_image(uri)
     if image.components != 3 or image.attributes.get("kind") != "displacement_field":
         raise InputError(f"{uri}: not a displacement field (needs dreg.kind displacement_field)")
-    if image.attributes.get("mapping") != "fixed_to_moving":
-        raise InputError(f"{uri}: field mapping must be fixed_to_moving")
+    if image.attributes.get("mapping") != mapping:
+        raise InputError(f"{uri}: field mapping must be {mapping}, "
+                         f"not {image.attributes.get('mapping')}")
     return image
 
 

@@ -1,0 +1,160 @@
+"""Points per second of moving a large point set through a finished registration's field.
+
+Makes a `dreg synth` pair of size^3 (64^3 chunks, in a child process) and, without
+registering, a finished registration output from it: the pair's exact field
+(truth.ome.zarr: on the fixed grid at spacing factor 1, where a registration's field is
+usually at factor 2) as OUT/field.ome.zarr, and OUT/result.json. Writes N points drawn
+uniformly inside the fixed image's domain (world x, y, z and an extra int64 `id`
+column) as Parquet (row groups of 131,072 rows) or CSV, written in slices of at most
+1,048,576 rows so that this process never holds the whole set; then runs
+flows.points.transform_points_file (fixed -> moving, batches of 1,000,000 rows, one task
+each) on a LocalCluster of single-threaded workers (not warmed for elastix, which this
+does not use; the task modules are imported up front), writing the moved points in the
+same format. Prints progress, then one JSON line:
+
+    points_per_s = rows / wall seconds of the transform_points_file flow
+
+The flow's wall time includes reading the input's footer (or counting a CSV's rows) and
+concatenating the batches' parts into the output; batches_s is the span of the batch
+tasks alone, from the Prefect API (null when the API could not tell).
+
+    .venv/bin/python bench/points.py [--size 256] [--points 10000000]
+                                     [--format parquet|csv] [--workers 2] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    APPLY_TASK_MODULES,
+    emit,
+    finished_registration,
+    in_flow_with_cluster,
+    load_average,
+    log,
+    make_pair,
+    peak_rss_mb,
+    task_run_spans,
+    work_folder,
+    worker_peak_rss_mb,
+)
+
+WRITE_ROWS = 1 << 20
+"""Rows generated and written at once."""
+ROW_GROUP_ROWS = 1 << 17
+"""Rows per Parquet row group (as the flow's own parts use)."""
+
+
+def write_points(uri: Path, grid, count: int, fmt: str, seed: int) -> int:
+    """`count` points uniform inside `grid` (continuous indices 0..n-1 on each axis),
+    columns id, x, y, z, written WRITE_ROWS at a time. Returns the file's bytes."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    upper = np.asarray(grid.shape_zyx, dtype=float) - 1
+    schema = pa.schema([("id", pa.int64()), ("x", pa.float64()), ("y", pa.float64()),
+                        ("z", pa.float64())])
+    if fmt == "parquet":
+        writer = pq.ParquetWriter(uri, schema)
+    else:
+        writer = pacsv.CSVWriter(uri, schema)
+    with writer:
+        for start in range(0, count, WRITE_ROWS):
+            stop = min(start + WRITE_ROWS, count)
+            world = grid.index_to_world(rng.uniform(0.0, 1.0, (stop - start, 3)) * upper)
+            table = pa.table({"id": np.arange(start, stop, dtype=np.int64),
+                              "x": world[:, 0], "y": world[:, 1], "z": world[:, 2]},
+                             schema=schema)
+            if fmt == "parquet":
+                writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+            else:
+                writer.write_table(table)
+    return uri.stat().st_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256, help="image edge, voxels")
+    parser.add_argument("--points", type=int, default=10_000_000, help="number of points")
+    parser.add_argument("--format", choices=("parquet", "csv"), default="parquet",
+                        help="points file format, input and output")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary work folder (no effect with --dir)")
+    args = parser.parse_args()
+
+    with work_folder(args.dir, "dreg-bench-points-", args.keep) as work:
+        load_before = load_average()
+        log(f"making a {args.size}^3 pair in {work} (load average {load_before})")
+        started = time.perf_counter()
+        pair = make_pair(work / "pair", args.size, workers=args.workers)
+        out = finished_registration(pair, work / "out")
+        log(f"pair and finished output ready in {time.perf_counter() - started:.1f} s")
+
+        from dreg.io import ome_zarr
+
+        source = work / f"points.{args.format}"
+        dest = work / f"points-moving.{args.format}"
+        dest.unlink(missing_ok=True)
+        log(f"writing {args.points:,} points ({args.format}) to {source}")
+        started = time.perf_counter()
+        size = write_points(source, ome_zarr.open_image(pair["fixed"]).levels[0].grid,
+                            args.points, args.format, args.seed)
+        log(f"{size / 1e6:.1f} MB written in {time.perf_counter() - started:.1f} s")
+
+        def body(cluster) -> dict:
+            from dreg.registration import RunOptions
+            from flows.points import transform_points_file
+
+            address = cluster.scheduler_address
+            log(f"moving the points fixed -> moving on {args.workers} worker(s)")
+            started = time.perf_counter()
+            result = transform_points_file(out, str(source), str(dest), "fixed",
+                                           options=RunOptions(dask_address=address))
+            wall = time.perf_counter() - started
+            spans = task_run_spans(result.flow_run_id, {"transform-points": result.batches})
+            return {"result": result, "wall": wall, "spans": spans,
+                    "workers": worker_peak_rss_mb(address)}
+
+        run = in_flow_with_cluster(args.workers, body, name="dreg-bench-points", warm=False,
+                                   modules=APPLY_TASK_MODULES)
+        output_mb = round(dest.stat().st_size / 1e6, 1)
+
+    result, wall, spans = run["result"], run["wall"], run["spans"]
+    rate = result.rows / wall
+    log(f"{result.rows:,} rows in {result.batches} batches: {wall:.2f} s, "
+        f"{rate / 1e6:.3f} million points per second; {result.outside} outside the field")
+    batches = spans["transform-points"] if spans else None
+    emit({
+        "size": args.size, "workers": args.workers, "format": args.format,
+        "field_factor": 1,
+        "rows": result.rows,
+        "outside": result.outside,
+        "batches": result.batches,
+        "points_s": round(wall, 3),
+        "flow_s": result.seconds,
+        "points_per_s": round(rate),
+        "batches_s": batches["s"] if batches else None,
+        "batch_task_s_mean": round(batches["task_s"] / result.batches, 3) if batches else None,
+        "input_mb": round(size / 1e6, 1),
+        "output_mb": output_mb,
+        "flow_peak_rss_mb": round(peak_rss_mb(), 1),
+        "worker_peak_rss_mb": run["workers"],
+        "load_average": [load_before, load_average()],
+        "measured": time.strftime("%Y-%m-%d %H:%M"),
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Warp: resample an image of the moving space onto the fixed grid through a field.
+
+The registration's field u maps fixed points to moving points, so the warped image at a
+fixed-grid voxel x is the input image sampled at y = x + u(x) (DESIGN.md, "Using the
+result"). The input may be the moving image, another channel, a label map, or an image on
+any other grid of the moving space (a coarser level, another acquisition): y is placed in
+the input's own grid. Work goes one output chunk at a time: a chunk reads the field around
+it and only the box of the input its points map into, never a whole level.
+
+Points that map outside the input get 0. "linear" is trilinear interpolation (integer
+dtypes rounded and clipped); "nearest" keeps the input's values exactly, for label maps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+from dreg.errors import InputError
+from dreg.grid import Grid, Region, region_from_bounds, region_shape
+from dreg.io import ome_zarr, pyramid
+from dreg.transform.field import open_field, sample_field
+
+LINEAR = "linear"
+NEAREST = "nearest"
+INTERPOLATIONS = (LINEAR, NEAREST)
+DEFAULT_MAX_SOURCE_VOXELS = 64**3 * 8
+# How far (in input voxels) a point may lie beyond the first or last voxel centre and
+# still count as inside: world -> index round trips and float32 displacements put points
+# that are exactly on the border a hair outside it.
+OUTSIDE_TOLERANCE = 1e-3
+OVERLAP_SAMPLES = 9  # lattice points per axis of the fixed grid for check_overlap
+
+
+def interpolation_order(interpolation: str) -> int:
+    """The spline order of an interpolation name (1 linear, 0 nearest)."""
+    if interpolation not in INTERPOLATIONS:
+        raise InputError(
+            f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}"
+        )
+    return 1 if interpolation == LINEAR else 0
+
+
+def pyramid_method(interpolation: str) -> str:
+    """The pyramid method that suits an interpolation: a nearest-neighbour warp is a label
+    map, whose coarser levels must not be smoothed."""
+    interpolation_order(interpolation)
+    return pyramid.NEAREST if interpolation == NEAREST else pyramid.GAUSSIAN
+
+
+def fixed_grid_of(field: ome_zarr.OmeZarrImage) -> Grid:
+    """The fixed image's full-resolution grid, as the field records it."""
+    try:
+        return Grid.from_dict(field.attributes["fixed"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(
+            f"{field.uri}: the field does not record the fixed image's grid (dreg.fixed)"
+        ) from None
+
+
+def warped_grids(fixed_grid: Grid) -> list[Grid]:
+    """The warped image's pyramid grids: the fixed grid, then halved down to 64."""
+    return pyramid.pyramid_grids(fixed_grid)
+
+
+def create_warped(
+    uri: str,
+    fixed_grid: Grid,
+    dtype: str | np.dtype,
+    components: int | None,
+    chunks: int = ome_zarr.DEFAULT_CHUNK,
+    overwrite: bool = False,
+    attributes: dict | None = None,
+) -> ome_zarr.OmeZarrImage:
+    """An empty OME-Zarr 0.5 pyramid on the fixed grid, ready to be written chunk by chunk.
+
+    It keeps the input's dtype and c axis (`components`, None for a scalar image).
+    `attributes` go into the root's ``dreg`` object after ``kind: warped_image``
+    (e.g. source image, field, interpolation).
+    """
+    return ome_zarr.create_image(
+        uri,
+        warped_grids(fixed_grid),
+        dtype,
+        chunks=chunks,
+        components=components,
+        dreg_attributes={"kind": "warped_image", **(attributes or {})},
+        name="warped",
+        overwrite=overwrite,
+    )
+
+
+def source_indices(
+    field: ome_zarr.OmeZarrImage, input_grid: Grid, out_grid: Grid, region: Region
+) -> np.ndarray:
+    """Continuous (z, y, x) indices in `input_grid` of y = x + u(x) for every voxel x of
+    `region` of `out_grid`, shape (nz, ny, nx, 3)."""
+    points = out_grid.region_points(region)
+    return input_grid.world_to_index(points + sample_field(field, points))
+
+
+def warp_region(
+    field: ome_zarr.OmeZarrImage,
+    image: ome_zarr.OmeZarrImage,
+    level: int,
+    out_grid: Grid,
+    region: Region,
+    interpolation: str,
+    max_source_voxels: int = DEFAULT_MAX_SOURCE_VOXELS,
+) -> np.ndarray:
+    """The warped voxels of `region` of `out_grid`, in the input image's dtype.
+
+    Samples level `level` of `image` at x + u(x): shape region_shape(region), or
+    (c, ...) for a vector image; 0 where the point falls outside the input. Reads only
+    the box of the input the points need; where that box would hold more than
+    `max_source_voxels` voxels, the region is split in two and each half done alone.
+    """
+    values, _ = warp_region_counted(
+        field, image, level, out_grid, region, interpolation, max_source_voxels
+    )
+    return values
+
+
+def warp_region_counted(
+    field: ome_zarr.OmeZarrImage,
+    image: ome_zarr.OmeZarrImage,
+    level: int,
+    out_grid: Grid,
+    region: Region,
+    interpolation: str,
+    max_source_voxels: int = DEFAULT_MAX_SOURCE_VOXELS,
+) -> tuple[np.ndarray, int]:
+    """`warp_region` and the number of input voxels it read."""
+    order = interpolation_order(interpolation)
+    index = source_indices(field, image.level(level).grid, out_grid, region)
+    return _resample(image, level, index, order, max_source_voxels)
+
+
+def _inside(index: np.ndarray, shape_zyx) -> np.ndarray:
+    """Which continuous indices (..., 3) lie within the grid's voxel centres (tolerance)."""
+    last = np.asarray(shape_zyx) - 1
+    return np.all((index >= -OUTSIDE_TOLERANCE) & (index <= last + OUTSIDE_TOLERANCE), axis=-1)
+
+
+def _placed(index: np.ndarray, shape_zyx, order: int) -> np.ndarray:
+    """Inside indices (M, 3) clipped onto the grid and, for nearest, rounded to voxels."""
+    index = np.clip(index, 0, np.asarray(shape_zyx) - 1)
+    # floor(i + 0.5): halves go up, the same way on every axis and in every chunk.
+    return np.floor(index + 0.5) if order == 0 else index
+
+
+def _source_box(placed: np.ndarray) -> Region:
+    """The input box that interpolating at the placed indices (M, 3) reads."""
+    lo = np.floor(placed.min(axis=0)).astype(int)
+    hi = np.ceil(placed.max(axis=0)).astype(int) + 1
+    return region_from_bounds(lo, hi)
+
+
+def _resample(
+    image: ome_zarr.OmeZarrImage, level: int, index: np.ndarray, order: int,
+    max_source_voxels: int,
+) -> tuple[np.ndarray, int]:
+    """The input sampled at continuous indices (nz, ny, nx, 3), and the voxels read."""
+    lv = image.level(level)
+    out_shape = index.shape[:-1]
+    inside = _inside(index, lv.grid.shape_zyx)
+    if not inside.any():
+        return _zeros(image, lv.dtype, out_shape), 0
+    placed = _placed(index[inside], lv.grid.shape_zyx, order)
+    box = _source_box(placed)
+    voxels = math.prod(region_shape(box))
+    if voxels > max_source_voxels and math.prod(out_shape) > 1:
+        return _resample_halves(image, level, index, order, max_source_voxels)
+    data = ome_zarr.read_region(image, level, box)
+    # Coordinates within the box, one row per axis as map_coordinates wants them.
+    coords = np.ascontiguousarray((placed - [s.start for s in box]).T)
+    out = _zeros(image, lv.dtype, out_shape)
+    if image.components is None:
+        out[inside] = _interpolate(data, coords, order, out.dtype)
+    else:
+        for c in range(image.components):
+            out[c][inside] = _interpolate(data[c], coords, order, out.dtype)
+    return out, voxels
+
+
+def _resample_halves(
+    image: ome_zarr.OmeZarrImage, level: int, index: np.ndarray, order: int,
+    max_source_voxels: int,
+) -> tuple[np.ndarray, int]:
+    """Split the output along its longest axis and resample each half alone, so that
+    each half reads a smaller input box."""
+    axis = int(np.argmax(index.shape[:-1]))
+    first, second = np.array_split(index, 2, axis=axis)
+    a, read_a = _resample(image, level, first, order, max_source_voxels)
+    b, read_b = _resample(image, level, second, order, max_source_voxels)
+    spatial_axis = axis + (0 if image.components is None else 1)
+    return np.concatenate([a, b], axis=spatial_axis), read_a + read_b
+
+
+def _interpolate(data: np.ndarray, coords: np.ndarray, order: int, dtype: np.dtype) -> np.ndarray:
+    """Values of a 3D array at coordinates (3, M) within it, in `dtype`."""
+    if order == 0:
+        # Plain indexing: exact for every dtype (map_coordinates goes through float64,
+        # which would alter 64-bit labels beyond 2**53).
+        return data[tuple(coords.astype(np.intp))]
+    values = ndimage.map_coordinates(data, coords, order=1, mode="nearest", output=np.float64)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        values = np.clip(np.rint(values), info.min, info.max)
+    return values.astype(dtype)
+
+
+def _zeros(image: ome_zarr.OmeZarrImage, dtype: str, shape_zyx) -> np.ndarray:
+    lead = () if image.components is None else (image.components,)
+    return np.zeros((*lead, *shape_zyx), dtype=np.dtype(dtype))
+
+
+def warp_chunk(
+    field_uri: str,
+    image_uri: str,
+    level: int,
+    out_uri: str,
+    region: Region,
+    interpolation: str,
+) -> dict:
+    """Warp one region (whole chunks) of the output's level 0 and write it.
+
+    Returns {"voxels": voxels written, "source_voxels_read": input voxels read}.
+    """
+    field = open_field(field_uri)
+    image = ome_zarr.open_image(image_uri)
+    out = ome_zarr.open_image(out_uri)
+    values, read = warp_region_counted(
+        field, image, level, out.levels[0].grid, region, interpolation
+    )
+    ome_zarr.write_region(out, 0, region, values)
+    return {"voxels": math.prod(region_shape(region)), "source_voxels_read": int(read)}
+
+
+def mapped_bounds(
+    field: ome_zarr.OmeZarrImage, samples: int = OVERLAP_SAMPLES
+) -> tuple[np.ndarray, np.ndarray]:
+    """World (x, y, z) bounding box (min, max) of x + u(x) over a lattice of `samples`
+    points per axis of the fixed grid: where the field sends the fixed image."""
+    grid = fixed_grid_of(field)
+    axes = [np.linspace(0, n - 1, min(samples, n)) for n in grid.shape_zyx]
+    index = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    points = grid.index_to_world(index)
+    moved = points + _sample_sparse(field, points)
+    return moved.min(axis=0), moved.max(axis=0)
+
+
+def _sample_sparse(field: ome_zarr.OmeZarrImage, points_xyz: np.ndarray) -> np.ndarray:
+    """u at scattered world points (N, 3), one field chunk's points at a time.
+
+    Sampling them all at once would read the box they span, the whole field for a
+    lattice over the fixed image; by chunk, each read is a few chunks at most.
+    """
+    lv = field.levels[0]
+    index = lv.grid.world_to_index(points_xyz)
+    index = np.clip(index, 0, np.asarray(lv.grid.shape_zyx) - 1)
+    chunk = np.floor(index / np.asarray(lv.chunks_zyx)).astype(int)
+    _, group = np.unique(chunk, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    out = np.empty(points_xyz.shape, dtype=np.float64)
+    for g in range(group.max() + 1):
+        members = group == g
+        out[members] = sample_field(field, points_xyz[members])
+    return out
+
+
+def check_overlap(image: ome_zarr.OmeZarrImage, field: ome_zarr.OmeZarrImage) -> None:
+    """Raise InputError when the image's physical extent does not meet the region the
+    field maps the fixed image into: its warp would be all zeros."""
+    image_lo, image_hi = image.levels[0].grid.world_bounds()
+    mapped_lo, mapped_hi = mapped_bounds(field)
+    # A hair of slack, as for points on the border: the lattice and float32 field are
+    # not exact, and an image that touches the region at one plane still meets it.
+    slack = OUTSIDE_TOLERANCE * max(image.levels[0].grid.spacing_xyz)
+    if np.any(mapped_hi < image_lo - slack) or np.any(mapped_lo > image_hi + slack):
+        raise InputError(
+            f"{image.uri}: its physical extent {_box_text(image_lo, image_hi)} does not "
+            f"meet the region the field maps the fixed image into "
+            f"{_box_text(mapped_lo, mapped_hi)} (world x, y, z)"
+        )
+
+
+def _box_text(lo: np.ndarray, hi: np.ndarray) -> str:
+    return "[" + ", ".join(f"{a:.4g}..{b:.4g}" for a, b in zip(lo, hi, strict=True)) + "]"

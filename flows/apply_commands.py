@@ -1,0 +1,99 @@
+"""`dreg warp`, `dreg invert` and `dreg transform-points`: use a finished registration.
+
+Each checks its inputs first (bad input: one line, exit 2, before a server or cluster
+starts), runs its flow on the embedded defaults or the given Dask cluster, and prints
+one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def _options(args: argparse.Namespace):
+    from dreg.registration import RunOptions
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    return RunOptions(dask_address=args.dask_address, workers=args.workers)
+
+
+def cmd_warp(args: argparse.Namespace) -> int:
+    from dreg.transform.plan import plan_warp
+
+    plan_warp(args.out, args.image, args.to, args.interpolation)
+    from flows.warp import warp_image
+
+    result = warp_image(args.out, args.image, args.to, args.interpolation, _options(args))
+    print(result.model_dump_json())
+    return 0
+
+
+def cmd_invert(args: argparse.Namespace) -> int:
+    from dreg.transform.plan import plan_invert
+
+    plan_invert(args.out)
+    from flows.invert import invert_field
+
+    print(invert_field(args.out, _options(args)).model_dump_json())
+    return 0
+
+
+def cmd_transform_points(args: argparse.Namespace) -> int:
+    from dreg.transform.plan import plan_points
+
+    plan_points(args.out, args.input, args.output, args.source)
+    from flows.points import transform_points_file
+
+    result = transform_points_file(args.out, args.input, args.output, args.source,
+                                   _options(args))
+    print(json.dumps(result.model_dump(mode="json")))
+    return 0
+
+
+def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dask-address", default=None,
+                        help="an existing Dask scheduler (default: $DREG_DASK_ADDRESS, "
+                             "else a local cluster)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="local cluster workers (default: one per core)")
+
+
+def add_commands(sub) -> None:
+    warp = sub.add_parser(
+        "warp", help="resample an image onto the fixed grid through OUT's field",
+        description="Resample an image in the moving image's physical space (any grid; "
+        "default: the registration's moving image) onto the fixed image's full-resolution "
+        "grid through OUT/field.ome.zarr. Writes an OME-Zarr 0.5 pyramid keeping the "
+        "input's dtype; 0 outside the input.")
+    warp.add_argument("out", help="a finished registration's output (holds result.json)")
+    warp.add_argument("--image", default=None, help="the image to warp (default: moving)")
+    warp.add_argument("--to", default=None, help="destination (default: OUT/warped.ome.zarr)")
+    warp.add_argument("--interpolation", choices=("linear", "nearest"), default="linear",
+                      help="nearest keeps integer labels exact (default: linear)")
+    add_cluster_options(warp)
+    warp.set_defaults(run=cmd_warp)
+
+    invert = sub.add_parser(
+        "invert", help="write OUT/inverse.ome.zarr, the field from moving to fixed",
+        description="Invert OUT/field.ome.zarr chunk by chunk on the moving image's grid "
+        "(same spacing factor as the field). NaN where a moving point has no preimage in "
+        "the fixed domain; the round-trip error goes to OUT/inverse.json.")
+    invert.add_argument("out", help="a finished registration's output (holds result.json)")
+    add_cluster_options(invert)
+    invert.set_defaults(run=cmd_invert)
+
+    points = sub.add_parser(
+        "transform-points", help="move x, y, z columns between fixed and moving space",
+        description="Read IN (CSV or Parquet, by extension) whose x, y, z columns are world "
+        "coordinates in the --from space; write OUTFILE with the same rows in the same "
+        "order, x, y, z moved to the other space (NaN outside the field) and every other "
+        "column kept. --from fixed applies the field; --from moving the inverse, computed "
+        "first if OUT has none.")
+    points.add_argument("out", help="a finished registration's output (holds result.json)")
+    points.add_argument("input", metavar="IN")
+    points.add_argument("output", metavar="OUTFILE")
+    points.add_argument("--from", dest="source", choices=("fixed", "moving"), required=True)
+    add_cluster_options(points)
+    points.set_defaults(run=cmd_transform_points)

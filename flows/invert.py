@@ -1,0 +1,71 @@
+"""Invert a finished registration's field: v maps moving points to fixed points, on the
+moving image's grid.
+
+Prefect entrypoint: ``flows/invert.py:invert_field``. Every chunk of the inverse is one
+task on Dask, reading only the forward field it needs; the round-trip error of every
+chunk and overall goes into OUT/inverse.json and the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect_dask import DaskTaskRunner
+
+from dreg.io import storage
+from dreg.registration import RunOptions
+from dreg.transform import invert
+from dreg.transform.plan import InvertPlan, InvertResult, inverse_chunks, plan_invert
+from flows import artifacts
+from flows.cluster import dask_cluster
+from flows.registration import result_storage
+from tasks.apply import invert_chunk, mark_complete, prepare_inverse
+from tasks.publish import write_json, write_scene
+
+
+@flow(name="dreg-invert-chunks")
+def write_inverse(plan: InvertPlan, storage_block: str, retries: int) -> list[dict]:
+    """Every chunk of the inverse; returns each chunk's round-trip statistics."""
+    token = prepare_inverse(plan)
+    task = invert_chunk.with_options(result_storage=storage_block, retries=retries)
+    futures = [task.submit(plan, region, i, token)
+               for i, region in enumerate(inverse_chunks(plan))]
+    return [f.result() for f in futures]  # a failed chunk fails the run
+
+
+@flow(name="dreg-invert", flow_run_name="invert-{out}")
+def invert_field(out: str, options: RunOptions | None = None) -> InvertResult:
+    """Write OUT/inverse.ome.zarr (moving → fixed) and OUT/inverse.json."""
+    started = time.perf_counter()
+    options = options or RunOptions()
+    plan = plan_invert(out)
+    get_run_logger().info(f"inverting {plan.field} onto a grid of {plan.grid.shape_zyx}")
+    storage_block = result_storage(plan.out)
+    with dask_cluster(options.dask_address, options.workers, warm=False) as address:
+        runner = DaskTaskRunner(address=address)
+        chunks = write_inverse.with_options(task_runner=runner)(plan, storage_block,
+                                                                options.block_retries)
+    overall = invert.merge_stats(chunks)
+    result = InvertResult(output=plan.dest, field=plan.field, report=plan.report,
+                          voxels=overall["voxels"], nan=overall["nan"], max=overall["max"],
+                          p99=overall["p99"], rms=overall["rms"], chunks=len(chunks),
+                          seconds=round(time.perf_counter() - started, 3),
+                          flow_run_id=str(flow_run.get_id()))
+    write_json(plan.report, {**result.model_dump(mode="json"),
+                             "per_chunk": [_without_histogram(c) for c in chunks]})
+    mark_complete(plan.dest, result.model_dump(mode="json"))
+    write_scene(plan.out, plan.fixed, plan.moving, inverse=True)
+    artifacts.publish_output("inverse", plan.out, plan.dest, result.model_dump(mode="json"),
+                             "Inverse displacement field (moving to fixed)")
+    return result
+
+
+def _without_histogram(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if k != "histogram"}
+
+
+def read_report(out: str) -> dict:
+    return json.loads(storage.read_text(plan_invert(out).report))

@@ -1,0 +1,88 @@
+"""Prefect tasks of the flows that use a finished registration: warp, invert, points.
+
+Thin wrappers over `dreg.transform`: each chunk or batch is one task run with retries;
+chunk tasks are cached by their inputs, which include the output's token, so a resumed
+run skips the chunks it wrote and a new output never trusts an old cache.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from dreg.grid import Region
+from dreg.io import ome_zarr, pyramid
+from dreg.transform import invert, outputs, points, warp
+from dreg.transform.plan import InvertPlan, PointsPlan, WarpPlan
+
+CHUNK_CACHE = INPUTS + TASK_SOURCE
+
+
+@task(name="prepare-warped", retries=2, retry_delay_seconds=1)
+def prepare_warped(plan: WarpPlan) -> str:
+    """The warped image's output, reused when it was made from the same inputs."""
+    def create(attributes: dict) -> None:
+        warp.create_warped(plan.dest, plan.fixed_grid, plan.dtype, plan.components,
+                           chunks=plan.chunk, overwrite=True,
+                           attributes={**attributes, "image": plan.image, "field": plan.field,
+                                       "interpolation": plan.interpolation})
+
+    return outputs.prepare_output(plan.dest, plan.identity, create)
+
+
+@task(name="warp-chunk", retries=2, retry_delay_seconds=1, cache_policy=CHUNK_CACHE,
+      persist_result=True, task_run_name="warp-chunk-{index}")
+def warp_chunk(plan: WarpPlan, region: Region, index: int, token: str) -> dict:
+    return warp.warp_chunk(plan.field, plan.image, 0, plan.dest, region, plan.interpolation)
+
+
+@task(name="downsample-chunk", retries=2, retry_delay_seconds=1, cache_policy=CHUNK_CACHE,
+      persist_result=True, task_run_name="downsample-level-{level}-chunk-{index}")
+def downsample_chunk(uri: str, level: int, region: Region, index: int, method: str,
+                     token: str) -> int:
+    """One chunk of a pyramid level, from the level above it."""
+    image = ome_zarr.open_image(uri)
+    data = pyramid.downsample_region(image, level - 1, region, method=method)
+    ome_zarr.write_region(image, level, region, data)
+    return int(data.size)
+
+
+@task(name="prepare-inverse", retries=2, retry_delay_seconds=1)
+def prepare_inverse(plan: InvertPlan) -> str:
+    def create(attributes: dict) -> None:
+        image = invert.create_inverse(plan.dest, ome_zarr.open_image(plan.field),
+                                      plan.moving_grid, plan.moving, overwrite=True)
+        ome_zarr.update_attributes(image.uri, attributes)
+
+    return outputs.prepare_output(plan.dest, plan.identity, create)
+
+
+@task(name="invert-chunk", retries=2, retry_delay_seconds=1, cache_policy=CHUNK_CACHE,
+      persist_result=True, task_run_name="invert-chunk-{index}")
+def invert_chunk(plan: InvertPlan, region: Region, index: int, token: str) -> dict:
+    return invert.invert_chunk(plan.field, plan.dest, region)
+
+
+@task(name="prepare-points", retries=2, retry_delay_seconds=1)
+def prepare_points(plan: PointsPlan) -> str:
+    return outputs.prepare_parts(points.parts_folder(plan.dest), plan.identity)
+
+
+@task(name="transform-points", retries=2, retry_delay_seconds=1, cache_policy=CHUNK_CACHE,
+      persist_result=True, task_run_name="transform-points-rows-{start}-{stop}")
+def transform_points(plan: PointsPlan, start: int, stop: int, index: int,
+                     token: str) -> dict:
+    return points.transform_points_batch(plan.field, plan.mapping, plan.points, start, stop,
+                                         points.part_uri(plan.dest, index))
+
+
+@task(name="write-points", retries=2, retry_delay_seconds=1)
+def write_points(plan: PointsPlan, batches: int) -> str:
+    """Concatenate the batches' parts in order into the output file."""
+    points.concatenate_parts([points.part_uri(plan.dest, i) for i in range(batches)], plan.dest)
+    return plan.dest
+
+
+@task(name="mark-complete", retries=2, retry_delay_seconds=1)
+def mark_complete(uri: str, summary: dict) -> None:
+    outputs.mark_complete(uri, summary)

@@ -1,0 +1,318 @@
+"""Using a finished registration, through the real CLI and the real flows: warp, invert,
+transform points. Prefect's test harness, a real LocalCluster, real zarr stores; the
+registration output is made from a synthetic pair whose exact field is known, so every
+result is checked against the truth."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from ome_zarr_models import open_ome_zarr
+from ome_zarr_models.v05.image import Image
+from scipy import ndimage
+from test_ngff_validity import check_scene
+
+from dreg import synth
+from dreg.grid import Grid, components_to_vectors, whole_region
+from dreg.io import ome_zarr, storage
+from dreg.registration import RunOptions
+from dreg.registration.records import InitialRecord, RegistrationResult
+from dreg.transform.field import open_field, sample_field
+
+pytestmark = [pytest.mark.prefect]
+SHAPE = (40, 44, 48)
+INTERIOR = 6  # voxels from the border where the truth's preimages stay inside
+
+
+def finished_registration(pair: dict, out: str) -> str:
+    """OUT as a registration leaves it, with the pair's exact field as its field."""
+    fs, _ = storage.filesystem(pair["truth"])
+    field_uri = storage.join(out, "field.ome.zarr")
+    if storage.is_s3(out):
+        fs.copy(pair["truth"].removeprefix("s3://"), field_uri.removeprefix("s3://"),
+                recursive=True)
+    else:
+        shutil.copytree(pair["truth"], field_uri)
+    result = RegistrationResult(
+        output=out, field=field_uri, result=storage.join(out, "result.json"),
+        fixed=pair["fixed"], moving=pair["moving"], flow_run_id="made-by-the-test",
+        initial=InitialRecord(matrix=np.eye(3).tolist(), translation=[0.0] * 3),
+        stages=[], seconds=0.0)
+    storage.write_text(result.result, result.document())
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pair")
+    grid = Grid(SHAPE, (1.0, 1.2, 0.9), origin_xyz=(3.0, -2.0, 5.0))
+    return synth.write_pair(str(folder), grid, seed=4, amplitude_voxels=1.5,
+                            shift_voxels=(1.0, -1.5, 2.0), chunks=16, overwrite=True)
+
+
+@pytest.fixture
+def out(pair, tmp_path):
+    return finished_registration(pair, str(tmp_path / "out"))
+
+
+def dreg(*args: str, api: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """The real CLI; with `api`, reporting to that Prefect API (the one the session's Dask
+    workers report to), else to a temporary server of its own."""
+    env = {**os.environ, "PREFECT_API_URL": api} if api else None
+    done = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True,
+                          text=True, timeout=600, env=env)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def last_json(done: subprocess.CompletedProcess) -> dict:
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def whole(uri: str, level: int = 0) -> np.ndarray:
+    image = ome_zarr.open_image(uri)
+    return ome_zarr.read_region(image, level, whole_region(image.levels[level].grid.shape_zyx))
+
+
+def truth_moving_points(pair: dict) -> tuple[Grid, np.ndarray]:
+    """The fixed grid and, at each of its voxels, the moving point x + u_true(x)."""
+    truth = open_field(pair["truth"])
+    grid = truth.levels[0].grid
+    points = grid.region_points(whole_region(grid.shape_zyx))
+    return grid, points + components_to_vectors(whole(pair["truth"]))
+
+
+def interior(array: np.ndarray) -> np.ndarray:
+    return array[..., INTERIOR:-INTERIOR, INTERIOR:-INTERIOR, INTERIOR:-INTERIOR]
+
+
+def test_warp_matches_the_moving_image_resampled_by_the_truth(pair, out, prefect_api,
+                                                              dask_address):
+    from flows.warp import warp_image
+
+    result = warp_image(out, options=RunOptions(dask_address=dask_address))
+    assert result.output == storage.join(out, "warped.ome.zarr")
+    grid, moved = truth_moving_points(pair)
+    moving = ome_zarr.open_image(pair["moving"])
+    index = moving.levels[0].grid.world_to_index(moved)
+    expected = ndimage.map_coordinates(whole(pair["moving"]), np.moveaxis(index, -1, 0),
+                                       order=1)
+    warped = whole(result.output)
+    assert warped.dtype == np.float32 and warped.shape == SHAPE
+    np.testing.assert_allclose(interior(warped), interior(expected), atol=1e-3)
+    # It is the registration's answer: warped looks like the fixed image.
+    fixed = whole(pair["fixed"])
+    assert np.abs(interior(warped - fixed)).mean() < 0.2 * np.abs(interior(
+        whole(pair["moving"]) - fixed)).mean()
+    # A pyramid every viewer opens, marked complete last.
+    model = open_ome_zarr(zarr.open_group(result.output, mode="r"))
+    assert isinstance(model, Image)
+    assert len(ome_zarr.open_image(result.output).levels) == result.levels >= 1
+    assert ome_zarr.open_image(result.output).attributes["complete"] is True
+
+
+def test_warp_reruns_from_its_cache_and_labels_stay_labels(pair, out, prefect_api,
+                                                          dask_address, tmp_path):
+    from flows.warp import warp_image
+
+    labels_uri = str(tmp_path / "labels.ome.zarr")
+    moving = ome_zarr.open_image(pair["moving"])
+    labels = ome_zarr.create_image(labels_uri, [moving.levels[0].grid], "uint16", chunks=16)
+    values = (whole(pair["moving"]) // 25).astype(np.uint16) * 1000 + 7
+    ome_zarr.write_region(labels, 0, whole_region(SHAPE), values)
+    dest = str(tmp_path / "labels-warped.ome.zarr")
+    options = RunOptions(dask_address=dask_address)
+    first = warp_image(out, image=labels_uri, to=dest, interpolation="nearest", options=options)
+    warped = whole(dest)
+    assert warped.dtype == np.uint16
+    assert set(np.unique(warped)) <= set(np.unique(values)) | {0}
+    for level in range(1, first.levels):
+        assert set(np.unique(whole(dest, level))) <= set(np.unique(values)) | {0}
+    started = time.perf_counter()
+    second = warp_image(out, image=labels_uri, to=dest, interpolation="nearest",
+                        options=options)
+    assert second.voxels == first.voxels
+    np.testing.assert_array_equal(whole(dest), warped)
+    states = chunk_states(second.flow_run_id, "warp-chunk")
+    assert states and set(states) == {"Cached"}, states
+    assert time.perf_counter() - started < 300
+
+
+def chunk_states(flow_run_id: str, name: str) -> list[str]:
+    """States of the task runs named `name`* under a flow run and its subflows."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+
+    deadline = time.monotonic() + 60
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(flow_run_id)])),
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)))
+            if all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                return [r.state.name for r in runs]
+            time.sleep(0.5)
+
+
+def test_invert_round_trips_and_marks_the_scene_a_bijection(pair, out, prefect_api,
+                                                            dask_address):
+    from flows.invert import invert_field
+
+    result = invert_field(out, options=RunOptions(dask_address=dask_address))
+    report = json.loads(Path(out, "inverse.json").read_text())
+    assert report["voxels"] == result.voxels > 0 and len(report["per_chunk"]) == result.chunks
+    assert result.max < 1e-2 and result.p99 <= 1e-2
+    # Against the truth: a fixed point x maps to y = x + u(x); y + v(y) comes back to x.
+    grid, moved = truth_moving_points(pair)
+    inside = interior(np.moveaxis(moved, -1, 0))
+    y = np.moveaxis(inside, 0, -1).reshape(-1, 3)
+    x = interior(np.moveaxis(grid.region_points(whole_region(SHAPE)), -1, 0))
+    x = np.moveaxis(x, 0, -1).reshape(-1, 3)
+    back = y + sample_field(open_field(result.output, mapping="moving_to_fixed"), y)
+    spacing = np.asarray(grid.spacing_xyz)
+    assert np.nanmax(np.abs(back - x) / spacing) < 0.05
+    assert not np.isnan(back).any()
+    check_scene(out, bijection=True, unit="micrometer")
+
+
+def test_points_both_ways_keep_rows_and_columns(pair, out, prefect_api, dask_address,
+                                                tmp_path):
+    rng = np.random.default_rng(3)
+    grid, _ = truth_moving_points(pair)
+    index = rng.uniform(INTERIOR, np.array(SHAPE) - 1 - INTERIOR, (500, 3))
+    world = grid.index_to_world(index)
+    world[5] = [1e4, 1e4, 1e4]  # far outside the field: NaN, counted
+    frame = pd.DataFrame({"cell": [f"c{i}" for i in range(500)], "x": world[:, 0],
+                          "y": world[:, 1], "z": world[:, 2], "area": np.arange(500) * 0.5})
+    source = tmp_path / "cells.csv"
+    frame.to_csv(source, index=False)
+    moved_uri = tmp_path / "cells-moving.parquet"
+    done = dreg("transform-points", out, str(source), str(moved_uri), "--from", "fixed",
+                "--dask-address", dask_address, api=prefect_api)
+    summary = last_json(done)
+    assert summary["rows"] == 500 and summary["outside"] == 1
+    moved = pd.read_parquet(moved_uri)
+    assert list(moved.columns) == list(frame.columns)
+    assert moved["cell"].tolist() == frame["cell"].tolist()
+    np.testing.assert_array_equal(moved["area"], frame["area"])
+    model = synth.make_model(grid, 4, 1.5, (1.0, -1.5, 2.0))
+    xyz = moved[["x", "y", "z"]].to_numpy()
+    keep = np.arange(500) != 5
+    np.testing.assert_allclose(xyz[keep], world[keep] + model.displacement(world[keep]),
+                               atol=0.05)
+    assert np.isnan(xyz[5]).all()
+
+    # Back from the moving space: the inverse is computed first, since OUT has none.
+    back_uri = tmp_path / "cells-back.csv"
+    done = dreg("transform-points", out, str(moved_uri), str(back_uri), "--from", "moving",
+                "--dask-address", dask_address, api=prefect_api)
+    assert Path(out, "inverse.ome.zarr").exists()
+    back = pd.read_csv(back_uri)
+    assert back["cell"].tolist() == frame["cell"].tolist()
+    np.testing.assert_allclose(back[["x", "y", "z"]].to_numpy()[keep], world[keep],
+                               atol=0.05)
+
+
+def test_warp_command_prints_json_last_and_refuses_bad_input(pair, out, prefect_api,
+                                                             dask_address, tmp_path):
+    done = dreg("warp", out, "--dask-address", dask_address, api=prefect_api)
+    assert last_json(done)["output"] == storage.join(out, "warped.ome.zarr")
+
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    far = str(tmp_path / "far.ome.zarr")
+    far_grid = Grid(SHAPE, (1.0, 1.0, 1.0), origin_xyz=(1e4, 1e4, 1e4))
+    ome_zarr.create_image(far, [far_grid], "float32", chunks=16)
+    no_xyz = tmp_path / "no-xyz.csv"
+    pd.DataFrame({"x": [1.0], "q": [2.0]}).to_csv(no_xyz, index=False)
+    cases = [
+        (["warp", str(unfinished)], "no finished registration"),
+        (["invert", str(unfinished)], "no finished registration"),
+        (["warp", out, "--image", far], "far.ome.zarr"),
+        (["transform-points", out, str(no_xyz), str(tmp_path / "o.csv"), "--from", "fixed"],
+         "no-xyz.csv"),
+    ]
+    for args, expected in cases:
+        done = dreg(*args, check=False)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2, (args, done.stderr[-2000:])
+        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in done.stderr
+
+
+@pytest.mark.s3
+def test_warp_invert_and_points_on_s3(s3, prefect_api, tmp_path):
+    """Everything on the moto S3 server: inputs, OUT, points in and out. The flows start
+    their own local cluster, whose workers inherit the S3 settings."""
+    import uuid
+
+    from flows.invert import invert_field
+    from flows.points import transform_points_file
+    from flows.warp import warp_image
+
+    root = s3.uri(uuid.uuid4().hex)
+    grid = Grid((24, 28, 32), (1.0, 1.0, 1.0))
+    pair = synth.write_pair(storage.join(root, "pair"), grid, seed=2, amplitude_voxels=1.0,
+                            chunks=16, overwrite=True)
+    out = finished_registration(pair, storage.join(root, "out"))
+    options = RunOptions(workers=1)
+    warped = warp_image(out, options=options)
+    assert ome_zarr.open_image(warped.output).attributes["complete"] is True
+    inverse = invert_field(out, options=options)
+    assert inverse.max < 1e-2
+    assert json.loads(storage.read_text(storage.join(out, "inverse.json")))["voxels"] > 0
+
+    world = grid.index_to_world(np.array([[12.0, 14.0, 16.0], [10.5, 9.0, 20.0]]))
+    points_in = storage.join(root, "cells.csv")
+    storage.write_text(points_in, pd.DataFrame(
+        {"x": world[:, 0], "y": world[:, 1], "z": world[:, 2], "id": [7, 9]}).to_csv(
+        index=False))
+    points_out = storage.join(root, "cells-moving.parquet")
+    result = transform_points_file(out, points_in, points_out, "fixed", options=options)
+    assert result.rows == 2 and result.outside == 0
+    fs, path = storage.filesystem(points_out)
+    with fs.open(path, "rb") as handle:
+        moved = pd.read_parquet(handle)
+    model = synth.make_model(grid, 2, 1.0, (0.0, 0.0, 0.0))
+    np.testing.assert_allclose(moved[["x", "y", "z"]].to_numpy(),
+                               world + model.displacement(world), atol=0.05)
+    assert moved["id"].tolist() == [7, 9]
+
+
+def test_register_with_warp_leaves_a_scene_and_a_warped_image(prefect_api, dask_address,
+                                                              tmp_path):
+    pair = synth.write_pair(str(tmp_path / "pair"), Grid((32, 32, 32), (1.0, 1.0, 1.0)),
+                            seed=1, amplitude_voxels=0.0, shift_voxels=(1.0, 0.0, -1.0),
+                            chunks=16, overwrite=True)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("stages:\n  - name: shift\n    level: 0\n    transform: translation\n"
+                      "    parameters: {MaximumNumberOfIterations: 60}\n")
+    out = str(tmp_path / "out")
+    done = dreg("register", pair["fixed"], pair["moving"], out, "--config", str(config),
+                "--warp", "--dask-address", dask_address, api=prefect_api)
+    line = last_json(done)
+    assert line["warped"] == storage.join(out, "warped.ome.zarr")
+    assert ome_zarr.open_image(line["warped"]).attributes["complete"] is True
+    check_scene(out, bijection=False, unit="micrometer")
+    # The warped moving image now matches the fixed image.
+    difference = np.abs(whole(line["warped"]) - whole(pair["fixed"]))[4:-4, 4:-4, 4:-4]
+    before = np.abs(whole(pair["moving"]) - whole(pair["fixed"]))[4:-4, 4:-4, 4:-4]
+    assert difference.mean() < 0.2 * before.mean()
