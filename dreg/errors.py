@@ -13,6 +13,11 @@ class StorageError(DregError):
     """A storage location cannot be reached, read or written."""
 
 
+class RunFailed(DregError):
+    """A run went through but its result must not be used (for example no block of the
+    last stage succeeded). The CLI exits with status 1, not 2: the input was fine."""
+
+
 def first_line(exc: BaseException | str, limit: int = 300) -> str:
     """The informative line of an exception's (or a state's) message, for a one-line
     report.

@@ -8,6 +8,7 @@ must carry no credentials and be of sane length, and the version must be a plain
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -79,12 +80,19 @@ def check_size(shape_zyx: Sequence[int], max_voxels: int, name: str) -> None:
                          f"({max_voxels})")
 
 
-def output_name(moving_uri: str, version: str) -> str:
-    """A readable folder name for a registration's output: the moving image's name and
-    its version."""
+def readable_name(moving_uri: str, version: str) -> str:
+    """The moving image's name and its version, as plain characters."""
     stem = moving_uri.rstrip("/").rsplit("/", 1)[-1]
     for suffix in (".ome.zarr", ".zarr"):
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-") or "volume"
     return f"{stem}-{version}" if version else stem
+
+
+def output_name(moving_uri: str, version: str) -> str:
+    """A folder name for a registration's output, readable and unique: the moving
+    image's name, its version, and a short hash of its whole URI (two volumes of one
+    name in different folders must not share an output)."""
+    digest = hashlib.sha256(moving_uri.rstrip("/").encode()).hexdigest()[:8]
+    return f"{readable_name(moving_uri, version)}-{digest}"

@@ -11,6 +11,8 @@ import argparse
 import json
 import os
 
+from dreg.io import ownership
+
 
 def _options(args: argparse.Namespace):
     from dreg.registration import RunOptions
@@ -22,7 +24,7 @@ def _options(args: argparse.Namespace):
 def cmd_warp(args: argparse.Namespace) -> int:
     from dreg.transform.plan import plan_warp
 
-    plan_warp(args.out, args.image, args.to, args.interpolation)
+    ownership.check_free(plan_warp(args.out, args.image, args.to, args.interpolation).out)
     from flows.warp import warp_image
 
     result = warp_image(args.out, args.image, args.to, args.interpolation, _options(args))
@@ -33,7 +35,7 @@ def cmd_warp(args: argparse.Namespace) -> int:
 def cmd_invert(args: argparse.Namespace) -> int:
     from dreg.transform.plan import plan_invert
 
-    plan_invert(args.out)
+    ownership.check_free(plan_invert(args.out).out)
     from flows.invert import invert_field
 
     print(invert_field(args.out, _options(args)).model_dump_json())
@@ -43,7 +45,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
 def cmd_transform_points(args: argparse.Namespace) -> int:
     from dreg.transform.plan import plan_points
 
-    plan_points(args.out, args.input, args.output, args.source)
+    if plan_points(args.out, args.input, args.output, args.source).needs_inverse:
+        ownership.check_free(args.out)
     from flows.points import transform_points_file
 
     result = transform_points_file(args.out, args.input, args.output, args.source,

@@ -65,6 +65,7 @@ def summary_markdown(result: RegistrationResult) -> str:
         f"- output: `{result.output}`",
         f"- field: `{result.field}`",
         f"- seconds: {result.seconds:.1f}",
+        f"- failed blocks: {result.failed_blocks} ({result.failed_share:.1%} of all blocks)",
         "",
         "| stage | level | transform | blocks | " + " | ".join(STATUSES) + " | seconds |",
         "|---|---|---|---|" + "---|" * len(STATUSES) + "---|",
@@ -103,10 +104,11 @@ def publish_output(kind: str, out_uri: str, uri: str, summary: dict,
 class Progress:
     """Block progress: a Prefect progress artifact, and a bar on stderr if asked."""
 
-    def __init__(self, total: int, label: str, show_bar: bool = False) -> None:
+    def __init__(self, total: int, label: str, show_bar: bool = False,
+                 key: str | None = None) -> None:
         self.total, self.done, self.label, self.show_bar = total, 0, label, show_bar
         self.artifact_id: UUID = create_progress_artifact(
-            progress=0.0, description=f"{label}: blocks registered"
+            progress=0.0, key=key, description=f"{label}: blocks registered"
         )
         self._last_reported = -1.0
 

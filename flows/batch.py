@@ -16,7 +16,9 @@ from dreg.errors import InputError, first_line
 from dreg.io import storage
 from dreg.registration import PipelineConfig, RunOptions
 from dreg.registration.plan import RESULT_FILE
+from flows import artifacts, events
 from flows.registration import register_images
+from flows.run_names import nightly_run_name
 
 
 def read_manifest(uri: str) -> list[dict]:
@@ -31,11 +33,20 @@ def read_manifest(uri: str) -> list[dict]:
     return entries
 
 
+def announce_batch_failure(flow, run, state) -> None:
+    """A state hook: a failed batch (a missing manifest, pairs that failed) emits
+    dreg.registration.failed about its manifest, with the reason."""
+    manifest = str((run.parameters or {}).get("manifest") or "") or None
+    events.emit_failed(first_line(state.message or state.name or "failed"), None, None, None,
+                       str(run.id), manifest=manifest)
+
+
 def pending(entries: list[dict]) -> list[dict]:
     return [e for e in entries if not storage.exists(storage.join(e["out"], RESULT_FILE))]
 
 
-@flow(name="dreg-register-scheduled")
+@flow(name="dreg-register-scheduled", flow_run_name=nightly_run_name,
+      on_failure=[announce_batch_failure])
 def register_scheduled(
     manifest: str = "",
     fixed: str = "",
@@ -58,6 +69,7 @@ def register_scheduled(
         try:
             result = register_images(fixed=entry["fixed"], moving=entry["moving"],
                                      out=entry["out"], pipeline=pipeline, options=options)
+            artifacts.publish_result(result)  # on the nightly run an operator opens, too
             outcomes.append({"out": entry["out"], "field": result.field})
         except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on
             logger.error(f"{entry['out']}: {exc}")

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from dreg.errors import DregError, InputError
+from dreg.errors import DregError, InputError, RunFailed
 from dreg.memory import release_freed_memory_promptly
 from flows import apply_commands, run_commands
 
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
+    except RunFailed as exc:
+        print(f"dreg: failed: {exc}", file=sys.stderr)
+        return 1
     except DregError as exc:
         print(f"dreg: error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,8 @@ Downstream, a registration announces its outcome:
 
     dreg.registration.completed  resource dreg.field.<field uri>; related: the fixed and
                                  moving volumes (roles "fixed", "moving"), the output;
-                                 payload: output, field, result, flow run id
+                                 payload: output, field, result, flow run id,
+                                 failed blocks (count, share of all blocks)
     dreg.registration.failed     resource dreg.registration.<output uri>; related as
                                  above; payload: reason, flow run id
 """
@@ -30,6 +31,32 @@ if TYPE_CHECKING:
 INGESTED = "dreg.volume.ingested"
 COMPLETED = "dreg.registration.completed"
 FAILED = "dreg.registration.failed"
+DELIVERY_TIMEOUT_S = 30.0
+
+
+def confirm_delivered(api: str, event_id: str, timeout_s: float = DELIVERY_TIMEOUT_S) -> None:
+    """Wait until the server has stored the event; RunFailed if it has not in time. An
+    event that only looks sent is worse than an error."""
+    import json
+    import time
+    import urllib.request
+
+    from dreg.errors import RunFailed
+
+    query = json.dumps({"filter": {"id": {"id": [event_id]}}, "limit": 1}).encode()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(f"{api.rstrip('/')}/events/filter", data=query,
+                                         method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                if json.loads(response.read()).get("events"):
+                    return
+        except OSError:
+            pass  # not reachable yet: keep trying until the deadline
+        time.sleep(0.5)
+    raise RunFailed(f"event {event_id} was not received by {api} within {timeout_s:.0f} s")
 
 
 def volume_resource_id(uri: str) -> str:
@@ -74,17 +101,28 @@ def emit_completed(result: RegistrationResult) -> Any:
         resource={"prefect.resource.id": f"dreg.field.{result.field}", "dreg.uri": result.field},
         related=_related(result.fixed, result.moving, result.output),
         payload={"output": result.output, "field": result.field, "result": result.result,
-                 "flow_run_id": result.flow_run_id},
+                 "flow_run_id": result.flow_run_id, "failed_blocks": result.failed_blocks,
+                 "failed_share": result.failed_share},
     )
 
 
+def failed_resource(out: str | None, moving: str | None, manifest: str | None = None) -> str:
+    """What a failure is about: the output, else the volume (a rejected event has no
+    output yet), else the batch's manifest."""
+    if out:
+        return f"dreg.registration.{out}"
+    if moving:
+        return volume_resource_id(moving)
+    return f"dreg.batch.{manifest or 'unknown'}"
+
+
 def emit_failed(reason: str, fixed: str | None, moving: str | None, out: str | None,
-                flow_run_id: str | None) -> Any:
+                flow_run_id: str | None, manifest: str | None = None) -> Any:
     from prefect.events import emit_event
 
     return emit_event(
         event=FAILED,
-        resource={"prefect.resource.id": f"dreg.registration.{out or 'unknown'}"},
+        resource={"prefect.resource.id": failed_resource(out, moving, manifest)},
         related=_related(fixed, moving, out),
         payload={"reason": reason, "flow_run_id": flow_run_id},
     )

@@ -13,9 +13,11 @@ from prefect.runtime import flow_run
 
 from dreg import trust
 from dreg.io import ome_zarr, storage
-from dreg.registration import PipelineConfig, RegistrationResult, RunOptions
-from flows import events
+from dreg.registration import PipelineConfig, RegistrationResult, RunOptions, default_pipeline
+from dreg.registration.records import finished_with_same_inputs
+from flows import artifacts, events
 from flows.registration import register_images
+from flows.run_names import ingest_run_name
 from flows.warp import warp_image
 
 DEFAULT_MAX_VOXELS = 2**40  # about a tebivoxel
@@ -47,7 +49,7 @@ def validated_request(moving: str, version: str, event_fixed: str, reference: st
     return {"fixed": fixed, "moving": moving, "out": out, "version": version}
 
 
-@flow(name="dreg-register-on-ingest")
+@flow(name="dreg-register-on-ingest", flow_run_name=ingest_run_name)
 def register_on_ingest(
     moving: str,
     version: str = "",
@@ -74,8 +76,15 @@ def register_on_ingest(
         raise
     logger.info(f"registering {request['moving']} onto {request['fixed']} "
                 f"into {request['out']}")
+    existing = finished_with_same_inputs(request["out"], request["fixed"], request["moving"],
+                                         pipeline or default_pipeline())
+    if existing is not None:
+        logger.info(f"{request['out']} already holds this registration: nothing to do")
+        artifacts.publish_result(existing)
+        return existing
     result = register_images(fixed=request["fixed"], moving=request["moving"],
                              out=request["out"], pipeline=pipeline, options=options)
+    artifacts.publish_result(result)  # on the run an operator opens, too
     if warp:
         warp_image(result.output, options=options)
     return result

@@ -21,7 +21,9 @@ from dreg.transform import invert
 from dreg.transform.plan import InvertPlan, InvertResult, inverse_chunks, plan_invert
 from flows import artifacts
 from flows.cluster import dask_cluster
+from flows.ownership import owning
 from flows.registration import result_storage
+from flows.run_names import invert_run_name
 from tasks.apply import invert_chunk, mark_complete, prepare_inverse
 from tasks.publish import write_json, write_scene
 
@@ -36,7 +38,7 @@ def write_inverse(plan: InvertPlan, storage_block: str, retries: int) -> list[di
     return [f.result() for f in futures]  # a failed chunk fails the run
 
 
-@flow(name="dreg-invert", flow_run_name="invert-{out}")
+@flow(name="dreg-invert", flow_run_name=invert_run_name)
 def invert_field(out: str, options: RunOptions | None = None) -> InvertResult:
     """Write OUT/inverse.ome.zarr (moving → fixed) and OUT/inverse.json."""
     started = time.perf_counter()
@@ -44,20 +46,22 @@ def invert_field(out: str, options: RunOptions | None = None) -> InvertResult:
     plan = plan_invert(out)
     get_run_logger().info(f"inverting {plan.field} onto a grid of {plan.grid.shape_zyx}")
     storage_block = result_storage(plan.out)
-    with dask_cluster(options.dask_address, options.workers, warm=False) as address:
-        runner = DaskTaskRunner(address=address)
-        chunks = write_inverse.with_options(task_runner=runner)(plan, storage_block,
-                                                                options.block_retries)
-    overall = invert.merge_stats(chunks)
-    result = InvertResult(output=plan.dest, field=plan.field, report=plan.report,
-                          voxels=overall["voxels"], nan=overall["nan"], max=overall["max"],
-                          p99=overall["p99"], rms=overall["rms"], chunks=len(chunks),
-                          seconds=round(time.perf_counter() - started, 3),
-                          flow_run_id=str(flow_run.get_id()))
-    write_json(plan.report, {**result.model_dump(mode="json"),
-                             "per_chunk": [_without_histogram(c) for c in chunks]})
-    mark_complete(plan.dest, result.model_dump(mode="json"))
-    write_scene(plan.out, plan.fixed, plan.moving, inverse=True)
+    with owning(plan.out) as lease:
+        with dask_cluster(options.dask_address, options.workers, warm=False) as address:
+            chunks = write_inverse.with_options(task_runner=DaskTaskRunner(address=address))(
+                plan, storage_block, options.block_retries)
+        overall = invert.merge_stats(chunks)
+        result = InvertResult(output=plan.dest, field=plan.field, report=plan.report,
+                              voxels=overall["voxels"], nan=overall["nan"],
+                              max=overall["max"], p99=overall["p99"], rms=overall["rms"],
+                              chunks=len(chunks),
+                              seconds=round(time.perf_counter() - started, 3),
+                              flow_run_id=str(flow_run.get_id()))
+        write_json(plan.report, {**result.model_dump(mode="json"),
+                                 "per_chunk": [_without_histogram(c) for c in chunks]})
+        lease.check()
+        mark_complete(plan.dest, result.model_dump(mode="json"))
+        write_scene(plan.out, plan.fixed, plan.moving, inverse=True)
     artifacts.publish_output("inverse", plan.out, plan.dest, result.model_dump(mode="json"),
                              "Inverse displacement field (moving to fixed)")
     return result

@@ -21,6 +21,7 @@ from flows import artifacts
 from flows.cluster import dask_cluster
 from flows.invert import invert_field
 from flows.registration import result_storage
+from flows.run_names import points_run_name
 from tasks.apply import prepare_points, transform_points, write_points
 
 
@@ -35,7 +36,7 @@ def write_transformed(plan: PointsPlan, storage_block: str, retries: int) -> lis
     return counts
 
 
-@flow(name="dreg-transform-points", flow_run_name="points-{source}-{points}")
+@flow(name="dreg-transform-points", flow_run_name=points_run_name)
 def transform_points_file(out: str, points: str, dest: str, source: str,
                           options: RunOptions | None = None) -> PointsResult:
     """Write `dest`: the rows of `points` with x, y, z moved out of the `source` space."""

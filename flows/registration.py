@@ -22,6 +22,7 @@ from prefect_dask import DaskTaskRunner
 
 from dreg.errors import first_line
 from dreg.io import ome_zarr, storage
+from dreg.io.ownership import OwnedElsewhere
 from dreg.registration import (
     BlockResult,
     RegistrationPlan,
@@ -35,12 +36,19 @@ from dreg.registration import (
 )
 from dreg.registration.outcome import FAILED
 from dreg.registration.pipeline import InitialAffine, PipelineConfig
-from dreg.registration.records import StageTimings, registration_result, summarize_stage
+from dreg.registration.records import (
+    StageTimings,
+    check_last_stage,
+    registration_result,
+    summarize_stage,
+)
 from dreg.transform.field import FIELD_CHUNK, fixed_description
 from dreg.transform.plan import derived_outputs
 from dreg.transform.reduce import blocks_for_chunk, field_identity
 from flows import artifacts, events
 from flows.cluster import dask_cluster
+from flows.ownership import owning
+from flows.run_names import register_run_name
 from tasks.publish import write_json, write_result, write_scene
 from tasks.reduce import create_field, reduce_chunk
 from tasks.register import build_parameter_map, register_block, tile
@@ -88,7 +96,9 @@ def register_blocks(ctx, blocks, stage: StagePlan, storage_block: str,
                                             retries=options.block_retries)
     futures = registrar.map(unmapped(ctx), blocks)
     progress = artifacts.Progress(len(blocks), f"stage {stage.number}-{stage.name}",
-                                  options.show_progress)
+                                  options.show_progress,
+                                  key=artifacts.artifact_key(f"progress-{stage.number}",
+                                                             stage.folder))
     return _collect(futures, blocks, progress)
 
 
@@ -99,11 +109,12 @@ def reduce_field(plan: RegistrationPlan, stage: StagePlan, previous, results,
     fixed_info = fixed_description(ome_zarr.open_image(plan.fixed_uri))
     wait([create_field.submit(uri, stage.field_grid, fixed_info, plan.moving_uri)
           for uri in destinations])
+    chunks = ome_zarr.chunk_regions(stage.field_grid.shape_zyx, (FIELD_CHUNK,) * 3)
     futures = [
-        reduce_chunk.submit(blocks_for_chunk(results, chunk), chunk, stage.field_grid,
+        reduce_chunk.submit(index, blocks_for_chunk(results, chunk), chunk, stage.field_grid,
                             stage.fixed_grid.shape_zyx, float(stage.config.field_grid_factor),
                             previous, destinations)
-        for chunk in ome_zarr.chunk_regions(stage.field_grid.shape_zyx, (FIELD_CHUNK,) * 3)
+        for index, chunk in enumerate(chunks)
     ]
     return sum(f.result()["voxels"] for f in futures)  # a failed chunk fails the stage
 
@@ -169,14 +180,18 @@ def run_stages(plan: RegistrationPlan, storage_block: str,
 
 
 def announce_failure(flow, run, state) -> None:
-    """A state hook: emit dreg.registration.failed with the reason."""
+    """A state hook: emit dreg.registration.failed with the reason. A run refused because
+    another owns OUT announces nothing: OUT is fine, and its owner will announce."""
     reason = first_line(state.message or state.name or "failed")
+    if OwnedElsewhere.__name__ in reason:
+        return
     parameters = run.parameters or {}
     events.emit_failed(reason, parameters.get("fixed"), parameters.get("moving"),
                        parameters.get("out"), str(run.id))
 
 
-@flow(name="dreg-register", on_failure=[announce_failure], on_crashed=[announce_failure])
+@flow(name="dreg-register", flow_run_name=register_run_name, on_failure=[announce_failure],
+      on_crashed=[announce_failure])
 def register_images(
     fixed: str,
     moving: str,
@@ -195,15 +210,18 @@ def register_images(
     initial = initial_affine.to_transform() if initial_affine else None
     plan = plan_registration(fixed, moving, out, pipeline or default_pipeline(), initial,
                              overwrite=options.overwrite)
-    # Replacing a finished result: withdraw its completion mark before touching it, and
-    # what was derived from its field (warped image, inverse), which would be stale.
-    for uri in [plan.result_uri, *derived_outputs(plan.out_uri)]:
-        storage.remove_tree(uri)
-    summaries = run_stages(plan, result_storage(plan.out_uri), options)
-    result = registration_result(plan, summaries, str(flow_run.get_id()),
-                                 time.perf_counter() - started)
-    write_scene(plan.out_uri, plan.fixed_uri, plan.moving_uri)
-    write_result(plan.result_uri, result)
+    with owning(plan.out_uri) as lease:
+        # Replacing a finished result: withdraw its completion mark before touching it,
+        # and what was derived from its field (warped image, inverse): it would be stale.
+        for uri in [plan.result_uri, *derived_outputs(plan.out_uri)]:
+            storage.remove_tree(uri)
+        summaries = run_stages(plan, result_storage(plan.out_uri), options)
+        check_last_stage(summaries)
+        result = registration_result(plan, summaries, str(flow_run.get_id()),
+                                     time.perf_counter() - started)
+        write_scene(plan.out_uri, plan.fixed_uri, plan.moving_uri)
+        lease.check()  # never mark complete an output another run may have written
+        write_result(plan.result_uri, result)
     artifacts.publish_result(result)
     events.emit_completed(result)
     return result

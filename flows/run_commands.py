@@ -8,7 +8,7 @@ import json
 import os
 import time
 
-from dreg.io import storage
+from dreg.io import ownership, storage
 from flows.apply_commands import add_cluster_options
 
 DEMO_SHAPE = (64, 80, 96)
@@ -33,7 +33,8 @@ def _run_registration(args: argparse.Namespace, pipeline):
 
 def _last_line(result) -> dict:
     return result.model_dump(mode="json", include={"output", "field", "flow_run_id",
-                                                   "block_counts", "seconds"})
+                                                   "block_counts", "failed_blocks",
+                                                   "failed_share", "seconds"})
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -42,7 +43,9 @@ def cmd_register(args: argparse.Namespace) -> int:
 
     pipeline = load_pipeline(args.config) if args.config else default_pipeline()
     # Validate here first: bad input fails in a second, before a server or cluster starts.
-    plan_registration(args.fixed, args.moving, args.out, pipeline, overwrite=args.overwrite)
+    plan = plan_registration(args.fixed, args.moving, args.out, pipeline,
+                             overwrite=args.overwrite)
+    ownership.check_free(plan.out_uri)
     result = _run_registration(args, pipeline)
     line = _last_line(result)
     if args.warp:
@@ -96,13 +99,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_emit_ingested(args: argparse.Namespace) -> int:
-    from flows.events import emit_ingested
+    from prefect.settings import PREFECT_API_URL
 
+    from dreg.errors import InputError, RunFailed
+    from flows.events import confirm_delivered, emit_ingested
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        # Without it Prefect would send the event to a temporary server nobody watches.
+        raise InputError("no Prefect API is configured: set PREFECT_API_URL to the Prefect "
+                         "server that runs the deployments")
     event = emit_ingested(args.uri, version=args.version, fixed=args.fixed)
     if event is None:
-        from dreg.errors import DregError
-
-        raise DregError("no event was sent: set PREFECT_API_URL to the Prefect server")
+        raise RunFailed(f"the event was not sent to {api}")
+    confirm_delivered(api, str(event.id))
     print(json.dumps({"event": event.event, "id": str(event.id),
                       "resource": event.resource.id, "occurred": event.occurred.isoformat()}))
     return 0

@@ -18,7 +18,9 @@ from dreg.registration import RunOptions
 from dreg.transform.plan import WarpPlan, WarpResult, plan_warp, warp_chunks
 from flows import artifacts
 from flows.cluster import dask_cluster
+from flows.ownership import owning
 from flows.registration import result_storage
+from flows.run_names import warp_run_name
 from tasks.apply import downsample_chunk, mark_complete, prepare_warped, warp_chunk
 
 
@@ -43,7 +45,7 @@ def write_warped(plan: WarpPlan, storage_block: str, retries: int) -> int:
     return voxels
 
 
-@flow(name="dreg-warp", flow_run_name="warp-{out}")
+@flow(name="dreg-warp", flow_run_name=warp_run_name)
 def warp_image(out: str, image: str | None = None, to: str | None = None,
                interpolation: str = "linear", options: RunOptions | None = None) -> WarpResult:
     """Resample `image` (default: the registration's moving image) onto the fixed grid
@@ -54,17 +56,18 @@ def warp_image(out: str, image: str | None = None, to: str | None = None,
     plan = plan_warp(out, image, to, interpolation)
     get_run_logger().info(f"warping {plan.image} into {plan.dest} ({plan.interpolation})")
     storage_block = result_storage(plan.out)
-    with dask_cluster(options.dask_address, options.workers, warm=False) as address:
-        runner = DaskTaskRunner(address=address)
-        voxels = write_warped.with_options(task_runner=runner)(plan, storage_block,
-                                                               options.block_retries)
-    result = WarpResult(output=plan.dest, image=plan.image, field=plan.field,
-                        interpolation=plan.interpolation,
-                        levels=len(ome_zarr.open_image(plan.dest).levels), voxels=voxels,
-                        chunks=len(warp_chunks(plan)),
-                        seconds=round(time.perf_counter() - started, 3),
-                        flow_run_id=str(flow_run.get_id()))
-    mark_complete(plan.dest, result.model_dump(mode="json"))
+    with owning(plan.out) as lease:
+        with dask_cluster(options.dask_address, options.workers, warm=False) as address:
+            voxels = write_warped.with_options(task_runner=DaskTaskRunner(address=address))(
+                plan, storage_block, options.block_retries)
+        result = WarpResult(output=plan.dest, image=plan.image, field=plan.field,
+                            interpolation=plan.interpolation,
+                            levels=len(ome_zarr.open_image(plan.dest).levels), voxels=voxels,
+                            chunks=len(warp_chunks(plan)),
+                            seconds=round(time.perf_counter() - started, 3),
+                            flow_run_id=str(flow_run.get_id()))
+        lease.check()
+        mark_complete(plan.dest, result.model_dump(mode="json"))
     artifacts.publish_output("warped", plan.out, plan.dest, result.model_dump(mode="json"),
                              "Warped image (moving image on the fixed grid)")
     return result

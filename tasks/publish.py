@@ -9,9 +9,10 @@ from prefect import task
 from dreg.io import storage
 from dreg.registration import RegistrationResult
 from dreg.transform import scene
+from tasks.names import written_name
 
 
-@task(name="write-json", retries=2, retry_delay_seconds=1)
+@task(name="write-json", retries=2, retry_delay_seconds=1, task_run_name=written_name("write"))
 def write_json(uri: str, document: dict | list) -> str:
     """Write a small JSON document in one piece."""
     storage.write_text(uri, json.dumps(document, indent=2))

@@ -7,9 +7,10 @@ from prefect import task
 from dreg.grid import Grid, Region
 from dreg.registration import BlockResult
 from dreg.transform import field, reduce
+from tasks.names import written_name
 
 
-@task(name="create-field", retries=2, retry_delay_seconds=1)
+@task(name="create-field", retries=2, retry_delay_seconds=1, task_run_name=written_name("create"))
 def create_field(uri: str, grid: Grid, fixed: dict, moving_uri: str) -> str:
     """An empty field (replacing an earlier one at the same place)."""
     field.create_field(uri, grid, fixed=fixed, moving_uri=moving_uri, overwrite=True)
@@ -20,9 +21,10 @@ def create_field(uri: str, grid: Grid, fixed: dict, moving_uri: str) -> str:
     name="reduce-chunk",
     retries=2,
     retry_delay_seconds=1,
-    task_run_name="reduce-chunk-{chunk}",
+    task_run_name="reduce-chunk-{index}",
 )
 def reduce_chunk(
+    index: int,
     results: list[BlockResult],
     chunk: Region,
     field_grid: Grid,

@@ -316,3 +316,42 @@ def test_register_with_warp_leaves_a_scene_and_a_warped_image(prefect_api, dask_
     difference = np.abs(whole(line["warped"]) - whole(pair["fixed"]))[4:-4, 4:-4, 4:-4]
     before = np.abs(whole(pair["moving"]) - whole(pair["fixed"]))[4:-4, 4:-4, 4:-4]
     assert difference.mean() < 0.2 * before.mean()
+
+
+def test_a_second_run_on_one_output_is_refused_naming_the_owner(prefect_api, dask_address,
+                                                               tmp_path):
+    """Two runs on one OUT: exactly one owner; the other is refused at once (exit 2)
+    naming the owner's flow run id. Two runs on different OUTs both succeed."""
+    pair = synth.write_pair(str(tmp_path / "pair"), Grid((32, 32, 32), (1.0, 1.0, 1.0)),
+                            seed=2, amplitude_voxels=1.0, chunks=16, overwrite=True)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("stages:\n  - name: b\n    level: 0\n    block_size: 16\n"
+                      "    transform: translation\n"
+                      "    parameters: {MaximumNumberOfIterations: 40}\n")
+    command = [sys.executable, "-m", "flows.cli", "register", pair["fixed"], pair["moving"]]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    first = subprocess.Popen([*command, str(tmp_path / "a"), "--config", str(config),
+                              "--dask-address", dask_address], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    owner = None
+    deadline = time.monotonic() + 120
+    while owner is None and time.monotonic() < deadline and first.poll() is None:
+        from dreg.io.ownership import read_owner
+
+        owner = read_owner(str(tmp_path / "a"))
+        time.sleep(0.2)
+    assert owner is not None, "the first run never took the lease"
+    started = time.monotonic()
+    second = dreg("register", pair["fixed"], pair["moving"], str(tmp_path / "a"), "--config",
+                  str(config), "--dask-address", dask_address, api=prefect_api, check=False)
+    refused_after = time.monotonic() - started
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert len(lines) == 1 and owner["owner"] in lines[0] and "in use by run" in lines[0]
+    other = dreg("register", pair["fixed"], pair["moving"], str(tmp_path / "b"), "--config",
+                 str(config), "--dask-address", dask_address, api=prefect_api)
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-2000:]
+    assert json.loads(stdout.strip().splitlines()[-1])["flow_run_id"] == owner["owner"]
+    assert last_json(other)["output"] == str(tmp_path / "b")
+    print(json.dumps({"refused_after_s": round(refused_after, 2)}))

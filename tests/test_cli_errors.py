@@ -230,3 +230,25 @@ def test_good_input_still_works(tmp_path):
     result = run_dreg(["info", str(out / "fixed.ome.zarr")], clean_environment())
     assert result.returncode == 0 and result.stderr == ""
     assert json.loads(result.stdout)["levels"][0]["shape_zyx"] == [8, 8, 8]
+
+
+def test_emit_ingested_refuses_without_a_prefect_api(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    done = run_dreg(["emit-ingested", "s3://landing/new.ome.zarr", "--version", "v1"], env)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2
+    assert lines == ["dreg: error: no Prefect API is configured: set PREFECT_API_URL to the "
+                     "Prefect server that runs the deployments"]
+    assert "id" not in done.stdout
+
+
+def test_emit_ingested_to_an_unreachable_api_is_an_error(tmp_path, closed_endpoint):
+    env = {**os.environ, "PREFECT_API_URL": f"{closed_endpoint}/api",
+           "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    started = time.monotonic()
+    done = run_dreg(["emit-ingested", "s3://landing/new.ome.zarr"], env)
+    assert done.returncode == 1, done.stderr
+    assert "was not received by" in done.stderr.strip().splitlines()[-1]
+    assert done.stdout.strip() == ""
+    assert time.monotonic() - started < 90

@@ -22,6 +22,7 @@ import s3_server
 
 from dreg import synth
 from dreg.grid import Grid
+from dreg.io import ome_zarr
 from dreg.transform import field
 
 pytestmark = pytest.mark.ops
@@ -146,9 +147,10 @@ def test_ingestion_event_registers_the_volume(platform):
     print(json.dumps({"event_to_run_start_s": round(started - emitted, 1),
                       "event_to_completed_s": round(finished - emitted, 1)}))
 
+    from dreg.trust import output_name
     from flows.artifacts import field_artifact_key
 
-    out = platform["s3"].uri("registrations", "moving-v1")
+    out = platform["s3"].uri("registrations", output_name(pair["moving"], "v1"))
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with client_for(api) as client:
@@ -169,6 +171,20 @@ def test_ingestion_event_registers_the_volume(platform):
             break
         time.sleep(1)
     assert [e["resource"]["prefect.resource.id"] for e in completed] == [wanted]
+    # The deployments warp by default, and the top-level run is named for what it does.
+    warped = ome_zarr.open_image(out + "/warped.ome.zarr")
+    assert warped.attributes["complete"] is True
+    assert run.name == "register-moving-v1"
+
+
+def test_deployments_do_not_depend_on_the_deploying_checkout(platform):
+    with client_for(platform["api"]) as client:
+        for name in ("dreg-register-on-ingest/register-on-ingest",
+                     "dreg-register-scheduled/register-scheduled"):
+            deployment = client.read_deployment_by_name(name)
+            assert deployment.pull_steps == [], deployment.pull_steps
+            assert not deployment.entrypoint.endswith(".py"), deployment.entrypoint
+            assert deployment.global_concurrency_limit.limit == 1
 
 
 def test_cron_deployment_has_its_schedule(platform):
@@ -194,10 +210,12 @@ def test_event_outside_the_allowed_prefixes_is_rejected(platform):
     assert written.get("KeyCount", 0) == 0
     reasons = []
     for _ in range(30):  # the server stores events asynchronously
-        reasons = [e["payload"]["reason"] for e in events_named(api, "dreg.registration.failed")]
+        reasons = [e["payload"]["reason"] for e in events_named(api, "dreg.registration.failed")
+                   if e["resource"]["prefect.resource.id"] == f"dreg.volume.{outside}"]
         if reasons:
             break
         time.sleep(1)
+    # The failure names the volume it is about.
     assert any("outside the allowed prefixes" in r for r in reasons), reasons
 
 

@@ -203,6 +203,7 @@ def test_retries_and_failed_blocks(pairs, tmp_path, dask_client, dask_address):
     assert [row["index"] for row in failed] == [[1, 1, 1]]
     assert "injected fault" in failed[0]["reason"]
     assert (tmp_path / "out/result.json").exists()
+    assert result.failed_blocks == 1 and result.failed_share == 0.125
     # Where only the failed block reached, the field falls back to the previous stage
     # (the identity here): fixed voxels 27.. of each axis, field voxels 14...
     u = read_field(result.field)
@@ -235,3 +236,44 @@ def test_link_artifact_opens_the_field(pairs, iso_result):
     document = json.loads(Path(iso_result.output, "result.json").read_text())
     assert document["field"] == url[len("file://"):]
     assert document["flow_run_id"] == iso_result.flow_run_id
+
+
+def test_a_last_stage_without_a_successful_block_fails_the_run(pairs, tmp_path, dask_client,
+                                                              dask_address, prefect_api):
+    from dreg.errors import RunFailed
+
+    stage = StageConfig(name="whole", level=0, transform="translation",
+                        parameters={"MaximumNumberOfIterations": 10})
+    dask_client.run(lambda: os.environ.__setitem__("DREG_FAULT_INJECT", "0-0-0:99"))
+    try:
+        with pytest.raises(RunFailed, match="stage whole: no block succeeded"):
+            run(pairs["small"], tmp_path / "out", [stage], dask_address, block_retries=0)
+    finally:
+        dask_client.run(lambda: os.environ.pop("DREG_FAULT_INJECT", None))
+    out = tmp_path / "out"
+    assert not (out / "result.json").exists()
+    # Kept for diagnosis: the stage's summary and block table.
+    table = json.loads((out / "stages/1-whole/blocks.json").read_text())
+    assert [row["status"] for row in table] == ["failed"]
+    assert json.loads((out / "stages/1-whole/stage.json").read_text())["counts"] == {"failed": 1}
+    # And announced: a dreg.registration.failed event with the reason.
+    reasons = []
+    for _ in range(30):
+        reasons = [e["payload"]["reason"] for e in recent_events(prefect_api,
+                   "dreg.registration.failed")
+                   if e["resource"]["prefect.resource.id"] == f"dreg.registration.{out}"]
+        if reasons:
+            break
+        time.sleep(1)
+    assert reasons and "no block succeeded" in reasons[0]
+
+
+def recent_events(api: str, name: str) -> list[dict]:
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{api.rstrip('/')}/events/filter", method="POST",
+        data=json.dumps({"filter": {"event": {"name": [name]}}, "limit": 50}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["events"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dreg.errors import InputError
@@ -52,6 +54,11 @@ def test_versions_and_sizes():
         check_size((101, 100, 100), 10**6, "moving")
 
 
-def test_output_names_are_plain():
-    assert output_name("s3://landing/volumes/sample 17.ome.zarr", "v1") == "sample-17-v1"
-    assert output_name("/data/incoming/x.zarr/", "") == "x"
+def test_output_names_are_readable_and_unique_per_source():
+    name = output_name("s3://landing/volumes/sample 17.ome.zarr", "v1")
+    assert re.fullmatch(r"sample-17-v1-[0-9a-f]{8}", name), name
+    assert re.fullmatch(r"x-[0-9a-f]{8}", output_name("/data/incoming/x.zarr/", ""))
+    # Same name and version in two folders: two outputs.
+    assert output_name("s3://landing/a/moving.ome.zarr", "v2") != output_name(
+        "s3://landing/b/moving.ome.zarr", "v2")
+    assert output_name("s3://l/a/m.ome.zarr/", "v2") == output_name("s3://l/a/m.ome.zarr", "v2")

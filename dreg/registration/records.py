@@ -12,9 +12,10 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-from dreg.errors import InputError, first_line
-from dreg.io import storage
-from dreg.registration.outcome import OK, BlockResult
+from dreg.errors import InputError, RunFailed, first_line
+from dreg.io import ome_zarr, storage
+from dreg.registration.outcome import FAILED, OK, BlockResult
+from dreg.registration.pipeline import PipelineConfig
 from dreg.registration.plan import RESULT_FILE, RegistrationPlan, StagePlan
 
 FAILURES_LISTED = 200  # in a stage summary; every block is in the stage's table
@@ -108,6 +109,9 @@ class RegistrationResult(BaseModel):
     stages: list[StageSummary]
     seconds: float
     versions: dict[str, str | None] = Field(default_factory=dict)
+    input_versions: dict[str, str] = Field(
+        default_factory=dict, description="content versions of fixed and moving, as read")
+    pipeline: dict = Field(default_factory=dict, description="the pipeline that ran")
 
     @computed_field
     @property
@@ -115,9 +119,34 @@ class RegistrationResult(BaseModel):
         """Blocks by status, per stage name."""
         return {s.name: s.counts for s in self.stages}
 
+    @computed_field
+    @property
+    def failed_blocks(self) -> int:
+        """Blocks whose registration failed (after retries), over all stages; there the
+        field falls back to the stage before."""
+        return sum(s.counts.get(FAILED, 0) for s in self.stages)
+
+    @computed_field
+    @property
+    def failed_share(self) -> float:
+        total = sum(s.blocks for s in self.stages)
+        return round(self.failed_blocks / total, 4) if total else 0.0
+
     def document(self) -> str:
         """The JSON text of result.json."""
         return self.model_dump_json(indent=2)
+
+
+def check_last_stage(stages: Sequence[StageSummary]) -> None:
+    """A run whose last stage has no successful block is a failed run: its field would be
+    the stage before's (or the identity) while claiming to be the registration."""
+    last = stages[-1]
+    if last.counts.get(OK, 0) == 0:
+        raise RunFailed(
+            f"stage {last.name}: no block succeeded ({last.blocks} blocks: "
+            f"{', '.join(f'{n} {s}' for s, n in sorted(last.counts.items()))}); no result "
+            f"written; see {last.field.rsplit('/', 1)[0]}/blocks.json"
+        )
 
 
 def package_versions() -> dict[str, str | None]:
@@ -145,7 +174,34 @@ def registration_result(
         stages=list(stages),
         seconds=round(seconds, 3),
         versions=package_versions(),
+        input_versions=input_versions(plan.fixed_uri, plan.moving_uri),
+        pipeline=pipeline_of(plan).model_dump(mode="json"),
     )
+
+
+def input_versions(fixed_uri: str, moving_uri: str) -> dict[str, str]:
+    return {"fixed": ome_zarr.fingerprint(ome_zarr.open_image(fixed_uri)),
+            "moving": ome_zarr.fingerprint(ome_zarr.open_image(moving_uri))}
+
+
+def pipeline_of(plan: RegistrationPlan) -> PipelineConfig:
+    return PipelineConfig(stages=[stage.config for stage in plan.stages])
+
+
+def finished_with_same_inputs(out_uri: str, fixed_uri: str, moving_uri: str,
+                              pipeline: PipelineConfig) -> RegistrationResult | None:
+    """OUT's finished result when it was computed from these very inputs (same images,
+    same content, same pipeline), else None: a repeated request is then nothing to do."""
+    try:
+        result = load_result(out_uri)
+    except InputError:
+        return None
+    fixed, moving = (storage.normalize_uri(u) for u in (fixed_uri, moving_uri))
+    if (result.fixed, result.moving) != (fixed, moving):
+        return None
+    if result.pipeline != pipeline.model_dump(mode="json"):
+        return None
+    return result if result.input_versions == input_versions(fixed, moving) else None
 
 
 def load_result(out_uri: str) -> RegistrationResult:

@@ -1,0 +1,293 @@
+"""Ownership of OUT: one run at a time, stale owners taken over, on local disk and S3."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import pickle
+import re
+import threading
+import time
+import uuid
+
+import pytest
+import s3_server
+
+from dreg.errors import InputError, StorageError
+from dreg.io import ownership, storage
+from dreg.io.ownership import LeaseLost, OwnedElsewhere, acquire, is_stale, read_owner
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def out(request, tmp_path):
+    """A fresh OUT: a local directory (not created yet) or an S3 prefix on moto."""
+    if request.param == "local":
+        return str(tmp_path / "out")
+    server = request.getfixturevalue("s3")
+    return server.uri(f"owned-{uuid.uuid4().hex[:8]}")
+
+
+def write_lease(out: str, owner: str, expires: float, generation: int | None = None) -> None:
+    """A lease record as a run on another machine would have left it."""
+    if generation is None:
+        current = read_owner(out)
+        generation = (current["generation"] if current else 0) + 1
+    record = {
+        "owner": owner,
+        "host": "elsewhere",
+        "pid": 4242,
+        "acquired": expires - 60,
+        "renewed": expires - 60,
+        "expires": expires,
+        "token": uuid.uuid4().hex,
+        "generation": generation,
+        "released": None,
+    }
+    name = ownership._generation_name(generation)
+    storage.write_text(storage.join(out, ownership.LEASE_DIR, name), json.dumps(record))
+
+
+def test_second_owner_refused_and_same_owner_reacquires(out):
+    first = acquire(out, "run-a")
+    assert read_owner(out)["owner"] == "run-a"
+    with pytest.raises(OwnedElsewhere) as refused:
+        acquire(out, "run-b")
+    message = str(refused.value)
+    assert isinstance(refused.value, InputError)
+    assert storage.normalize_uri(out) in message and "run run-a" in message
+    assert re.search(r"lease renewed \d+ s ago, expires in \d+ s\); wait for it", message)
+    assert refused.value.lease["owner"] == "run-a"
+    copy = pickle.loads(pickle.dumps(refused.value))
+    assert str(copy) == message and copy.lease == refused.value.lease
+
+    retried = acquire(out, "run-a")  # a retried flow with the same run id
+    assert retried.token != first.token and read_owner(out)["token"] == retried.token
+    with pytest.raises(LeaseLost, match="run-a"):  # the earlier attempt is superseded
+        first.renew()
+    retried.release()
+    assert read_owner(out) is None
+
+
+def test_release_lets_another_owner_in(out):
+    first = acquire(out, "run-a")
+    first.release()
+    assert read_owner(out) is None
+    second = acquire(out, "run-b")
+    assert second.previous is None
+    first.release()  # a second release is a no-op
+    with pytest.raises(LeaseLost, match="released"):
+        first.renew()
+    assert read_owner(out)["owner"] == "run-b"
+
+
+def test_expired_lease_is_taken_over_and_old_owner_loses_it(out):
+    old = acquire(out, "run-a", lease_seconds=0.3)
+    time.sleep(0.4)
+    with pytest.raises(OwnedElsewhere):  # expired, but within the clock-skew margin
+        acquire(out, "run-b", lease_seconds=5)
+    new = acquire(out, "run-b", lease_seconds=5, skew_seconds=0)
+    assert new.previous["owner"] == "run-a"
+    assert read_owner(out)["took_over_from"] == "run-a"
+    with pytest.raises(LeaseLost, match="run-b took it over"):
+        old.renew()
+    with pytest.raises(LeaseLost):
+        old.check()
+    old.release()  # not the owner any more: does nothing
+    assert read_owner(out)["owner"] == "run-b"
+    new.renew()
+    new.check()
+
+
+def test_dead_owner_from_another_machine_is_stale(out):
+    write_lease(out, "run-dead", expires=time.time() - 3600)
+    lease = read_owner(out)
+    assert lease["owner"] == "run-dead" and is_stale(lease)
+    assert not is_stale(dict(lease, expires=time.time() + 1))
+    taken = acquire(out, "run-b")
+    assert taken.previous["owner"] == "run-dead"
+    assert read_owner(out)["owner"] == "run-b"
+
+
+def test_live_owner_from_another_machine_is_respected(out):
+    write_lease(out, "run-live", expires=time.time() + 60)
+    with pytest.raises(OwnedElsewhere, match="run run-live .*host elsewhere, pid 4242"):
+        acquire(out, "run-b")
+
+
+def test_old_generations_are_pruned(out):
+    lease = acquire(out, "run-a", lease_seconds=5)
+    for _ in range(5):
+        lease.renew()
+    fs, path = storage.filesystem(storage.join(out, ownership.LEASE_DIR))
+    names = sorted(name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False, refresh=True))
+    assert names == [ownership._generation_name(g) for g in (5, 6)]
+    lease.release()
+
+
+@pytest.mark.parametrize("stale_first", [False, True], ids=["fresh", "takeover"])
+def test_thread_race_has_one_winner(out, stale_first):
+    if stale_first:
+        write_lease(out, "run-dead", expires=time.time() - 3600)
+    else:
+        acquire(out, "warm-up").release()  # S3 support checked and client made outside the race
+    barrier = threading.Barrier(8)
+    results: dict[int, object] = {}
+
+    def contend(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = acquire(out, f"run-{i}", lease_seconds=10)
+        except OwnedElsewhere as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    winners = [i for i, r in results.items() if isinstance(r, ownership.Lease)]
+    assert len(results) == 8 and len(winners) == 1, results
+    assert read_owner(out)["owner"] == f"run-{winners[0]}"
+    for i, result in results.items():
+        if i != winners[0]:
+            assert f"run run-{winners[0]}" in str(result)
+
+
+def _contend_in_process(out: str, index: int, barrier, queue) -> None:
+    """Two rounds: acquire a fresh OUT, then take over the stale lease the test wrote."""
+    for round_ in ("fresh", "takeover"):
+        barrier.wait()  # all start together
+        try:
+            acquire(out, f"proc-{round_}-{index}", lease_seconds=10)
+            queue.put((round_, index, "won"))
+        except OwnedElsewhere as exc:
+            queue.put((round_, index, str(exc)))
+        barrier.wait()  # round over; the test prepares the next one
+
+
+def test_process_race_on_local_disk_has_one_winner(tmp_path):
+    """4 spawned processes race to create, then to take over, the same OUT (one set of
+    processes for both rounds: each spends a second or two importing dreg)."""
+    out = str(tmp_path / "out")
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(5)  # the processes and this test
+    queue = context.Queue()
+    processes = [
+        context.Process(target=_contend_in_process, args=(out, i, barrier, queue), daemon=True)
+        for i in range(4)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        for round_ in ("fresh", "takeover"):
+            barrier.wait(timeout=60)
+            barrier.wait(timeout=60)
+            outcomes = [queue.get(timeout=10) for _ in processes]
+            assert {r for r, _, _ in outcomes} == {round_}
+            winners = [i for _, i, outcome in outcomes if outcome == "won"]
+            assert len(winners) == 1, outcomes
+            assert read_owner(out)["owner"] == f"proc-{round_}-{winners[0]}"
+            if round_ == "fresh":  # the winner "dies": its lease is left to expire
+                write_lease(out, "run-dead", expires=time.time() - 3600)
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+
+
+def test_keep_alive_renews_and_releases(out):
+    lease = acquire(out, "run-a", lease_seconds=1.0)
+    first_expiry = read_owner(out)["expires"]
+    with lease.keep_alive() as kept:
+        time.sleep(0.8)  # renewed every 0.33 s
+        kept.check()
+        current = read_owner(out)
+        assert current["token"] == lease.token and current["expires"] > first_expiry + 0.2
+        with pytest.raises(OwnedElsewhere):
+            acquire(out, "run-b", skew_seconds=0)
+    assert read_owner(out) is None
+    acquire(out, "run-b").release()
+
+
+def test_keep_alive_fails_loudly_when_taken_over(out):
+    lease = acquire(out, "run-a", lease_seconds=0.6)
+    with pytest.raises(LeaseLost, match="run-b took it over"):
+        with lease.keep_alive():
+            # Taken over elsewhere (a generation far ahead: no race with the renewals).
+            write_lease(out, "run-b", expires=time.time() + 60, generation=999)
+            deadline = time.monotonic() + 10
+            while lease._failure is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with pytest.raises(LeaseLost, match="run-b took it over"):
+                lease.check()
+    assert read_owner(out)["owner"] == "run-b"  # not released by the run that lost it
+
+
+def test_release_inside_keep_alive_is_not_a_failure(out):
+    lease = acquire(out, "run-a", lease_seconds=0.3)
+    with lease.keep_alive():
+        lease.release()
+        time.sleep(0.2)
+    assert read_owner(out) is None
+
+
+def test_keep_alive_releases_when_the_block_fails(out):
+    lease = acquire(out, "run-a", lease_seconds=5)
+    with pytest.raises(RuntimeError, match="boom"):
+        with lease.keep_alive():
+            raise RuntimeError("boom")
+    assert read_owner(out) is None
+
+
+def test_lease_expired_without_renewal_fails_check(out):
+    lease = acquire(out, "run-a", lease_seconds=0.2)
+    lease.check()
+    time.sleep(0.3)
+    with pytest.raises(LeaseLost, match="expired without renewal"):
+        lease.check()
+
+
+def test_invalid_arguments(out):
+    with pytest.raises(InputError):
+        acquire(out, "", lease_seconds=5)
+    with pytest.raises(InputError):
+        acquire(out, "run-a", lease_seconds=0)
+
+
+def test_unreadable_record_is_held_then_stale(tmp_path):
+    out = str(tmp_path / "out")
+    storage.write_text(storage.join(out, ownership.LEASE_DIR, ownership._generation_name(1)), "")
+    with pytest.raises(OwnedElsewhere, match="being written or is damaged"):
+        acquire(out, "run-a")
+    old = time.time() - ownership.UNREADABLE_GRACE_S - ownership.CLOCK_SKEW_S - 1
+    path = tmp_path / "out" / ownership.LEASE_DIR / ownership._generation_name(1)
+    os.utime(path, (old, old))
+    assert acquire(out, "run-a").generation == 2
+
+
+class _IgnoresConditions:
+    """A client for a store that silently ignores If-None-Match."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def put_object(self, **kwargs):
+        kwargs.pop("IfNoneMatch", None)
+        return self._client.put_object(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+@pytest.mark.s3
+def test_s3_store_without_conditional_writes_is_refused(s3, monkeypatch):
+    client = ownership._s3_client()
+    monkeypatch.setattr(ownership, "_s3_client", lambda: _IgnoresConditions(client))
+    monkeypatch.setattr(ownership, "_atomic_checked", set())
+    out = s3.uri("no-conditions")
+    with pytest.raises(StorageError, match="does not honour conditional writes") as refused:
+        acquire(out, "run-a")
+    assert s3_server.SECRET_ACCESS_KEY not in str(refused.value)
+    assert read_owner(out) is None
