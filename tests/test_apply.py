@@ -355,3 +355,31 @@ def test_a_second_run_on_one_output_is_refused_naming_the_owner(prefect_api, das
     assert json.loads(stdout.strip().splitlines()[-1])["flow_run_id"] == owner["owner"]
     assert last_json(other)["output"] == str(tmp_path / "b")
     print(json.dumps({"refused_after_s": round(refused_after, 2)}))
+
+
+def test_a_repeated_ingest_event_with_the_same_inputs_is_a_no_op(prefect_api, dask_address,
+                                                                tmp_path):
+    from dreg.registration import PipelineConfig, StageConfig
+    from flows.ingest import register_on_ingest
+
+    pair = synth.write_pair(str(tmp_path / "in"), Grid((32, 32, 32), (1.0, 1.0, 1.0)),
+                            seed=5, amplitude_voxels=0.0, shift_voxels=(1.0, 0.0, 0.0),
+                            chunks=16, overwrite=True)
+    pipeline = PipelineConfig(stages=[StageConfig(
+        name="t", level=0, transform="translation",
+        parameters={"MaximumNumberOfIterations": 20})])
+    request = dict(moving=pair["moving"], version="v1", reference=pair["fixed"],
+                   out_prefix=str(tmp_path / "results"), allowed_prefixes=[str(tmp_path)],
+                   pipeline=pipeline, options=RunOptions(dask_address=dask_address),
+                   warp=False)
+    first = register_on_ingest(**request)
+    result_file = Path(first.result)
+    written = result_file.stat().st_mtime_ns
+    second = register_on_ingest(**request)
+    assert second.flow_run_id == first.flow_run_id  # the existing result, not a new run
+    assert result_file.stat().st_mtime_ns == written
+    # Other inputs (another pipeline) are not "the same": that is a refusal, not a no-op.
+    other = pipeline.model_copy(update={"stages": [pipeline.stages[0].model_copy(
+        update={"parameters": {"MaximumNumberOfIterations": 21}})]})
+    with pytest.raises(Exception, match="already holds a finished registration"):
+        register_on_ingest(**{**request, "pipeline": other})
