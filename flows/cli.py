@@ -14,6 +14,7 @@ import sys
 from dreg.errors import DregError, InputError, RunFailed
 from dreg.memory import release_freed_memory_promptly
 from flows import apply_commands, run_commands
+from flows.events import INTERRUPT_MARKERS
 
 
 def _triple(text: str, kind=float, name: str = "value") -> tuple:
@@ -147,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dreg: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # A signal that lands while Prefect serialises a task's context arrives wrapped in
+        # a serialisation error: it is still an interrupt, not a failure of the run.
+        if any(marker in str(exc) for marker in INTERRUPT_MARKERS):
+            print("dreg: interrupted", file=sys.stderr)
+            return 130
+        raise
 
 
 if __name__ == "__main__":

@@ -185,6 +185,9 @@ def announce_failure(flow, run, state) -> None:
     reason = first_line(state.message or state.name or "failed")
     if OwnedElsewhere.__name__ in reason:
         return
+    interrupt = next((m for m in events.INTERRUPT_MARKERS if m in reason), None)
+    if interrupt:
+        reason = f"interrupted ({interrupt})"
     parameters = run.parameters or {}
     events.emit_failed(reason, parameters.get("fixed"), parameters.get("moving"),
                        parameters.get("out"), str(run.id))

@@ -1,0 +1,285 @@
+"""Helpers for tests/test_reliability.py: real processes in their own process groups, a
+real `prefect server start`, and the Prefect API read from the test process.
+
+Every process is started with ``start_new_session=True`` so that it leads a process
+group of its own; a test can then signal that group, see whether anything of it
+survives, and clean up exactly what it started (by process-group id, never by name).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from uuid import UUID
+
+import numpy as np
+import psutil
+import s3_server
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# Variables of the caller that would change what a child does (another cluster, a
+# fault injected on purpose, another API).
+DROPPED_VARIABLES = ("DREG_DASK_ADDRESS", "DREG_DASK_WORKERS", "DREG_FAULT_INJECT",
+                     "PREFECT_API_URL", "PREFECT_UI_API_URL", "PREFECT_PROFILE")
+
+
+@dataclass
+class Started:
+    """A process started as the leader of its own process group."""
+
+    process: subprocess.Popen
+    log: Path
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def pgid(self) -> int:
+        # The leader of a new session: its process-group id is its pid, and stays valid
+        # (as a number) after the leader is gone.
+        return self.process.pid
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def last_json(self) -> dict:
+        lines = [line for line in self.output().splitlines() if line.startswith("{")]
+        assert lines, f"no JSON line in {self.log}:\n{self.output()[-3000:]}"
+        return json.loads(lines[-1])
+
+
+def start(args: list[str], env: dict, log: Path) -> Started:
+    """Start `args` as the leader of a new process group, output to `log`."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen([str(a) for a in args], env=env, cwd=ROOT, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    return Started(process, log)
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Live (not zombie) processes of process group `pgid`."""
+    members = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return members
+
+
+def describe(processes: list[psutil.Process]) -> list[str]:
+    described = []
+    for proc in processes:
+        try:
+            described.append(f"{proc.pid} {proc.status()} {' '.join(proc.cmdline())[:160]}")
+        except psutil.NoSuchProcess:
+            continue
+    return described
+
+
+def wait_group_gone(pgid: int, timeout: float) -> list[psutil.Process]:
+    """Wait until no live process of group `pgid` is left; returns those left after
+    `timeout` (empty when the group is gone)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = group_members(pgid)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def group_signal_answers(pgid: int, timeout: float = 0) -> bool:
+    """Whether os.killpg(pgid, 0) still finds a process (zombies included) after up to
+    `timeout` seconds (orphaned zombies last until init reaps them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.2)
+
+
+def stop(started: Started) -> None:
+    """Kill what is left of a group this test started (by its id), and reap the leader."""
+    if group_members(started.pgid):
+        try:
+            os.killpg(started.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if started.process.poll() is None:
+        try:
+            started.process.kill()
+        except ProcessLookupError:
+            pass
+    started.process.wait(timeout=30)
+    wait_group_gone(started.pgid, 10)
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str,
+             watched: Started | None = None, interval: float = 0.2):
+    """Poll `condition` until it returns something true; fail after `timeout`, or as soon
+    as `watched` exits (it was expected to still be running)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if watched is not None and watched.process.poll() is not None:
+            raise AssertionError(f"{what}: the process exited first with status "
+                                 f"{watched.process.returncode}:\n{watched.output()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(interval)
+
+
+def wait_for_port(port: int, timeout: float, watched: Started) -> None:
+    def answering() -> bool:
+        with socket.socket() as sock:
+            sock.settimeout(1)
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(answering, timeout, f"port {port}", watched)
+
+
+def child_environment(tmp: Path, api: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in DROPPED_VARIABLES}
+    env.update({
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+@contextmanager
+def prefect_server(tmp: Path, timeout: float = 150) -> Iterator[tuple[str, dict]]:
+    """A real `prefect server start` on a free loopback port, SQLite and PREFECT_HOME in
+    `tmp`; yields the API URL and an environment for children that report to it."""
+    port = s3_server.free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = child_environment(tmp, api)
+    env.update({"PREFECT_UI_API_URL": api,
+                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}/prefect.db"})
+    server = start([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
+                   env, tmp / "prefect-server.log")
+    try:
+        s3_server.wait_until_answering(f"{api}/health", server.process, timeout=timeout)
+        yield api, child_environment(tmp, api)
+    finally:
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        stop(server)
+
+
+def residuals(out: Path, stage: str) -> dict[str, float]:
+    """The residual files of a stage now: name -> modification time."""
+    folder = out / "stages" / stage / "residuals"
+    found = {}
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.endswith(".npy"):
+                    try:
+                        found[entry.name] = entry.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+    except FileNotFoundError:
+        pass
+    return found
+
+
+def block_name(residual_file: str) -> str:
+    """`<z>-<y>-<x>-<digest>.npy` -> `<z>-<y>-<x>`."""
+    return residual_file.rsplit("-", 1)[0]
+
+
+def read_field(uri: str) -> np.ndarray:
+    from dreg.io import ome_zarr
+    from dreg.transform import field as field_module
+
+    image = field_module.open_field(uri)
+    return ome_zarr.read_region(image, 0, tuple(slice(0, n) for n in
+                                                image.levels[0].grid.shape_zyx))
+
+
+# The Prefect API, read from the test process.
+
+@contextmanager
+def client_for(api: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}):
+        with get_client(sync_client=True) as client:
+            yield client
+
+
+def registration_runs(api: str, out: Path) -> list:
+    """The top-level `dreg-register` flow runs whose `out` parameter is `out`."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with client_for(api) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["dreg-register"])))
+    return [r for r in runs if (r.parameters or {}).get("out") == str(out)]
+
+
+def flow_run(api: str, flow_run_id) -> object:
+    with client_for(api) as client:
+        return client.read_flow_run(UUID(str(flow_run_id)))
+
+
+def subflow_runs(api: str, parent_id) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with client_for(api) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(str(parent_id))])))
+
+
+def task_runs(api: str, flow_run_ids: list, name: str = "register-block",
+              timeout: float = 60) -> list:
+    """Task runs named like `name` of the given flow runs, once every one is final (the
+    API records task-run states asynchronously)."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+
+    deadline = time.monotonic() + timeout
+    with client_for(api) as client:
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[UUID(str(i)) for i in flow_run_ids])),
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)),
+                limit=200,
+            )
+            if all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.5)

@@ -1,0 +1,366 @@
+"""Reliability with real processes and real signals.
+
+Everything is real: `dreg register` runs as a subprocess leading its own process group
+(its LocalCluster's nanny and worker processes belong to that group), reporting to a
+real `prefect server start` (SQLite in a temporary folder) so that flow-run and task-run
+states can be read after a process has been killed; an external cluster is started with
+the `dask scheduler` and `dask worker` CLIs. The pair is made with `dreg synth`.
+
+The pipeline is one B-spline stage of 16-voxel blocks on a 64³ pair: 64 blocks, cheap
+enough that a run takes under a minute on two single-threaded workers, long enough to
+be interrupted mid-stage.
+
+Each test prints one JSON line of its figures (seconds from the start of the process);
+all of them are also written to ``<pytest basetemp>/reliability-figures.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import s3_server
+from reliability_helpers import (
+    BIN,
+    block_name,
+    describe,
+    flow_run,
+    group_members,
+    group_signal_answers,
+    prefect_server,
+    read_field,
+    registration_runs,
+    residuals,
+    start,
+    stop,
+    subflow_runs,
+    task_runs,
+    wait_for,
+    wait_for_port,
+    wait_group_gone,
+)
+
+pytestmark = pytest.mark.slow
+
+STAGE = "1-bspline"
+PIPELINE = """\
+stages:
+  - name: bspline
+    level: 0
+    block_size: 16
+    overlap: 0.25
+    transform: bspline
+    parameters:
+      MaximumNumberOfIterations: 10
+      NumberOfResolutions: 1
+      FinalGridSpacingInVoxels: 4
+"""
+BLOCKS = 64
+KILL_AT = 8              # residual files present before the whole run is killed
+INTERRUPT_AT = 4         # ... before a worker is killed or the leader is signalled
+SETTLE_S = 0.3           # a residual this old has its block's result persisted too
+MID_STAGE_TIMEOUT_S = 300
+RUN_TIMEOUT_S = 420
+EXIT_TIMEOUT_S = 60      # a signalled leader must exit within this
+GRACE_S = 10             # after which nothing of its process group may be left
+FIGURES: dict[str, dict] = {}
+
+
+def report(name: str, figures: dict) -> None:
+    FIGURES[name] = figures
+    print(json.dumps({name: figures}))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def figures_file(tmp_path_factory):
+    yield
+    path = Path(tmp_path_factory.getbasetemp()) / "reliability-figures.json"
+    path.write_text(json.dumps(FIGURES, indent=2))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real Prefect server; yields (API URL, environment for children)."""
+    with prefect_server(tmp_path_factory.mktemp("prefect")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, server):
+    """A synthetic 64³ pair (chunks of 32) made by `dreg synth`, and the pipeline YAML."""
+    _, env = server
+    root = tmp_path_factory.mktemp("inputs")
+    made = subprocess.run([str(BIN / "dreg"), "synth", str(root / "pair"), "--shape",
+                           "64,64,64", "--chunks", "32", "--seed", "3"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    pair = json.loads(made.stdout.strip().splitlines()[-1])
+    pipeline = root / "pipeline.yaml"
+    pipeline.write_text(PIPELINE)
+    return {"fixed": pair["fixed"], "moving": pair["moving"], "pipeline": pipeline}
+
+
+def register_args(inputs: dict, out: Path, *extra: str) -> list:
+    return [BIN / "dreg", "register", inputs["fixed"], inputs["moving"], out,
+            "--config", inputs["pipeline"], "--workers", "2", *extra]
+
+
+def mid_stage(out: Path, at_least: int):
+    """The stage's residual files once at least `at_least` exist, else None."""
+    found = residuals(out, STAGE)
+    return found if len(found) >= at_least else None
+
+
+def finish(run, timeout: float = RUN_TIMEOUT_S) -> int:
+    try:
+        return run.process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{run.log.name}: not finished within {timeout} s:\n"
+                             f"{run.output()[-3000:]}") from None
+
+
+@pytest.fixture(scope="module")
+def reference(server, inputs, tmp_path_factory):
+    """An uninterrupted run of the command: its field, counts and time."""
+    _, env = server
+    root = tmp_path_factory.mktemp("reference")
+    out = root / "out"
+    run = start(register_args(inputs, out), env, root / "register.log")
+    try:
+        status = finish(run)
+        seconds = run.elapsed()
+    finally:
+        stop(run)
+    assert status == 0, run.output()[-3000:]
+    line = run.last_json()
+    figures = {"seconds": round(seconds, 1), "flow_seconds": line["seconds"],
+               "block_counts": line["block_counts"],
+               "residual_files": len(residuals(out, STAGE))}
+    report("uninterrupted_run", figures)
+    assert sum(line["block_counts"]["bspline"].values()) == BLOCKS
+    return {"field": read_field(line["field"]), "block_counts": line["block_counts"],
+            "residual_files": figures["residual_files"], "seconds": seconds}
+
+
+def test_sigkill_of_the_whole_run_then_resume(server, inputs, tmp_path, request):
+    """SIGKILL of the `dreg register` process group mid-stage: nothing survives, nothing
+    looks complete; the same command completes, reusing every finished block, and gives
+    exactly the uninterrupted run's field.
+
+    The killed run's lease on OUT stays live until it expires (DEFAULT_LEASE_S after its
+    last renewal): until then the same command is refused at once, naming the killed
+    run; after it, the command takes the stale lease over. The uninterrupted reference
+    run (another OUT) is made while that lease runs out.
+
+    "Finished" blocks are those whose residual file existed SETTLE_S before the kill: a
+    block saves its residual just before Prefect persists its result, so a residual
+    written in the last milliseconds may belong to a block whose result was not yet
+    persisted, which is then rightly redone. The count at the kill is reported too."""
+    from dreg.io import ownership
+
+    api, env = server
+    out = tmp_path / "out"
+    args = register_args(inputs, out)
+    first = start(args, env, tmp_path / "first.log")
+    try:
+        wait_for(lambda: mid_stage(out, KILL_AT), MID_STAGE_TIMEOUT_S,
+                 "residuals before the kill", first)
+        settled = residuals(out, STAGE)
+        time.sleep(SETTLE_S)
+        members_before = len(group_members(first.pgid))
+        os.killpg(first.pgid, signal.SIGKILL)
+        killed_at = first.elapsed()
+        at_kill = residuals(out, STAGE)
+        first.process.wait(timeout=30)
+        left = describe(wait_group_gone(first.pgid, GRACE_S))
+        killpg_answers = group_signal_answers(first.pgid, GRACE_S)
+    finally:
+        stop(first)
+
+    assert members_before >= 3, "the group should hold the leader and its Dask processes"
+    assert not left, f"processes of the killed group survived: {left}"
+    assert not (out / "result.json").exists()
+    assert 0 < len(settled) <= len(at_kill) < BLOCKS
+
+    (killed_run,) = registration_runs(api, out)
+    lease = ownership.read_owner(str(out))
+    assert lease is not None and lease["owner"] == str(killed_run.id)
+    refused = subprocess.run([str(a) for a in args], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"in use by run {killed_run.id}" in refused.stderr
+
+    reference = request.getfixturevalue("reference")
+    lease_wait = time.monotonic()
+    wait_for(lambda: ownership.is_stale(ownership.read_owner(str(out)) or {}),
+             ownership.DEFAULT_LEASE_S + 2 * ownership.CLOCK_SKEW_S, "the lease runs out")
+    lease_wait = time.monotonic() - lease_wait
+
+    second = start(args, env, tmp_path / "second.log")
+    try:
+        status = finish(second)
+        resume_seconds = second.elapsed()
+    finally:
+        stop(second)
+    assert status == 0, second.output()[-3000:]
+    assert (out / "result.json").exists()
+    # It says whose stale lease it took over.
+    assert f"run {killed_run.id}" in second.output()
+    line = second.last_json()
+    subflows = subflow_runs(api, line["flow_run_id"])
+    runs = task_runs(api, [s.id for s in subflows])
+    states = {r.name.removeprefix("register-block-"): r.state.name for r in runs}
+    cached = {name for name, state in states.items() if state == "Cached"}
+    settled_blocks = {block_name(n) for n in settled}
+    at_kill_blocks = {block_name(n) for n in at_kill}
+
+    report("sigkill_group_then_resume", {
+        "first_run_killed_at_s": round(killed_at, 1),
+        "group_processes_at_kill": members_before,
+        "residuals_settled_before_kill": len(settled),
+        "residuals_at_kill": len(at_kill),
+        "killpg_0_answers_after_grace": killpg_answers,
+        "killed_flow_run_state": flow_run(api, killed_run.id).state.type.value,
+        "further_wait_for_the_lease_s": round(lease_wait, 1),
+        "resume_seconds": round(resume_seconds, 1),
+        "uninterrupted_seconds": round(reference["seconds"], 1),
+        "blocks_reused": len(cached),
+        "residuals_at_kill_not_reused": sorted(at_kill_blocks - cached),
+        "block_states": {s: list(states.values()).count(s) for s in set(states.values())},
+    })
+    assert len(runs) == BLOCKS
+    assert len(cached) >= len(settled)
+    assert settled_blocks <= cached, f"finished blocks redone: {settled_blocks - cached}"
+    assert line["block_counts"] == reference["block_counts"]
+    np.testing.assert_array_equal(read_field(line["field"]), reference["field"])
+
+
+def worker_pids(address: str) -> set[int]:
+    from distributed import Client
+
+    with Client(address, timeout="20s") as client:
+        return set(client.run(os.getpid).values())
+
+
+def test_sigkill_of_one_dask_worker(server, inputs, reference, tmp_path):
+    """SIGKILL of one of two workers of an external cluster mid-stage: Dask reschedules
+    its tasks on the other one; the run completes with the uninterrupted run's field.
+    Workers run without a nanny, so the killed worker is not replaced."""
+    api, env = server
+    port = s3_server.free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    out = tmp_path / "out"
+    started = []
+    try:
+        scheduler = start([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", port,
+                           "--no-dashboard"], env, tmp_path / "scheduler.log")
+        started.append(scheduler)
+        wait_for_port(port, 120, scheduler)
+        workers = [start([BIN / "dask", "worker", address, "--nthreads", "1",
+                          "--no-dashboard", "--no-nanny", "--name", f"worker-{i}"],
+                         env, tmp_path / f"worker-{i}.log") for i in range(2)]
+        started += workers
+        wait_for(lambda: worker_pids(address) == {w.pid for w in workers}, 180,
+                 "both workers registered", scheduler, interval=1)
+
+        run = start(register_args(inputs, out, "--dask-address", address), env,
+                    tmp_path / "register.log")
+        started.append(run)
+        wait_for(lambda: mid_stage(out, INTERRUPT_AT), MID_STAGE_TIMEOUT_S,
+                 "residuals before the worker is killed", run)
+        at_kill = len(residuals(out, STAGE))
+        os.kill(workers[0].pid, signal.SIGKILL)
+        killed_at = run.elapsed()
+        workers[0].process.wait(timeout=30)
+        status = finish(run)
+        seconds = run.elapsed()
+        remaining = worker_pids(address)
+    finally:
+        for process in reversed(started):
+            stop(process)
+
+    assert status == 0, run.output()[-3000:]
+    assert (out / "result.json").exists()
+    line = run.last_json()
+    runs = task_runs(api, [s.id for s in subflow_runs(api, line["flow_run_id"])], timeout=20)
+    states = [r.state.name for r in runs]
+    report("sigkill_one_worker", {
+        "worker_killed_at_s": round(killed_at, 1),
+        "residuals_at_kill": at_kill,
+        "run_seconds": round(seconds, 1),
+        "uninterrupted_seconds": round(reference["seconds"], 1),
+        "block_counts": line["block_counts"],
+        "block_task_run_states": {s: states.count(s) for s in set(states)},
+        "block_task_runs_run_twice": sorted(r.name for r in runs if r.run_count > 1),
+    })
+    assert remaining == {workers[1].pid}
+    assert at_kill < reference["residual_files"]
+    assert line["block_counts"] == reference["block_counts"]
+    np.testing.assert_array_equal(read_field(line["field"]), reference["field"])
+
+
+FINAL_FAILURE_STATES = {"CANCELLED", "CRASHED", "FAILED"}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_to_the_leader(server, inputs, signum, tmp_path):
+    """SIGINT or SIGTERM to the `dreg register` process alone, mid-stage: it exits within
+    a minute, leaving none of its group (Dask nanny and worker processes) behind, its
+    flow run final (Cancelled, Crashed or Failed), and no result.json."""
+    from dreg.io import ownership
+
+    api, env = server
+    out = tmp_path / "out"
+    run = start(register_args(inputs, out), env, tmp_path / "register.log")
+    status = None
+    try:
+        wait_for(lambda: mid_stage(out, INTERRUPT_AT), MID_STAGE_TIMEOUT_S,
+                 "residuals before the signal", run)
+        at_signal = len(residuals(out, STAGE))
+        members = describe(group_members(run.pgid))
+        os.kill(run.pid, signum)
+        sent_at = run.elapsed()
+        try:
+            status = run.process.wait(timeout=EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pass
+        exit_seconds = run.elapsed() - sent_at
+        left = describe(wait_group_gone(run.pgid, GRACE_S))
+        killpg_answers = group_signal_answers(run.pgid, GRACE_S)
+    finally:
+        stop(run)
+
+    (top,) = registration_runs(api, out)
+    # The state is set by the exiting process itself; give the API a moment.
+    deadline = time.monotonic() + 15
+    while not top.state.is_final() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        top = flow_run(api, top.id)
+    stages = [s for s in subflow_runs(api, top.id) if s.name.startswith("stage-")]
+    report(f"signal_{signal.Signals(signum).name}", {
+        "signalled_at_s": round(sent_at, 1),
+        "residuals_at_signal": at_signal,
+        "group_processes_at_signal": len(members),
+        "exit_status": status,
+        "exit_seconds": round(exit_seconds, 1),
+        "left_after_grace": left,
+        "killpg_0_answers_after_grace": killpg_answers,
+        "flow_run_state": f"{top.state.type.value} ({top.state.name}): {top.state.message}",
+        "stage_run_states": [s.state.type.value for s in stages],
+        "result_json": (out / "result.json").exists(),
+        "lease_left_live": bool((lease := ownership.read_owner(str(out)))
+                                and not ownership.is_stale(lease)),
+    })
+    assert status is not None, f"still running {EXIT_TIMEOUT_S} s after the signal"
+    # Interrupted, never "failed" (1) or "bad input" (2): 130 from the CLI, or the signal.
+    assert status in (130, -signum, 128 + signum), f"exit status {status}"
+    assert not left, f"processes of its group outlived it: {left}"
+    assert top.state.type.value in FINAL_FAILURE_STATES, (
+        f"flow run {top.id} left {top.state.type.value} ({top.state.name})")
+    assert not (out / "result.json").exists()
