@@ -383,3 +383,46 @@ def test_a_repeated_ingest_event_with_the_same_inputs_is_a_no_op(prefect_api, da
         update={"parameters": {"MaximumNumberOfIterations": 21}})]})
     with pytest.raises(Exception, match="already holds a finished registration"):
         register_on_ingest(**{**request, "pipeline": other})
+
+
+@pytest.mark.s3
+def test_an_s3_endpoint_that_stops_answering_for_20_s_is_survived(s3, prefect_api, tmp_path):
+    """The moto server is frozen (SIGSTOP) for 20 s while a warp reads and writes S3; the
+    run waits it out and its result equals an undisturbed run's."""
+    import signal
+    import threading
+    import uuid
+
+    from flows.warp import warp_image
+
+    root = s3.uri(uuid.uuid4().hex)
+    pair = synth.write_pair(storage.join(root, "pair"), Grid((32, 32, 32), (1.0, 1.0, 1.0)),
+                            seed=6, amplitude_voxels=1.0, chunks=16, overwrite=True)
+    out = finished_registration(pair, storage.join(root, "out"))
+    options = RunOptions(workers=1)
+    calm = warp_image(out, to=storage.join(root, "calm.ome.zarr"), options=options)
+
+    paused = threading.Event()
+
+    def freeze_when_writing() -> None:
+        dest = storage.join(root, "paused.ome.zarr", "zarr.json")
+        deadline = time.monotonic() + 120
+        while not storage.exists(dest) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        s3.process.send_signal(signal.SIGSTOP)
+        paused.set()
+        time.sleep(20)
+        s3.process.send_signal(signal.SIGCONT)
+
+    freezer = threading.Thread(target=freeze_when_writing, daemon=True)
+    freezer.start()
+    started = time.perf_counter()
+    try:
+        stormy = warp_image(out, to=storage.join(root, "paused.ome.zarr"), options=options)
+    finally:
+        freezer.join(timeout=60)
+        s3.process.send_signal(signal.SIGCONT)
+    assert paused.is_set()
+    assert time.perf_counter() - started >= 20
+    np.testing.assert_array_equal(whole(stormy.output), whole(calm.output))
+    assert ome_zarr.open_image(stormy.output).attributes["complete"] is True
