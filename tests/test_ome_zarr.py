@@ -219,3 +219,22 @@ def test_create_refuses_to_replace_without_overwrite(tmp_path):
         ome_zarr.create_image(uri, [grid], "float32")
     ome_zarr.create_image(uri, [grid], "uint8", overwrite=True)
     assert ome_zarr.open_image(uri).levels[0].dtype == "uint8"
+
+
+def test_an_undecodable_chunk_is_named_by_image_level_and_chunk(tmp_path):
+    from pathlib import Path
+
+    from dreg.errors import StorageError
+
+    grid = Grid((32, 32, 32), (1.0, 1.0, 1.0))
+    image = ome_zarr.create_image(str(tmp_path / "i.ome.zarr"), [grid], "float32", chunks=16)
+    whole_box = (slice(0, 32),) * 3
+    ome_zarr.write_region(image, 0, whole_box, np.ones((32, 32, 32), dtype=np.float32))
+    Path(tmp_path, "i.ome.zarr/0/c/1/0/1").write_bytes(b"not a chunk" * 8)
+    with pytest.raises(StorageError) as caught:
+        ome_zarr.read_region(image, 0, whole_box)
+    message = str(caught.value)
+    assert message.startswith(f"{image.uri}: level 0 (array '0'), chunk (1, 0, 1) (z, y, x)")
+    assert len(message.splitlines()) == 1
+    # A region that avoids the bad chunk still reads.
+    assert ome_zarr.read_region(image, 0, (slice(0, 16),) * 3).sum() == 16**3

@@ -29,6 +29,7 @@ from dreg.io import storage
 SPATIAL_AXES = ("z", "y", "x")
 DEFAULT_CHUNK = 64
 DISPLACEMENT_OME_VERSION = "0.6rc0"
+MAX_CHUNKS_PROBED = 64  # when a read fails, chunks tried one by one to name the bad one
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,34 @@ def read_region(image: OmeZarrImage, level: int, region: Region) -> np.ndarray:
     try:
         return np.asarray(array[index])
     except Exception as exc:  # noqa: BLE001
-        raise StorageError(storage.describe_storage_failure(image.uri, exc)) from None
+        raise StorageError(_read_failure(image, level, region, array, exc)) from None
+
+
+def _read_failure(image: OmeZarrImage, level: int, region: Region, array: zarr.Array,
+                  exc: BaseException) -> str:
+    """One line naming what could not be read: the chunk to blame, when one chunk is (an
+    undecodable chunk), else the image (an unreachable store, refused access)."""
+    cause = storage.describe_storage_failure(image.uri, exc)
+    if not cause.startswith(f"{image.uri}: {type(exc).__name__}"):
+        return cause  # reaching the store failed: trying chunk by chunk would only wait
+    chunks = image.level(level).chunks_zyx
+    lead = (slice(None),) if image.components is not None else ()
+    for chunk in list(_chunks_meeting(region, chunks))[:MAX_CHUNKS_PROBED]:
+        try:
+            array[lead + chunk]
+        except Exception:  # noqa: BLE001 - this is the chunk to name
+            where = tuple(s.start // c for s, c in zip(chunk, chunks, strict=True))
+            return (f"{image.uri}: level {level} (array '{image.level(level).path}'), chunk "
+                    f"{where} (z, y, x) cannot be read: {describe(exc)}")
+    return cause
+
+
+def _chunks_meeting(region: Region, chunks_zyx: Sequence[int]) -> Iterator[Region]:
+    """The chunk-aligned boxes of a level's chunk grid that meet `region`."""
+    ranges = [range(s.start // c * c, s.stop, c) for s, c in zip(region, chunks_zyx,
+                                                                  strict=True)]
+    for start in product(*ranges):
+        yield tuple(slice(a, a + c) for a, c in zip(start, chunks_zyx, strict=True))
 
 
 # ----------------------------------------------------------------------------- writing
