@@ -16,7 +16,7 @@ import time
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
-from prefect.futures import as_completed, wait
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
@@ -107,8 +107,10 @@ def reduce_field(plan: RegistrationPlan, stage: StagePlan, previous, results,
     """Create the stage's field at every destination and fill it chunk by chunk, each
     chunk from the blocks that reach it; returns the field's voxel count."""
     fixed_info = fixed_description(ome_zarr.open_image(plan.fixed_uri))
-    wait([create_field.submit(uri, stage.field_grid, fixed_info, plan.moving_uri)
-          for uri in destinations])
+    created = [create_field.submit(uri, stage.field_grid, fixed_info, plan.moving_uri)
+               for uri in destinations]
+    for future in created:
+        future.result()  # a field that could not be created fails the stage, here
     chunks = ome_zarr.chunk_regions(stage.field_grid.shape_zyx, (FIELD_CHUNK,) * 3)
     futures = [
         reduce_chunk.submit(index, blocks_for_chunk(results, chunk), chunk, stage.field_grid,

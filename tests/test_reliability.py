@@ -364,3 +364,47 @@ def test_signal_to_the_leader(server, inputs, signum, tmp_path):
     assert top.state.type.value in FINAL_FAILURE_STATES, (
         f"flow run {top.id} left {top.state.type.value} ({top.state.name})")
     assert not (out / "result.json").exists()
+
+
+def test_a_full_disk_is_a_clear_error_and_the_freed_run_resumes(server, tmp_path):
+    """OUT on a 120 KiB tmpfs: the run stops with one line naming the file and the cause,
+    leaves nothing complete-looking, and completes once the disk has room."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.strip()}")
+    _, env = server
+    try:
+        subprocess.run([str(BIN / "dreg"), "synth", str(tmp_path / "pair"), "--shape",
+                        "32,32,32", "--chunks", "16"], env=env, check=True,
+                       capture_output=True, timeout=300)
+        pipeline = tmp_path / "translation.yaml"
+        pipeline.write_text("stages:\n  - name: t\n    level: 0\n    block_size: 16\n"
+                            "    transform: translation\n"
+                            "    parameters: {MaximumNumberOfIterations: 20}\n")
+        out = mount / "out"
+        args = [str(BIN / "dreg"), "register", str(tmp_path / "pair" / "fixed.ome.zarr"),
+                str(tmp_path / "pair" / "moving.ome.zarr"), str(out), "--config",
+                str(pipeline), "--workers", "1"]
+        full = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+        assert full.returncode == 2, full.stderr[-3000:]
+        errors = [line for line in full.stderr.splitlines() if line.startswith("dreg: error:")]
+        assert len(errors) == 1 and "No space left on device" in errors[0], errors
+        assert str(out) in errors[0]
+        assert not (out / "result.json").exists()
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
+        # The failed run could not write its release record on the full disk, so its lease
+        # holds until it goes stale (an owner is never judged dead by guesswork).
+        from dreg.io import ownership
+
+        deadline = time.monotonic() + 120
+        while (lease := ownership.read_owner(str(out))) and not ownership.is_stale(lease):
+            assert time.monotonic() < deadline, lease
+            time.sleep(2)
+        freed = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+        assert freed.returncode == 0, freed.stderr[-3000:]
+        assert (out / "result.json").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
