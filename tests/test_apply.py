@@ -19,6 +19,7 @@ import pytest
 import zarr
 from ome_zarr_models import open_ome_zarr
 from ome_zarr_models.v05.image import Image
+from prefect_queries import final_task_runs
 from scipy import ndimage
 from test_ngff_validity import check_scene
 
@@ -150,27 +151,14 @@ def test_warp_reruns_from_its_cache_and_labels_stay_labels(pair, out, prefect_ap
 
 
 def chunk_states(flow_run_id: str, name: str) -> list[str]:
-    """States of the task runs named `name`* under a flow run and its subflows."""
+    """States of the task runs named `name`* in the subflows of a flow run."""
     from uuid import UUID
 
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterParentFlowRunId,
-        TaskRunFilter,
-        TaskRunFilterName,
-    )
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
-    deadline = time.monotonic() + 60
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(
-                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(flow_run_id)])),
-                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)))
-            if all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
-                return [r.state.name for r in runs]
-            time.sleep(0.5)
+    runs = final_task_runs(FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(flow_run_id)])), name)
+    return [r.state.name for r in runs]
 
 
 def test_invert_round_trips_and_marks_the_scene_a_bijection(pair, out, prefect_api,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import s3_server
+from prefect_queries import events_named
 
 from dreg import synth
 from dreg.grid import Grid
@@ -126,15 +127,6 @@ def wait_for_run(api: str, moving: str, timeout: float = RUN_TIMEOUT_S):
                     return run
             time.sleep(2)
     raise AssertionError(f"no finished run for {moving} within {timeout} s")
-
-
-def events_named(api: str, name: str) -> list[dict]:
-    request = urllib.request.Request(
-        f"{api}/events/filter", method="POST",
-        data=json.dumps({"filter": {"event": {"name": [name]}}, "limit": 50}).encode(),
-        headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())["events"]
 
 
 def test_ingestion_event_registers_the_volume(platform):

@@ -12,6 +12,7 @@ from uuid import UUID
 
 import numpy as np
 import pytest
+from prefect_queries import events_named, final_task_runs
 
 from dreg import synth
 from dreg.grid import Grid
@@ -40,26 +41,10 @@ def run(pair: dict, out: Path, stages: list[StageConfig], dask_address: str, **o
 
 
 def task_runs(stage_flow_run_id: str, name: str = "register-block") -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterId,
-        TaskRunFilter,
-        TaskRunFilterName,
-    )
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    # The API records task-run states asynchronously: wait until every run is final.
-    deadline = time.monotonic() + 60
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(
-                    id=FlowRunFilterId(any_=[UUID(stage_flow_run_id)])),
-                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)),
-            )
-            if all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
-                return runs
-            time.sleep(0.5)
+    return final_task_runs(FlowRunFilter(id=FlowRunFilterId(any_=[UUID(stage_flow_run_id)])),
+                           name)
 
 
 def read_field(uri: str) -> np.ndarray:
@@ -259,7 +244,7 @@ def test_a_last_stage_without_a_successful_block_fails_the_run(pairs, tmp_path, 
     # And announced: a dreg.registration.failed event with the reason.
     reasons = []
     for _ in range(30):
-        reasons = [e["payload"]["reason"] for e in recent_events(prefect_api,
+        reasons = [e["payload"]["reason"] for e in events_named(prefect_api,
                    "dreg.registration.failed")
                    if e["resource"]["prefect.resource.id"] == f"dreg.registration.{out}"]
         if reasons:
@@ -267,13 +252,3 @@ def test_a_last_stage_without_a_successful_block_fails_the_run(pairs, tmp_path, 
         time.sleep(1)
     assert reasons and "no block succeeded" in reasons[0]
 
-
-def recent_events(api: str, name: str) -> list[dict]:
-    import urllib.request
-
-    request = urllib.request.Request(
-        f"{api.rstrip('/')}/events/filter", method="POST",
-        data=json.dumps({"filter": {"event": {"name": [name]}}, "limit": 50}).encode(),
-        headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())["events"]
