@@ -82,13 +82,14 @@ def in_flow_with_cluster(workers: int, body: Callable, name: str = "dreg-bench",
     from distributed import LocalCluster
     from prefect import flow
 
-    from flows.cluster import current_api_url
+    from flows.cluster import WORKER_RESOURCES, current_api_url
 
     @flow(name=name)
     def bench_flow():
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                           dashboard_address=None, silence_logs=logging.WARNING,
-                          env={"PREFECT_API_URL": current_api_url()}) as cluster:
+                          env={"PREFECT_API_URL": current_api_url()},
+                          resources=WORKER_RESOURCES) as cluster:
             started = time.perf_counter()
             prepare_workers(cluster.scheduler_address, warm,
                             TASK_MODULES if modules is None else modules)

@@ -45,7 +45,7 @@ def main() -> None:
     from dreg.grid import Grid
     from dreg.qc.accuracy import field_error
     from dreg.registration import PipelineConfig, RunOptions, StageConfig
-    from flows.cluster import current_api_url, warm_up
+    from flows.cluster import WORKER_RESOURCES, current_api_url, warm_up
     from flows.registration import register_images
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="dreg-bench-"))
@@ -61,7 +61,8 @@ def main() -> None:
         # Inside a flow so the temporary API is up before the workers start.
         with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                           dashboard_address=None, silence_logs=logging.WARNING,
-                          env={"PREFECT_API_URL": current_api_url()}) as cluster:
+                          env={"PREFECT_API_URL": current_api_url()},
+                          resources=WORKER_RESOURCES) as cluster:
             warm_up(cluster.scheduler_address)
             started = time.perf_counter()
             result = register_images(fixed=pair["fixed"], moving=pair["moving"],

@@ -10,7 +10,17 @@ class InputError(DregError):
 
 
 class StorageError(DregError):
-    """A storage location cannot be reached, read or written."""
+    """A storage location cannot be reached, read or written.
+
+    `transient` says whether trying again may help (an endpoint that does not answer)
+    or not (a chunk whose bytes cannot be decoded)."""
+
+    def __init__(self, message: str, transient: bool = True):
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.transient))
 
 
 class RunFailed(DregError):

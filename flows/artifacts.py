@@ -112,8 +112,8 @@ class Progress:
         )
         self._last_reported = -1.0
 
-    def advance(self) -> None:
-        self.done += 1
+    def advance(self, count: int = 1) -> None:
+        self.done += count
         percent = 100.0 * self.done / max(self.total, 1)
         # Report at most every 2 %, so thousands of blocks do not flood the API.
         if percent - self._last_reported >= 2.0 or self.done == self.total:

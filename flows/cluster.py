@@ -16,6 +16,10 @@ from collections.abc import Iterator
 ADDRESS_VARIABLE = "DREG_DASK_ADDRESS"
 WORKERS_VARIABLE = "DREG_DASK_WORKERS"
 THREADS_PER_WORKER = 1
+# Each block task holds one unit, and each worker offers one: a worker registers one
+# block at a time however many threads it has, so heavy blocks never share its memory.
+BLOCK_RESOURCE = "block"
+WORKER_RESOURCES = {BLOCK_RESOURCE: 1}
 
 
 def _warm_worker(threads: int = THREADS_PER_WORKER) -> bool:
@@ -38,6 +42,25 @@ def warm_up(address: str) -> int:
     with Client(address, timeout="30s") as client:
         done = client.run(_warm_worker)
     return len(done)
+
+
+def block_workers(address: str) -> int:
+    """How many workers of the cluster at `address` can take block tasks. Raises
+    InputError when none declares the block resource: block tasks would wait forever."""
+    from distributed import Client
+
+    from dreg.errors import InputError
+
+    with Client(address, timeout="30s") as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    able = sum(1 for w in workers if w.get("resources", {}).get(BLOCK_RESOURCE, 0) >= 1)
+    if not able:
+        raise InputError(
+            f"Dask cluster {address}: no worker offers the '{BLOCK_RESOURCE}' resource "
+            f"({len(workers)} workers); start workers with "
+            f"`dask worker {address} --nthreads 1 --resources {BLOCK_RESOURCE}=1`"
+        )
+    return able
 
 
 def current_api_url() -> str | None:
@@ -75,6 +98,7 @@ def dask_cluster(address: str | None = None, workers: int | None = None,
         dashboard_address=None,
         silence_logs=logging.WARNING,
         env=env,
+        resources=WORKER_RESOURCES,
     ) as cluster:
         if warm:
             warm_up(cluster.scheduler_address)

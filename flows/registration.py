@@ -1,8 +1,9 @@
 """The registration flows: one subflow per stage, and the flow that runs the stages.
 
-A stage reads as its story: tile → register blocks → reduce → record. The registration
-flow plans (validates everything first), starts (or joins) a warm Dask cluster, runs the
-stages coarse to fine, each from the field of the one before, and writes result.json
+A stage reads as its story: tile → register blocks (in batches, each block stored on its
+own) → reduce → record. The registration flow plans (validates everything first),
+starts (or joins) a Dask cluster, runs the stages coarse to fine, each from the field of
+the one before, checks that the inputs did not change meanwhile, and writes result.json
 last. Plans, contexts and records are built by the core (`dreg.registration`).
 
 Prefect entrypoints: ``flows/registration.py:register_images`` (the registration) and
@@ -12,15 +13,19 @@ Prefect entrypoints: ``flows/registration.py:register_images`` (the registration
 from __future__ import annotations
 
 import hashlib
+import json
 import time
+from dataclasses import asdict
 
-from prefect import flow, get_run_logger, unmapped
+import dask
+import numpy as np
+from prefect import flow, get_run_logger
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
-from dreg.errors import first_line
+from dreg.errors import DregError, StorageError, describe, first_line
 from dreg.io import ome_zarr, storage
 from dreg.io.ownership import OwnedElsewhere
 from dreg.registration import (
@@ -34,24 +39,29 @@ from dreg.registration import (
     plan_registration,
     stage_context,
 )
+from dreg.registration.block import plan_batches
 from dreg.registration.outcome import FAILED
 from dreg.registration.pipeline import InitialAffine, PipelineConfig
+from dreg.registration.plan import check_inputs_unchanged, remove_stale_fields
 from dreg.registration.records import (
     StageTimings,
+    check_failed_share,
     check_last_stage,
     registration_result,
     summarize_stage,
 )
+from dreg.registration.store import block_key, load_entry
+from dreg.transform import field
 from dreg.transform.field import FIELD_CHUNK, fixed_description
 from dreg.transform.plan import derived_outputs
 from dreg.transform.reduce import blocks_for_chunk, field_identity
 from flows import artifacts, events
-from flows.cluster import dask_cluster
+from flows.cluster import BLOCK_RESOURCE, block_workers, dask_cluster
 from flows.ownership import owning
 from flows.run_names import register_run_name
 from tasks.publish import write_json, write_result, write_scene
 from tasks.reduce import create_field, reduce_chunk
-from tasks.register import build_parameter_map, register_block, tile
+from tasks.register import register_batch, tile
 
 RESULTS_FOLDER = ".prefect-results"
 
@@ -70,42 +80,63 @@ def result_storage(out_uri: str) -> str:
     return f"{block.get_block_type_slug()}/{name}"
 
 
-def _collect(futures, blocks, progress: artifacts.Progress) -> list[BlockResult]:
-    """Each block's result; a block whose task failed after its retries is recorded as
-    failed with the reason, and never sinks the stage."""
-    for _ in as_completed(futures):
-        progress.advance()
+def _lost_batch(ctx, batch, state) -> list[BlockResult]:
+    """The blocks of a batch that failed after its retries. Storage errors and bad input
+    fail the run (they are not registration failures); otherwise (a worker that died,
+    an unexpected error) the blocks it had stored are kept and the rest are recorded as
+    failed, with the batch's reason."""
+    error = state.result(raise_on_failure=False) if state.is_failed() else None
+    if isinstance(error, DregError):
+        raise error
+    if isinstance(error, OSError):
+        raise StorageError(f"{ctx.store_dir}: {describe(error)}")
+    reason = describe(error) if isinstance(error, BaseException) else first_line(
+        state.message or state.name)
+    key_inputs = ctx.key_inputs()
     results = []
-    for future, block in zip(futures, blocks, strict=True):
+    for block in batch:
+        stored = load_entry(ctx.store_dir, block_key(key_inputs, block), block)
+        results.append(stored or BlockResult(block, FAILED, f"its task failed: {reason}"))
+    return results
+
+
+def register_blocks(ctx, blocks, stage: StagePlan, workers: int,
+                    options: RunOptions) -> list[BlockResult]:
+    """Register the stage's blocks in batches on Dask, one block at a time per worker;
+    every block gets a result, in the blocks' order."""
+    batches = plan_batches(blocks, workers, options.batch_size)
+    task = register_batch.with_options(retries=options.block_retries)
+    with dask.annotate(resources={BLOCK_RESOURCE: 1}):
+        futures = [task.submit(ctx, batch) for batch in batches]
+    progress = artifacts.Progress(len(blocks), f"stage {stage.number}-{stage.name}",
+                                  options.show_progress,
+                                  key=artifacts.artifact_key(f"progress-{stage.number}",
+                                                             stage.folder))
+    sizes = {id(f): len(b) for f, b in zip(futures, batches, strict=True)}
+    for future in as_completed(futures):
+        progress.advance(sizes[id(future)])
+    results: list[BlockResult] = []
+    for future, batch in zip(futures, batches, strict=True):
         # wait() takes the final state from the task runner itself; without it, `state`
         # reads the API, which records task-run states asynchronously and may lag.
         future.wait()
         state = future.state
         if state.is_completed():
-            results.append(future.result())
+            results.extend(future.result().results)
         else:
-            results.append(BlockResult(block, FAILED,
-                                       first_line(state.message or state.name or "task failed")))
+            results.extend(_lost_batch(ctx, batch, state))
     return results
 
 
-def register_blocks(ctx, blocks, stage: StagePlan, storage_block: str,
-                    options: RunOptions) -> list[BlockResult]:
-    """Map the block task over the stage's blocks on Dask; every block gets a result."""
-    registrar = register_block.with_options(result_storage=storage_block,
-                                            retries=options.block_retries)
-    futures = registrar.map(unmapped(ctx), blocks)
-    progress = artifacts.Progress(len(blocks), f"stage {stage.number}-{stage.name}",
-                                  options.show_progress,
-                                  key=artifacts.artifact_key(f"progress-{stage.number}",
-                                                             stage.folder))
-    return _collect(futures, blocks, progress)
-
-
 def reduce_field(plan: RegistrationPlan, stage: StagePlan, previous, results,
-                 destinations: list[str]) -> int:
-    """Create the stage's field at every destination and fill it chunk by chunk, each
-    chunk from the blocks that reach it; returns the field's voxel count."""
+                 destinations: list[str], identity: str) -> int:
+    """Create the stage's field at every destination that does not already hold it
+    complete, fill it chunk by chunk (each chunk from the blocks that reach it), then
+    mark it complete; returns the field's voxel count."""
+    voxels = int(np.prod(stage.field_grid.shape_zyx))
+    destinations = [uri for uri in destinations if not field.is_complete(uri, identity)]
+    if not destinations:
+        return voxels  # every block was stored and the field was already made from them
     fixed_info = fixed_description(ome_zarr.open_image(plan.fixed_uri))
     created = [create_field.submit(uri, stage.field_grid, fixed_info, plan.moving_uri)
                for uri in destinations]
@@ -118,66 +149,63 @@ def reduce_field(plan: RegistrationPlan, stage: StagePlan, previous, results,
                             previous, destinations)
         for index, chunk in enumerate(chunks)
     ]
-    return sum(f.result()["voxels"] for f in futures)  # a failed chunk fails the stage
+    for future in futures:
+        future.result()  # a failed chunk fails the stage
+    for uri in destinations:
+        field.mark_complete(uri, identity)
+    return voxels
 
 
 @flow(name="dreg-stage", flow_run_name="stage-{stage.number}-{stage.config.name}")
 def register_stage(
     plan: RegistrationPlan,
     stage: StagePlan,
-    parameter_map: dict[str, list[str]],
     previous: StageSummary | None,
-    destinations: list[str],
-    result_storage_block: str,
+    final_field: str | None,
+    workers: int,
     options: RunOptions,
 ) -> StageSummary:
     """One resolution stage: tile → register blocks → reduce into a field → record."""
     started = time.perf_counter()
     logger = get_run_logger()
-    ctx = stage_context(plan, stage, parameter_map, previous.field if previous else None,
-                        previous.identity if previous else "", options.debug)
+    ctx = stage_context(plan, stage, previous.field if previous else None,
+                        previous.identity if previous else "", options.debug,
+                        options.storage_patience)
     blocks = tile(stage.fixed_grid.shape_zyx, stage.config.block_size, stage.config.overlap,
                   stage.field_grid.shape_zyx, float(stage.config.field_grid_factor))
     logger.info(f"stage {stage.number}-{stage.name}: {len(blocks)} blocks at level {stage.level}")
-    results = register_blocks(ctx, blocks, stage, result_storage_block, options)
+    results = register_blocks(ctx, blocks, stage, workers, options)
     registered = time.perf_counter()
-    voxels = reduce_field(plan, stage, ctx.previous, results, destinations)
+    identity = field_identity(json.dumps(asdict(ctx.key_inputs()), default=str), results)
+    destinations = [stage.field_uri(identity), *([final_field] if final_field else [])]
+    voxels = reduce_field(plan, stage, ctx.previous, results, destinations, identity)
     finished = time.perf_counter()
 
     timings = StageTimings(seconds=finished - started, register_seconds=registered - started,
                            reduce_seconds=finished - registered)
-    summary = summarize_stage(stage, results, field_identity(repr(ctx), results), voxels,
-                              timings, str(flow_run.get_id()))
+    summary = summarize_stage(stage, results, identity, voxels, timings,
+                              str(flow_run.get_id()))
     write_json(stage.table_uri, [r.row() for r in results])
     write_json(stage.summary_uri, summary.model_dump(mode="json"))
-    logger.info(f"stage {stage.number}-{stage.name}: {summary.counts} in {summary.seconds} s")
+    remove_stale_fields(stage, summary.field)
+    logger.info(f"stage {stage.number}-{stage.name}: {summary.counts} "
+                f"({summary.reused} stored blocks reused) in {summary.seconds} s")
     return summary
 
 
-@flow(name="dreg-preflight")
-def preflight(plan: RegistrationPlan) -> list[dict[str, list[str]]]:
-    """Every stage's elastix parameter map, built and tried on a tiny image on the
-    cluster's workers, so that a map elastix rejects fails the run before any block."""
-    futures = [build_parameter_map.submit(s.config.transform, s.config.parameters, s.name)
-               for s in plan.stages]
-    return [future.result() for future in futures]
-
-
-def run_stages(plan: RegistrationPlan, storage_block: str,
-               options: RunOptions) -> list[StageSummary]:
-    """Preflight, then every stage coarse to fine, on one warm Dask cluster."""
+def run_stages(plan: RegistrationPlan, options: RunOptions) -> list[StageSummary]:
+    """Every stage coarse to fine, on one Dask cluster; a stage with too many failed
+    blocks stops the run."""
     summaries: list[StageSummary] = []
-    with dask_cluster(options.dask_address, options.workers) as address:
+    with dask_cluster(options.dask_address, options.workers, warm=False) as address:
         runner = DaskTaskRunner(address=address)
-        parameter_maps = preflight.with_options(task_runner=runner)(plan)
-        for stage, parameter_map in zip(plan.stages, parameter_maps, strict=True):
-            destinations = [stage.field_uri]
-            if stage is plan.stages[-1]:
-                destinations.append(plan.field_uri)
-            summaries.append(register_stage.with_options(task_runner=runner)(
-                plan, stage, parameter_map, summaries[-1] if summaries else None,
-                destinations, storage_block, options,
-            ))
+        workers = block_workers(address)
+        for stage in plan.stages:
+            final = plan.field_uri if stage is plan.stages[-1] else None
+            summary = register_stage.with_options(task_runner=runner)(
+                plan, stage, summaries[-1] if summaries else None, final, workers, options)
+            summaries.append(summary)
+            check_failed_share(summary, options.max_failed_share)
     return summaries
 
 
@@ -220,8 +248,9 @@ def register_images(
         # and what was derived from its field (warped image, inverse): it would be stale.
         for uri in [plan.result_uri, *derived_outputs(plan.out_uri)]:
             storage.remove_tree(uri)
-        summaries = run_stages(plan, result_storage(plan.out_uri), options)
+        summaries = run_stages(plan, options)
         check_last_stage(summaries)
+        check_inputs_unchanged(plan)
         result = registration_result(plan, summaries, str(flow_run.get_id()),
                                      time.perf_counter() - started)
         write_scene(plan.out_uri, plan.fixed_uri, plan.moving_uri)

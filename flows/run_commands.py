@@ -26,6 +26,9 @@ def _run_registration(args: argparse.Namespace, pipeline):
         debug=getattr(args, "debug", False),
         show_progress=True,
         block_retries=getattr(args, "retries", 2),
+        storage_patience=getattr(args, "storage_patience", 300.0),
+        max_failed_share=getattr(args, "max_failed_share", 0.05),
+        batch_size=getattr(args, "batch_size", None),
     )
     return register_images(fixed=args.fixed, moving=args.moving, out=args.out,
                            pipeline=pipeline, options=options)
@@ -33,8 +36,9 @@ def _run_registration(args: argparse.Namespace, pipeline):
 
 def _last_line(result) -> dict:
     return result.model_dump(mode="json", include={"output", "field", "flow_run_id",
-                                                   "block_counts", "failed_blocks",
-                                                   "failed_share", "seconds"})
+                                                   "block_counts", "blocks_reused",
+                                                   "failed_blocks", "failed_share",
+                                                   "seconds"})
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -127,7 +131,15 @@ def add_commands(sub) -> None:
     register.add_argument("--overwrite", action="store_true",
                           help="replace a finished result in OUT")
     register.add_argument("--retries", type=int, default=2,
-                          help="attempts after a block's first failure (default 2)")
+                          help="attempts after a block batch's first failure (default 2)")
+    register.add_argument("--storage-patience", type=float, default=300.0, metavar="SECONDS",
+                          help="keep retrying a storage error this long before the run "
+                               "fails (default 300)")
+    register.add_argument("--max-failed-share", type=float, default=0.05, metavar="SHARE",
+                          help="fail the run when a stage has a larger share of failed "
+                               "blocks (default 0.05)")
+    register.add_argument("--batch-size", type=int, default=None, metavar="BLOCKS",
+                          help="blocks per task run (default: sized from blocks and workers)")
     register.add_argument("--debug", action="store_true",
                           help="write elastix logs per block under each stage folder")
     register.add_argument("--warp", action="store_true",

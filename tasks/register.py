@@ -1,29 +1,19 @@
-"""Prefect tasks of a stage's registration step: check parameters, tile, register blocks."""
+"""Prefect tasks of a stage's registration step: tile, and register batches of blocks."""
 
 from __future__ import annotations
 
 import os
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from dreg.registration import BlockResult, StageContext, elastix, tiling
-from dreg.registration.block import register_block as register_block_core
+from dreg.errors import DregError
+from dreg.registration import StageContext, tiling
+from dreg.registration.block import BatchOutcome
+from dreg.registration.block import register_batch as register_batch_core
 
 FAULT_VARIABLE = "DREG_FAULT_INJECT"
-BLOCK_CACHE_POLICY = INPUTS + TASK_SOURCE
-
-
-@task(name="build-parameter-map", retries=1)
-def build_parameter_map(
-    transform: str, overrides: dict, stage_name: str, threads: int = 1
-) -> dict[str, list[str]]:
-    """A stage's elastix parameter map, tried briefly on a tiny image so that a map
-    elastix rejects fails the run before any block runs. Runs on a (warm) worker."""
-    pmap = elastix.parameter_map(transform, overrides, threads)
-    elastix.check_parameter_map(pmap, f"stage {stage_name}")
-    return pmap
 
 
 @task(name="tile")
@@ -32,37 +22,66 @@ def tile(shape_zyx, block_size, overlap: float, field_shape_zyx, factor: float) 
     return tiling.tile(shape_zyx, block_size, overlap, field_shape_zyx, factor)
 
 
-def _inject_fault(block: tiling.Block) -> None:
+def _inject_fault(blocks: list[tiling.Block]) -> None:
     """Fail on purpose, for testing retries and failure handling.
 
     ``DREG_FAULT_INJECT="<block name>:<attempts>"`` (several separated by commas) makes
-    the named block raise on its first <attempts> attempts. Unset in normal use.
+    the batch holding the named block raise on its first <attempts> attempts, before it
+    registers anything. Unset in normal use.
     """
     spec = os.environ.get(FAULT_VARIABLE, "")
     context = TaskRunContext.get()
     attempt = context.task_run.run_count if context else 1
+    names = {block.name for block in blocks}
     for item in filter(None, spec.split(",")):
         name, _, attempts = item.partition(":")
-        if name == block.name and attempt <= int(attempts or 1):
-            raise RuntimeError(f"injected fault in block {block.name} (attempt {attempt})")
+        if name in names and attempt <= int(attempts or 1):
+            raise RuntimeError(f"injected fault in block {name} (attempt {attempt})")
+
+
+def batch_name() -> str:
+    """'register-blocks-<first>-to-<last>' (block grid indices), for the Prefect UI."""
+    from prefect.runtime import task_run
+
+    blocks = (task_run.parameters or {}).get("blocks") or []
+    if not blocks:
+        return "register-blocks"
+    last = f"-to-{blocks[-1].name}" if len(blocks) > 1 else ""
+    return f"register-blocks-{blocks[0].name}{last}"
+
+
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry a batch unless it failed on bad input or on a storage error that outlasted
+    its patience: trying again would only repeat the wait."""
+    try:
+        state.result()
+    except DregError:
+        return False
+    except Exception:  # noqa: BLE001 - any other failure may pass on another try
+        return True
+    return True
 
 
 @task(
-    name="register-block",
+    name="register-blocks",
     retries=2,
     retry_delay_seconds=1,
-    cache_policy=BLOCK_CACHE_POLICY,
-    persist_result=True,
-    task_run_name="register-block-{block.name}",
+    retry_condition_fn=_worth_retrying,
+    # The block store is the cache, block by block (dreg.registration.store): a batch
+    # that runs again reuses every block it had finished.
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    task_run_name=batch_name,
 )
-def register_block(ctx: StageContext, block: tiling.Block) -> BlockResult:
-    """Register one block. Its cache key is everything it depends on: `ctx` carries both
-    images' URIs and versions, the level, the previous field's identity, the stage's
-    parameters and the code version; `block` its region."""
-    _inject_fault(block)
-    result = register_block_core(ctx, block)
-    message = f"block {block.name}: {result.status} in {result.seconds:.1f} s"
-    if result.reason:
-        message += f" ({result.reason})"
-    get_run_logger().info(message)
-    return result
+def register_batch(ctx: StageContext, blocks: list[tiling.Block]) -> BatchOutcome:
+    """Register a batch of blocks, reusing those already in the stage's block store."""
+    _inject_fault(blocks)
+    outcome = register_batch_core(ctx, blocks)
+    logger = get_run_logger()
+    for result in outcome.results:
+        message = f"block {result.block.name}: {result.status}"
+        message += " (stored)" if result.reused else f" in {result.seconds:.1f} s"
+        if result.reason:
+            message += f" ({result.reason})"
+        logger.info(message)
+    return outcome

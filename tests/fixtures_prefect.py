@@ -26,7 +26,7 @@ def dask_address(prefect_api):
     """A LocalCluster of two single-threaded worker processes, warmed once."""
     from distributed import LocalCluster
 
-    from flows.cluster import warm_up
+    from flows.cluster import WORKER_RESOURCES, warm_up
 
     with LocalCluster(
         n_workers=2,
@@ -35,6 +35,7 @@ def dask_address(prefect_api):
         dashboard_address=None,
         silence_logs=logging.WARNING,
         env={"PREFECT_API_URL": prefect_api},
+        resources=WORKER_RESOURCES,
     ) as cluster:
         warm_up(cluster.scheduler_address)
         yield cluster.scheduler_address

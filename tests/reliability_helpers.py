@@ -194,14 +194,15 @@ def prefect_server(tmp: Path, timeout: float = 150) -> Iterator[tuple[str, dict]
         stop(server)
 
 
-def residuals(out: Path, stage: str) -> dict[str, float]:
-    """The residual files of a stage now: name -> modification time."""
-    folder = out / "stages" / stage / "residuals"
+def stored_blocks(out: Path, stage: str) -> dict[str, float]:
+    """The blocks a stage has stored so far (their records, which are written last):
+    record file name -> modification time."""
+    folder = out / "stages" / stage / "blocks"
     found = {}
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
-                if entry.name.endswith(".npy"):
+                if entry.name.endswith(".json"):
                     try:
                         found[entry.name] = entry.stat().st_mtime
                     except FileNotFoundError:
@@ -212,7 +213,7 @@ def residuals(out: Path, stage: str) -> dict[str, float]:
 
 
 def block_name(residual_file: str) -> str:
-    """`<z>-<y>-<x>-<digest>.npy` -> `<z>-<y>-<x>`."""
+    """`<z>-<y>-<x>-<key>.json` -> `<z>-<y>-<x>`."""
     return residual_file.rsplit("-", 1)[0]
 
 
@@ -260,7 +261,7 @@ def subflow_runs(api: str, parent_id) -> list:
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(str(parent_id))])))
 
 
-def task_runs(api: str, flow_run_ids: list, name: str = "register-block",
+def task_runs(api: str, flow_run_ids: list, name: str = "register-blocks",
               timeout: float = 60) -> list:
     """Task runs named like `name` of the given flow runs, once every one is final (the
     API records task-run states asynchronously)."""

@@ -40,7 +40,7 @@ def run(pair: dict, out: Path, stages: list[StageConfig], dask_address: str, **o
                            options=RunOptions(dask_address=dask_address, **options))
 
 
-def task_runs(stage_flow_run_id: str, name: str = "register-block") -> list:
+def task_runs(stage_flow_run_id: str, name: str = "register-blocks") -> list:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     return final_task_runs(FlowRunFilter(id=FlowRunFilterId(any_=[UUID(stage_flow_run_id)])),
@@ -126,26 +126,29 @@ def test_affine_then_bspline_beats_either_alone(tmp_path, dask_address):
     assert errors["both"] <= 0.25
 
 
-def test_rerun_is_cached_and_changes_invalidate(pairs, tmp_path, dask_address):
+def test_rerun_reuses_stored_blocks_and_changes_invalidate(pairs, tmp_path, dask_address):
     pair = pairs["small"]
     out = tmp_path / "out"
     stages = [bspline(block_size=24, iterations=30)]
 
-    def states(result):
-        (stage,) = result.stages
-        return sorted(run.state.name for run in task_runs(stage.flow_run_id))
-
     first = run(pair, out, stages, dask_address)
-    assert states(first) == ["Completed"] * 8
+    assert first.blocks_reused == {"bspline": 0}
     first_field = read_field(first.field)
 
     second = run(pair, out, stages, dask_address, overwrite=True)
-    assert states(second) == ["Cached"] * 8
+    assert second.blocks_reused == {"bspline": 8}
+    assert second.block_counts == first.block_counts
     np.testing.assert_array_equal(read_field(second.field), first_field)
+    # The same blocks give the same stage field, which is not rewritten.
+    assert second.stages[0].field == first.stages[0].field
 
     changed = run(pair, out, [bspline(block_size=24, iterations=31)], dask_address,
                   overwrite=True)
-    assert states(changed) == ["Completed"] * 8
+    assert changed.blocks_reused == {"bspline": 0}
+    assert changed.stages[0].field != first.stages[0].field
+    # Only the stage's current field is kept.
+    assert [p.name for p in (out / "stages/1-bspline").glob("field-*")] == [
+        Path(changed.stages[0].field).name]
 
     # New moving content under the same URI: every block runs again.
     moving = ome_zarr.open_image(pair["moving"])
@@ -154,7 +157,33 @@ def test_rerun_is_cached_and_changes_invalidate(pairs, tmp_path, dask_address):
     pyramid.build_pyramid(moving)
     rewritten = run(pair, out, [bspline(block_size=24, iterations=31)], dask_address,
                     overwrite=True)
-    assert states(rewritten) == ["Completed"] * 8
+    assert rewritten.blocks_reused == {"bspline": 0}
+
+
+def test_a_moved_output_keeps_its_stored_blocks(pairs, tmp_path, dask_address):
+    import shutil
+
+    stages = [bspline(block_size=24, iterations=30)]
+    first = run(pairs["small"], tmp_path / "out", stages, dask_address)
+    shutil.move(tmp_path / "out", tmp_path / "moved")
+    again = run(pairs["small"], tmp_path / "moved", stages, dask_address, overwrite=True)
+    assert again.blocks_reused == {"bspline": 8}
+    np.testing.assert_array_equal(read_field(again.field),
+                                  read_field(first.field.replace("/out/", "/moved/")))
+
+
+def test_a_lost_or_damaged_residual_is_registered_again(pairs, tmp_path, dask_address):
+    out = tmp_path / "out"
+    stages = [bspline(block_size=24, iterations=30)]
+    first = run(pairs["small"], out, stages, dask_address)
+    residuals = sorted((out / "stages/1-bspline/blocks").glob("*.npy"))
+    residuals[0].unlink()
+    damaged = bytearray(residuals[1].read_bytes())
+    damaged[-1] ^= 0xFF
+    residuals[1].write_bytes(bytes(damaged))
+    again = run(pairs["small"], out, stages, dask_address, overwrite=True)
+    assert again.blocks_reused == {"bspline": 6}
+    np.testing.assert_array_equal(read_field(again.field), read_field(first.field))
 
 
 def test_refuses_to_overwrite_a_finished_result(pairs, iso_result):
@@ -173,15 +202,16 @@ def test_retries_and_failed_blocks(pairs, tmp_path, dask_client, dask_address):
     dask_client.run(lambda: os.environ.__setitem__("DREG_FAULT_INJECT", spec))
     try:
         result = run(pairs["small"], tmp_path / "out", [bspline(block_size=24, iterations=30)],
-                     dask_address)
+                     dask_address, batch_size=1, max_failed_share=0.2)
     finally:
         dask_client.run(lambda: os.environ.pop("DREG_FAULT_INJECT", None))
     assert result.block_counts == {"bspline": {"ok": 7, "failed": 1}}
     (stage,) = result.stages
-    runs = {r.name: r for r in task_runs(stage.flow_run_id)}
-    assert runs["register-block-0-0-0"].run_count == 2
-    assert runs["register-block-0-0-0"].state.name == "Completed"
-    assert runs["register-block-1-1-1"].state.is_failed()
+    runs = {r.name: r for r in task_runs(stage.flow_run_id, "register-blocks")}
+    assert len(runs) == 8
+    assert runs["register-blocks-0-0-0"].run_count == 2
+    assert runs["register-blocks-0-0-0"].state.name == "Completed"
+    assert runs["register-blocks-1-1-1"].state.is_failed()
 
     table = json.loads((tmp_path / "out/stages/1-bspline/blocks.json").read_text())
     failed = [row for row in table if row["status"] == "failed"]
@@ -194,6 +224,32 @@ def test_retries_and_failed_blocks(pairs, tmp_path, dask_client, dask_address):
     u = read_field(result.field)
     assert np.all(u[:, 14:, 14:, 14:] == 0)
     assert np.abs(u[:, :10, :10, :10]).max() > 0.1
+
+
+def test_too_many_failed_blocks_fail_the_run(pairs, tmp_path, dask_client, dask_address):
+    from dreg.errors import RunFailed
+
+    dask_client.run(lambda: os.environ.__setitem__("DREG_FAULT_INJECT", "1-1-1:99"))
+    try:
+        with pytest.raises(RunFailed, match=r"1 of 8 blocks failed \(12.5%, more than the "
+                                            r"5.0% allowed"):
+            run(pairs["small"], tmp_path / "out", [bspline(block_size=24, iterations=30)],
+                dask_address, batch_size=1, block_retries=0)
+    finally:
+        dask_client.run(lambda: os.environ.pop("DREG_FAULT_INJECT", None))
+    assert not (tmp_path / "out/result.json").exists()
+    assert (tmp_path / "out/stages/1-bspline/blocks.json").exists()
+
+
+def test_batches_count_blocks(pairs, tmp_path, dask_address):
+    result = run(pairs["small"], tmp_path / "out", [bspline(block_size=24, iterations=30)],
+                 dask_address, batch_size=3)
+    (stage,) = result.stages
+    names = sorted(r.name for r in task_runs(stage.flow_run_id, "register-blocks"))
+    assert names == ["register-blocks-0-0-0-to-0-1-0", "register-blocks-0-1-1-to-1-0-1",
+                     "register-blocks-1-1-0-to-1-1-1"]
+    assert result.block_counts == {"bspline": {"ok": 8}}
+    assert len(json.loads((tmp_path / "out/stages/1-bspline/blocks.json").read_text())) == 8
 
 
 def test_link_artifact_opens_the_field(pairs, iso_result):

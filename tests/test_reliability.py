@@ -36,9 +36,9 @@ from reliability_helpers import (
     prefect_server,
     read_field,
     registration_runs,
-    residuals,
     start,
     stop,
+    stored_blocks,
     subflow_runs,
     task_runs,
     wait_for,
@@ -62,9 +62,9 @@ stages:
       FinalGridSpacingInVoxels: 4
 """
 BLOCKS = 64
-KILL_AT = 8              # residual files present before the whole run is killed
+KILL_AT = 8              # blocks stored before the whole run is killed
 INTERRUPT_AT = 4         # ... before a worker is killed or the leader is signalled
-SETTLE_S = 0.3           # a residual this old has its block's result persisted too
+SETTLE_S = 0.3           # a pause between the two snapshots of stored blocks
 MID_STAGE_TIMEOUT_S = 300
 RUN_TIMEOUT_S = 420
 EXIT_TIMEOUT_S = 60      # a signalled leader must exit within this
@@ -112,8 +112,8 @@ def register_args(inputs: dict, out: Path, *extra: str) -> list:
 
 
 def mid_stage(out: Path, at_least: int):
-    """The stage's residual files once at least `at_least` exist, else None."""
-    found = residuals(out, STAGE)
+    """The stage's stored blocks once at least `at_least` are, else None."""
+    found = stored_blocks(out, STAGE)
     return found if len(found) >= at_least else None
 
 
@@ -141,11 +141,11 @@ def reference(server, inputs, tmp_path_factory):
     line = run.last_json()
     figures = {"seconds": round(seconds, 1), "flow_seconds": line["seconds"],
                "block_counts": line["block_counts"],
-               "residual_files": len(residuals(out, STAGE))}
+               "blocks_stored": len(stored_blocks(out, STAGE))}
     report("uninterrupted_run", figures)
     assert sum(line["block_counts"]["bspline"].values()) == BLOCKS
     return {"field": read_field(line["field"]), "block_counts": line["block_counts"],
-            "residual_files": figures["residual_files"], "seconds": seconds}
+            "blocks_stored": figures["blocks_stored"], "seconds": seconds}
 
 
 def test_sigkill_of_the_whole_run_then_resume(server, inputs, tmp_path, request):
@@ -158,10 +158,9 @@ def test_sigkill_of_the_whole_run_then_resume(server, inputs, tmp_path, request)
     run; after it, the command takes the stale lease over. The uninterrupted reference
     run (another OUT) is made while that lease runs out.
 
-    "Finished" blocks are those whose residual file existed SETTLE_S before the kill: a
-    block saves its residual just before Prefect persists its result, so a residual
-    written in the last milliseconds may belong to a block whose result was not yet
-    persisted, which is then rightly redone. The count at the kill is reported too."""
+    A block is stored when its record is written (after its residual): every block
+    stored SETTLE_S before the kill must be reused, and no block that was not stored at
+    the kill may be."""
     from dreg.io import ownership
 
     api, env = server
@@ -170,13 +169,13 @@ def test_sigkill_of_the_whole_run_then_resume(server, inputs, tmp_path, request)
     first = start(args, env, tmp_path / "first.log")
     try:
         wait_for(lambda: mid_stage(out, KILL_AT), MID_STAGE_TIMEOUT_S,
-                 "residuals before the kill", first)
-        settled = residuals(out, STAGE)
+                 "blocks stored before the kill", first)
+        settled = stored_blocks(out, STAGE)
         time.sleep(SETTLE_S)
         members_before = len(group_members(first.pgid))
         os.killpg(first.pgid, signal.SIGKILL)
         killed_at = first.elapsed()
-        at_kill = residuals(out, STAGE)
+        at_kill = stored_blocks(out, STAGE)
         first.process.wait(timeout=30)
         left = describe(wait_group_gone(first.pgid, GRACE_S))
         killpg_answers = group_signal_answers(first.pgid, GRACE_S)
@@ -213,30 +212,29 @@ def test_sigkill_of_the_whole_run_then_resume(server, inputs, tmp_path, request)
     # It says whose stale lease it took over.
     assert f"run {killed_run.id}" in second.output()
     line = second.last_json()
-    subflows = subflow_runs(api, line["flow_run_id"])
-    runs = task_runs(api, [s.id for s in subflows])
-    states = {r.name.removeprefix("register-block-"): r.state.name for r in runs}
-    cached = {name for name, state in states.items() if state == "Cached"}
+    table = json.loads((out / "stages" / STAGE / "blocks.json").read_text())
+    reused = {"-".join(map(str, row["index"])) for row in table if row["reused"]}
     settled_blocks = {block_name(n) for n in settled}
     at_kill_blocks = {block_name(n) for n in at_kill}
 
     report("sigkill_group_then_resume", {
         "first_run_killed_at_s": round(killed_at, 1),
         "group_processes_at_kill": members_before,
-        "residuals_settled_before_kill": len(settled),
-        "residuals_at_kill": len(at_kill),
+        "blocks_stored_settled_before_kill": len(settled),
+        "blocks_stored_at_kill": len(at_kill),
         "killpg_0_answers_after_grace": killpg_answers,
         "killed_flow_run_state": flow_run(api, killed_run.id).state.type.value,
         "further_wait_for_the_lease_s": round(lease_wait, 1),
         "resume_seconds": round(resume_seconds, 1),
         "uninterrupted_seconds": round(reference["seconds"], 1),
-        "blocks_reused": len(cached),
-        "residuals_at_kill_not_reused": sorted(at_kill_blocks - cached),
-        "block_states": {s: list(states.values()).count(s) for s in set(states.values())},
+        "blocks_reused": line["blocks_reused"],
+        "stored_at_kill_not_reused": sorted(at_kill_blocks - reused),
     })
-    assert len(runs) == BLOCKS
-    assert len(cached) >= len(settled)
-    assert settled_blocks <= cached, f"finished blocks redone: {settled_blocks - cached}"
+    assert len(table) == BLOCKS
+    assert line["blocks_reused"] == {"bspline": len(reused)}
+    # A block's record is written last: every block stored before the kill is reused,
+    # and nothing else is.
+    assert settled_blocks <= reused <= at_kill_blocks, (settled_blocks, reused, at_kill_blocks)
     assert line["block_counts"] == reference["block_counts"]
     np.testing.assert_array_equal(read_field(line["field"]), reference["field"])
 
@@ -263,6 +261,7 @@ def test_sigkill_of_one_dask_worker(server, inputs, reference, tmp_path):
         started.append(scheduler)
         wait_for_port(port, 120, scheduler)
         workers = [start([BIN / "dask", "worker", address, "--nthreads", "1",
+                          "--resources", "block=1",
                           "--no-dashboard", "--no-nanny", "--name", f"worker-{i}"],
                          env, tmp_path / f"worker-{i}.log") for i in range(2)]
         started += workers
@@ -273,8 +272,8 @@ def test_sigkill_of_one_dask_worker(server, inputs, reference, tmp_path):
                     tmp_path / "register.log")
         started.append(run)
         wait_for(lambda: mid_stage(out, INTERRUPT_AT), MID_STAGE_TIMEOUT_S,
-                 "residuals before the worker is killed", run)
-        at_kill = len(residuals(out, STAGE))
+                 "blocks stored before the worker is killed", run)
+        at_kill = len(stored_blocks(out, STAGE))
         os.kill(workers[0].pid, signal.SIGKILL)
         killed_at = run.elapsed()
         workers[0].process.wait(timeout=30)
@@ -288,19 +287,20 @@ def test_sigkill_of_one_dask_worker(server, inputs, reference, tmp_path):
     assert status == 0, run.output()[-3000:]
     assert (out / "result.json").exists()
     line = run.last_json()
-    runs = task_runs(api, [s.id for s in subflow_runs(api, line["flow_run_id"])], timeout=20)
+    runs = task_runs(api, [s.id for s in subflow_runs(api, line["flow_run_id"])],
+                     name="register-blocks", timeout=20)
     states = [r.state.name for r in runs]
     report("sigkill_one_worker", {
         "worker_killed_at_s": round(killed_at, 1),
-        "residuals_at_kill": at_kill,
+        "blocks_stored_at_kill": at_kill,
         "run_seconds": round(seconds, 1),
         "uninterrupted_seconds": round(reference["seconds"], 1),
         "block_counts": line["block_counts"],
-        "block_task_run_states": {s: states.count(s) for s in set(states)},
-        "block_task_runs_run_twice": sorted(r.name for r in runs if r.run_count > 1),
+        "batch_task_run_states": {s: states.count(s) for s in set(states)},
+        "batch_task_runs_run_twice": sorted(r.name for r in runs if r.run_count > 1),
     })
     assert remaining == {workers[1].pid}
-    assert at_kill < reference["residual_files"]
+    assert at_kill < reference["blocks_stored"]
     assert line["block_counts"] == reference["block_counts"]
     np.testing.assert_array_equal(read_field(line["field"]), reference["field"])
 
@@ -321,8 +321,8 @@ def test_signal_to_the_leader(server, inputs, signum, tmp_path):
     status = None
     try:
         wait_for(lambda: mid_stage(out, INTERRUPT_AT), MID_STAGE_TIMEOUT_S,
-                 "residuals before the signal", run)
-        at_signal = len(residuals(out, STAGE))
+                 "blocks stored before the signal", run)
+        at_signal = len(stored_blocks(out, STAGE))
         members = describe(group_members(run.pgid))
         os.kill(run.pid, signum)
         sent_at = run.elapsed()

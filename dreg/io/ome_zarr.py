@@ -277,7 +277,8 @@ def read_region(image: OmeZarrImage, level: int, region: Region) -> np.ndarray:
     try:
         return np.asarray(array[index])
     except Exception as exc:  # noqa: BLE001
-        raise StorageError(_read_failure(image, level, region, array, exc)) from None
+        raise StorageError(_read_failure(image, level, region, array, exc),
+                           transient=storage.is_transient(exc)) from None
 
 
 def _read_failure(image: OmeZarrImage, level: int, region: Region, array: zarr.Array,
@@ -473,14 +474,33 @@ def fingerprint(image: OmeZarrImage, levels: Sequence[int] | None = None) -> str
     for level in chosen:
         path = f"{root}/{image.level(level).path}"
         try:
-            listing = fs.find(path, detail=True)
+            listing = fs.find(path, detail=True, withdirs=True)
         except Exception as exc:  # noqa: BLE001
             raise StorageError(storage.describe_storage_failure(image.uri, exc)) from None
+        _refuse_directory_chunks(image, level, path, listing)
         for name in sorted(listing):
             info = listing[name]
+            if info.get("type") == "directory":
+                continue
             stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
             digest.update(f"{name[len(root):]}|{info.get('size')}|{stamp}\n".encode())
     return digest.hexdigest()[:32]
+
+
+def _refuse_directory_chunks(image: OmeZarrImage, level: int, path: str,
+                             listing: dict) -> None:
+    """A directory where a chunk belongs reads as an absent chunk (zarr's fill value):
+    name it as the damage it is."""
+    depth = 4 if image.components is not None else 3
+    for name, info in listing.items():
+        parts = name[len(path):].strip("/").split("/")
+        if info.get("type") == "directory" and parts[0] == "c" and len(parts) == depth + 1:
+            where = tuple(int(p) for p in parts[-3:]) if all(
+                p.isdigit() for p in parts[1:]) else parts[1:]
+            raise StorageError(
+                f"{image.uri}: level {level} (array '{image.level(level).path}'), chunk "
+                f"{where} (z, y, x) cannot be read: it is a directory, not a chunk",
+                transient=False)
 
 
 def update_attributes(uri: str, updates: dict) -> None:

@@ -8,15 +8,20 @@ taken from ``DREG_S3_ENDPOINT_URL``, then ``AWS_ENDPOINT_URL_S3``, then
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import fsspec
 import zarr.storage
 
 from dreg.errors import StorageError, describe
 
+T = TypeVar("T")
 ENDPOINT_VARIABLES = ("DREG_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 # Attempts at two levels multiply: botocore retries each request (throttling, dropped
 # connections), and s3fs retries what botocore gave up on. With a 3 s connect time-out a
@@ -121,6 +126,44 @@ def describe_storage_failure(uri: str, exc: BaseException) -> str:
     if "NoSuchBucket" in text:
         return f"{uri}: the bucket does not exist"
     return f"{uri}: {describe(exc)}"
+
+
+# Failures that trying again cannot mend: bytes that do not decode (or fail their
+# checksum), a directory where a chunk should be, refused access.
+PERMANENT_FAILURES = (ValueError, TypeError, RuntimeError, UnicodeError, IsADirectoryError,
+                      NotADirectoryError, PermissionError)
+
+
+# A full disk, a quota, a read-only file system: waiting would only delay the error.
+PERMANENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage failure may pass if tried again (an endpoint that does not
+    answer, a dropped connection), as opposed to data that is broken or a disk that is
+    full."""
+    if isinstance(exc, StorageError):
+        return exc.transient
+    if isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS:
+        return False
+    return not isinstance(exc, PERMANENT_FAILURES)
+
+
+def patiently(action: Callable[[], T], patience_seconds: float,
+              first_wait: float = 1.0, longest_wait: float = 30.0) -> T:
+    """Run `action`, trying again with growing waits while it fails with a transient
+    storage error, for up to `patience_seconds` in all; then its error propagates."""
+    deadline = time.monotonic() + patience_seconds
+    wait = first_wait
+    while True:
+        try:
+            return action()
+        except StorageError as exc:
+            remaining = deadline - time.monotonic()
+            if not exc.transient or remaining <= 0:
+                raise
+            time.sleep(min(wait, remaining))
+            wait = min(wait * 2, longest_wait)
 
 
 def exists(uri: str) -> bool:

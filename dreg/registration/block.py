@@ -10,16 +10,18 @@ stage's field grid and store it next to the stage. Every outcome is a `BlockResu
 
 from __future__ import annotations
 
-import hashlib
+import json
+import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from dreg.errors import first_line
+from dreg.errors import StorageError, first_line
 from dreg.grid import Grid, Region, region_from_bounds, whole_region
 from dreg.io import ome_zarr, storage
 from dreg.registration import elastix
@@ -30,11 +32,16 @@ from dreg.registration.outcome import (
     REJECTED_METRIC,
     SKIPPED_EMPTY,
     BlockResult,
-    save_residual,
 )
 from dreg.registration.similarity import normalized_mutual_information
+from dreg.registration.store import BlockKeyInputs, block_key, load_entry, save_entry
 from dreg.registration.tiling import Block
-from dreg.transform.field import AffineTransform, as_transform, displacement_of
+from dreg.transform.field import (
+    AffineTransform,
+    as_transform,
+    displacement_of,
+    field_identity_mark,
+)
 
 LATTICE_POINTS = 9  # per axis, over the padded block, to find the moving region
 MARGIN_VOXELS = 2  # beyond the mapped lattice's bounding box, for interpolation
@@ -44,7 +51,10 @@ class StageContext:
     """What every block of a stage shares. Plain data: it crosses task boundaries.
 
     `previous` is the transform handed to the stage: an affine, or the URI of the
-    previous stage's field. The versions identify content for caching.
+    previous stage's field, whose identity (the mark it carries once complete) is
+    `previous_identity`. The versions identify the images' content. The elastix
+    parameter map is built from `transform` and `parameters` in the worker that needs
+    it, so that a stage whose blocks are all stored never loads elastix.
     """
 
     fixed_uri: str
@@ -54,15 +64,47 @@ class StageContext:
     moving_grid: Grid
     field_grid: Grid
     previous: AffineTransform | str
-    parameter_map: dict[str, list[str]]
+    transform: str
+    parameters: dict
     foreground_intensity: float
     foreground_fraction: float
     metric_guard: bool
-    residual_dir: str
+    store_dir: str
     fixed_version: str = ""
     moving_version: str = ""
-    previous_version: str = ""
+    previous_identity: str = ""
+    code_version: str = ""
+    threads: int = 1
+    storage_patience: float = 300.0
     log_dir: str | None = None
+
+    def key_inputs(self) -> BlockKeyInputs:
+        """What a block's stored outcome depends on besides the block (none of it a
+        location under OUT)."""
+        previous = (self.previous_identity if isinstance(self.previous, str)
+                    else json.dumps(asdict(self.previous)))
+        return BlockKeyInputs(
+            fixed_uri=self.fixed_uri, moving_uri=self.moving_uri,
+            fixed_version=self.fixed_version, moving_version=self.moving_version,
+            level=self.level,
+            grids={"fixed": self.fixed_grid.to_dict(), "moving": self.moving_grid.to_dict(),
+                   "field": self.field_grid.to_dict()},
+            previous=previous,
+            elastix={"transform": self.transform, "parameters": self.parameters,
+                     "threads": self.threads, "version": elastix.version()},
+            foreground=(self.foreground_intensity, self.foreground_fraction),
+            metric_guard=self.metric_guard,
+            code_version=self.code_version,
+        )
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """A batch's block results, in the batch's order; `reused` of them came from the
+    store."""
+
+    results: list[BlockResult]
+    reused: int
 
 
 def lattice_indices(region: Region, points: int = LATTICE_POINTS) -> np.ndarray:
@@ -105,23 +147,16 @@ def resample_moving(
     return warped.reshape(block_grid.shape_zyx).astype(np.float32)
 
 
-def residual_uri(ctx: StageContext, block: Block) -> str:
-    """Where a block's residual is stored: named by everything it depends on, so a result
-    computed under other inputs or parameters is never overwritten or mistaken for it."""
-    identity = repr((replace(ctx, log_dir=None), block)).encode()
-    digest = hashlib.sha256(identity).hexdigest()[:16]
-    return storage.join(ctx.residual_dir, f"{block.name}-{digest}.npy")
-
-
 def _run_elastix(ctx: StageContext, block: Block, fixed, warped, block_grid: Grid):
     """Run elastix; with a log folder, its log goes there (elastix writes a local file,
     which is then copied, so the folder may be on S3)."""
+    pmap = elastix.cached_parameter_map(ctx.transform, ctx.parameters, ctx.threads)
     if not ctx.log_dir:
-        return elastix.register(fixed, warped, block_grid, ctx.parameter_map)
+        return elastix.register(fixed, warped, block_grid, pmap)
     with tempfile.TemporaryDirectory(prefix="dreg-elastix-") as local:
         log_file = os.path.join(local, f"elastix-{block.name}.log")
         try:
-            return elastix.register(fixed, warped, block_grid, ctx.parameter_map, log_file)
+            return elastix.register(fixed, warped, block_grid, pmap, log_file)
         finally:
             if os.path.exists(log_file):
                 with open(log_file, "rb") as handle:
@@ -129,15 +164,33 @@ def _run_elastix(ctx: StageContext, block: Block, fixed, warped, block_grid: Gri
                                         handle.read())
 
 
+def open_previous(ctx: StageContext):
+    """The transform handed to the stage. A previous field must carry the identity this
+    stage was planned from: a field that is incomplete, or another run's, is never read
+    as if it were the right one."""
+    previous = as_transform(ctx.previous)
+    if isinstance(ctx.previous, str):
+        found = field_identity_mark(previous)
+        if found != ctx.previous_identity:
+            raise StorageError(
+                f"{ctx.previous}: the previous stage's field is not the complete field this "
+                f"stage was planned from (its identity is {found or 'absent'}, expected "
+                f"{ctx.previous_identity})", transient=False)
+    return previous
+
+
+Outcome = tuple[BlockResult, "np.ndarray | None"]
+
+
 def _registered_block(
     ctx: StageContext, block: Block, fixed: np.ndarray, started: float
-) -> BlockResult:
+) -> Outcome:
     """Steps after the foreground check: moving region, resample, elastix, guard."""
-    previous = as_transform(ctx.previous)
+    previous = open_previous(ctx)
     region = moving_region(block.padded, ctx.fixed_grid, ctx.moving_grid, previous)
     if region is None:
         return BlockResult(block, OUTSIDE_MOVING, "the block maps outside the moving image",
-                           seconds=time.perf_counter() - started)
+                           seconds=time.perf_counter() - started), None
     moving_image = ome_zarr.open_image(ctx.moving_uri)
     moving = ome_zarr.read_region(moving_image, ctx.level, region).astype(np.float32)
     block_grid = ctx.fixed_grid.subgrid(block.padded)
@@ -148,26 +201,24 @@ def _registered_block(
         result = _run_elastix(ctx, block, fixed, warped, block_grid)
     except RuntimeError as exc:
         return BlockResult(block, FAILED, f"elastix: {first_line(exc)}",
-                           metric_before=before, seconds=time.perf_counter() - started)
+                           metric_before=before, seconds=time.perf_counter() - started), None
     after = normalized_mutual_information(fixed, result.result_image)
     if ctx.metric_guard and after < before:
         return BlockResult(
             block, REJECTED_METRIC,
             f"similarity fell from {before:.4f} to {after:.4f} (normalized mutual information)",
             metric_before=before, metric_after=after, seconds=time.perf_counter() - started,
-        )
+        ), None
     residual = elastix.displacement_on_grid(
         result.transform, ctx.field_grid.subgrid(block.field_box)
     )
-    uri = residual_uri(ctx, block)
-    save_residual(uri, residual)
-    return BlockResult(block, OK, "", before, after, time.perf_counter() - started,
-                       residual_uri=uri)
+    return BlockResult(block, OK, "", before, after, time.perf_counter() - started), residual
 
 
-def register_block(ctx: StageContext, block: Block) -> BlockResult:
-    """Register one block; returns its result. Storage errors propagate (retryable);
-    elastix failures come back as a FAILED result with elastix's reason."""
+def register_block(ctx: StageContext, block: Block) -> Outcome:
+    """Register one block; returns its result and, when it succeeded, its residual on
+    the block's share of the field grid. Storage errors propagate; only elastix's own
+    failures come back as a FAILED result, with elastix's reason."""
     started = time.perf_counter()
     fixed_image = ome_zarr.open_image(ctx.fixed_uri)
     fixed = ome_zarr.read_region(fixed_image, ctx.level, block.padded)
@@ -178,7 +229,49 @@ def register_block(ctx: StageContext, block: Block) -> BlockResult:
             block, SKIPPED_EMPTY,
             f"foreground {foreground:.1%} below the threshold {ctx.foreground_fraction:.1%}",
             seconds=time.perf_counter() - started,
-        )
+        ), None
     return _registered_block(ctx, block, fixed, started)
 
 
+
+
+BATCHES_PER_WORKER = 8  # enough for load balance and for progress that moves
+MAX_BATCHES = 2000  # task runs per stage: Prefect's bookkeeping stays small
+
+
+def plan_batches(blocks: Sequence[Block], workers: int,
+                 batch_size: int | None = None) -> list[list[Block]]:
+    """Cut a stage's blocks into batches, one task run each, in the blocks' order.
+
+    By default a batch holds enough blocks that each worker gets about
+    BATCHES_PER_WORKER batches, and the stage has at most MAX_BATCHES.
+    """
+    if batch_size is None:
+        batch_size = max(1, math.ceil(len(blocks) / MAX_BATCHES),
+                         len(blocks) // (max(workers, 1) * BATCHES_PER_WORKER))
+    return [list(blocks[i:i + batch_size]) for i in range(0, len(blocks), batch_size)]
+
+
+def register_batch(ctx: StageContext, blocks: Sequence[Block]) -> BatchOutcome:
+    """Register a batch of blocks, each stored on its own as soon as it is done, so that
+    a batch that is retried or resumed redoes only the blocks it had not finished.
+
+    A block already in the store is reused. A transient storage error is tried again
+    for up to `ctx.storage_patience` seconds; then (or at once, for broken data) it
+    propagates and fails the batch: storage errors are never recorded as failed blocks.
+    """
+    key_inputs = ctx.key_inputs()
+    results, reused = [], 0
+    for block in blocks:
+        key = block_key(key_inputs, block)
+        stored = load_entry(ctx.store_dir, key, block)
+        if stored is not None:
+            results.append(stored)
+            reused += 1
+            continue
+        result, residual = storage.patiently(lambda b=block: register_block(ctx, b),
+                                             ctx.storage_patience)
+        results.append(storage.patiently(
+            lambda r=result, d=residual, k=key: save_entry(ctx.store_dir, k, r, d),
+            ctx.storage_patience))
+    return BatchOutcome(results, reused)

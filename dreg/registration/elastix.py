@@ -8,6 +8,8 @@ elastix ParameterObject). ITK is imported lazily so that importing dreg stays ch
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,3 +196,27 @@ def warm_up(threads: int = 1) -> None:
     pmap = parameter_map("translation", {"MaximumNumberOfIterations": 2,
                                          "NumberOfResolutions": 1}, threads)
     register(fixed, moving, grid, pmap)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_map(transform: str, overrides_json: str, threads: int) -> tuple:
+    set_threads(threads)  # before any ITK filter of this process runs
+    pmap = parameter_map(transform, json.loads(overrides_json), threads)
+    check_parameter_map(pmap, f"{transform} parameters")
+    return tuple(pmap.items())
+
+
+def cached_parameter_map(transform: str, overrides: dict[str, Any] | None,
+                         threads: int = 1) -> ParameterMap:
+    """A stage's parameter map, built and tried once per process, when a block first
+    needs elastix (never in a process that only reuses stored blocks)."""
+    key = json.dumps(overrides or {}, sort_keys=True)
+    return dict(_cached_map(transform, key, threads))
+
+
+def version() -> str:
+    """The installed ITK-Elastix version (a block's outcome depends on it)."""
+    try:
+        return importlib.metadata.version("itk-elastix")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

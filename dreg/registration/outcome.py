@@ -35,6 +35,7 @@ class BlockResult:
     metric_after: float | None = None
     seconds: float = 0.0
     residual_uri: str | None = None
+    reused: bool = False  # taken from the block store, not registered in this run
 
     def row(self) -> dict:
         """One row of the stage's block table."""
@@ -46,14 +47,20 @@ class BlockResult:
             "metric_before": self.metric_before,
             "metric_after": self.metric_after,
             "seconds": round(self.seconds, 3),
+            "reused": self.reused,
         }
 
 
-def save_residual(uri: str, residual: np.ndarray) -> None:
-    """Store a block's residual, (3, z, y, x) float32 on its share of the field grid."""
+def residual_bytes(residual: np.ndarray) -> bytes:
+    """A residual, (3, z, y, x) float32 on its block's share of the field grid, as the
+    bytes of a .npy file."""
     buffer = io.BytesIO()
     np.save(buffer, residual.astype(np.float32))
-    storage.write_bytes(uri, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_residual(uri: str, residual: np.ndarray) -> None:
+    storage.write_bytes(uri, residual_bytes(residual))
 
 
 def load_residual(uri: str) -> np.ndarray:

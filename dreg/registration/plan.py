@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dreg.errors import InputError
+from dreg.errors import InputError, RunFailed
 from dreg.grid import Grid
 from dreg.io import ome_zarr, storage
 from dreg.registration import elastix
@@ -49,13 +49,16 @@ class StagePlan:
     def name(self) -> str:
         return self.config.name
 
-    @property
-    def field_uri(self) -> str:
-        return storage.join(self.folder, FIELD_NAME)
+    def field_uri(self, identity: str) -> str:
+        """Where the stage's field with this content identity lives. A stage's field is
+        never rewritten in place: other content gets another name, and stage.json says
+        which one is the stage's result."""
+        return storage.join(self.folder, f"field-{identity[:16]}.ome.zarr")
 
     @property
-    def residual_dir(self) -> str:
-        return storage.join(self.folder, "residuals")
+    def store_dir(self) -> str:
+        """The block store: each block's record and residual (dreg.registration.store)."""
+        return storage.join(self.folder, "blocks")
 
     @property
     def table_uri(self) -> str:
@@ -66,6 +69,23 @@ class StagePlan:
         return storage.join(self.folder, "stage.json")
 
 
+def remove_stale_fields(stage: StagePlan, keep: str) -> None:
+    """Remove the stage's fields other than `keep` (made by earlier runs from other
+    inputs or settings). Only the run that owns OUT calls this, after stage.json names
+    `keep`, so no reader is left pointing at what is removed."""
+    fs, root = storage.filesystem(stage.folder)
+    try:
+        names = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return
+    for name in names:
+        base = name.rstrip("/").rsplit("/", 1)[-1]
+        if base.startswith("field-") and base.endswith(".ome.zarr"):
+            uri = storage.join(stage.folder, base)
+            if uri != keep:
+                storage.remove_tree(uri)
+
+
 @dataclass(frozen=True)
 class RegistrationPlan:
     fixed_uri: str
@@ -74,6 +94,7 @@ class RegistrationPlan:
     stages: tuple[StagePlan, ...]
     initial: AffineTransform
     foreground_intensity: float
+    input_versions: dict[str, str]
 
     @property
     def field_uri(self) -> str:
@@ -189,6 +210,7 @@ def plan_registration(
         stages=tuple(stages),
         initial=initial,
         foreground_intensity=foreground_intensity(fixed),
+        input_versions=input_versions(fixed, moving),
     )
     if storage.exists(plan.result_uri) and not overwrite:
         raise InputError(
@@ -199,16 +221,35 @@ def plan_registration(
     return plan
 
 
+def input_versions(fixed: ome_zarr.OmeZarrImage, moving: ome_zarr.OmeZarrImage) -> dict[str, str]:
+    """The content versions of both inputs (every level)."""
+    return {"fixed": ome_zarr.fingerprint(fixed), "moving": ome_zarr.fingerprint(moving)}
+
+
+def check_inputs_unchanged(plan: RegistrationPlan) -> None:
+    """Fail a run whose inputs changed while it ran (a chunk rewritten or deleted): its
+    blocks may have read a mix of old and new content."""
+    now = input_versions(ome_zarr.open_image(plan.fixed_uri),
+                         ome_zarr.open_image(plan.moving_uri))
+    for role, uri in (("fixed", plan.fixed_uri), ("moving", plan.moving_uri)):
+        if now[role] != plan.input_versions[role]:
+            raise RunFailed(
+                f"the {role} image {uri} changed during the run (its chunks or metadata "
+                "differ from when the run started); no result written; re-run once it is "
+                "stable"
+            )
+
+
 def stage_context(
     plan: RegistrationPlan,
     stage: StagePlan,
-    parameter_map: dict[str, list[str]],
     previous_field: str | None,
     previous_identity: str,
     debug: bool = False,
+    storage_patience: float = 300.0,
 ) -> StageContext:
     """What every block of a stage shares, with the content versions of both images at
-    the stage's level (for the block cache). `previous_field` is the field of the stage
+    the stage's level (for the block store). `previous_field` is the field of the stage
     before, or None for the first stage (which starts from the plan's initial affine)."""
     fixed = ome_zarr.open_image(plan.fixed_uri)
     moving = ome_zarr.open_image(plan.moving_uri)
@@ -220,13 +261,16 @@ def stage_context(
         moving_grid=stage.moving_grid,
         field_grid=stage.field_grid,
         previous=previous_field if previous_field is not None else plan.initial,
-        parameter_map=parameter_map,
+        transform=stage.config.transform,
+        parameters=dict(stage.config.parameters),
         foreground_intensity=plan.foreground_intensity,
         foreground_fraction=stage.config.foreground_threshold,
         metric_guard=stage.config.metric_guard,
-        residual_dir=stage.residual_dir,
+        store_dir=stage.store_dir,
         fixed_version=ome_zarr.fingerprint(fixed, [stage.level]),
         moving_version=ome_zarr.fingerprint(moving, [stage.level]),
-        previous_version=previous_identity + "/" + code_version(),
+        previous_identity=previous_identity,
+        code_version=code_version(),
+        storage_patience=storage_patience,
         log_dir=storage.join(stage.folder, "elastix-logs") if debug else None,
     )

@@ -16,7 +16,7 @@ from dreg.errors import InputError, RunFailed, first_line
 from dreg.io import ome_zarr, storage
 from dreg.registration.outcome import FAILED, OK, BlockResult
 from dreg.registration.pipeline import PipelineConfig
-from dreg.registration.plan import RESULT_FILE, RegistrationPlan, StagePlan
+from dreg.registration.plan import RESULT_FILE, RegistrationPlan, StagePlan, input_versions
 
 FAILURES_LISTED = 200  # in a stage summary; every block is in the stage's table
 VERSIONED_PACKAGES = ("dreg", "prefect", "prefect-dask", "itk-elastix", "zarr", "dask")
@@ -34,7 +34,13 @@ class RunOptions(BaseModel):
     workers: int | None = Field(None, ge=1, description="local cluster workers (default: cores)")
     debug: bool = Field(False, description="write elastix logs per block")
     show_progress: bool = Field(False, description="a progress bar of blocks on stderr")
-    block_retries: int = Field(2, ge=0, description="attempts after a block's first failure")
+    block_retries: int = Field(2, ge=0, description="attempts after a batch's first failure")
+    storage_patience: float = Field(
+        300.0, ge=0, description="seconds to keep retrying a storage error before the run fails")
+    max_failed_share: float = Field(
+        0.05, ge=0, le=1, description="a stage with a larger share of failed blocks fails the run")
+    batch_size: int | None = Field(
+        None, ge=1, description="blocks per task run (default: sized from blocks and workers)")
 
 
 class StageTimings(BaseModel):
@@ -55,6 +61,8 @@ class StageSummary(BaseModel):
     transform: str
     blocks: int
     counts: dict[str, int]
+    reused: int = Field(0, description="blocks taken from the block store, not registered")
+    failed_share: float = 0.0
     field: str
     identity: str
     seconds: float
@@ -74,6 +82,7 @@ def summarize_stage(
     flow_run_id: str,
 ) -> StageSummary:
     """A stage's summary from its block results and what its flow measured."""
+    failed = sum(r.status == FAILED for r in results)
     return StageSummary(
         number=stage.number,
         name=stage.name,
@@ -82,7 +91,9 @@ def summarize_stage(
         transform=stage.config.transform,
         blocks=len(results),
         counts=dict(Counter(r.status for r in results)),
-        field=stage.field_uri,
+        reused=sum(r.reused for r in results),
+        failed_share=round(failed / len(results), 4) if results else 0.0,
+        field=stage.field_uri(identity),
         identity=identity,
         block_seconds=round(sum(r.seconds for r in results), 3),
         field_voxels=field_voxels,
@@ -121,6 +132,12 @@ class RegistrationResult(BaseModel):
 
     @computed_field
     @property
+    def blocks_reused(self) -> dict[str, int]:
+        """Blocks taken from the block store rather than registered, per stage name."""
+        return {s.name: s.reused for s in self.stages}
+
+    @computed_field
+    @property
     def failed_blocks(self) -> int:
         """Blocks whose registration failed (after retries), over all stages; there the
         field falls back to the stage before."""
@@ -135,6 +152,19 @@ class RegistrationResult(BaseModel):
     def document(self) -> str:
         """The JSON text of result.json."""
         return self.model_dump_json(indent=2)
+
+
+def check_failed_share(stage: StageSummary, max_share: float) -> None:
+    """A stage in which more than `max_share` of the blocks failed fails the run: its
+    field would quietly fall back to the stage before over too much of the image."""
+    if stage.failed_share > max_share:
+        failed = stage.counts.get(FAILED, 0)
+        raise RunFailed(
+            f"stage {stage.name}: {failed} of {stage.blocks} blocks failed "
+            f"({stage.failed_share:.1%}, more than the {max_share:.1%} allowed by "
+            f"--max-failed-share); no result written; see "
+            f"{stage.field.rsplit('/', 1)[0]}/blocks.json"
+        )
 
 
 def check_last_stage(stages: Sequence[StageSummary]) -> None:
@@ -174,14 +204,9 @@ def registration_result(
         stages=list(stages),
         seconds=round(seconds, 3),
         versions=package_versions(),
-        input_versions=input_versions(plan.fixed_uri, plan.moving_uri),
+        input_versions=plan.input_versions,
         pipeline=pipeline_of(plan).model_dump(mode="json"),
     )
-
-
-def input_versions(fixed_uri: str, moving_uri: str) -> dict[str, str]:
-    return {"fixed": ome_zarr.fingerprint(ome_zarr.open_image(fixed_uri)),
-            "moving": ome_zarr.fingerprint(ome_zarr.open_image(moving_uri))}
 
 
 def pipeline_of(plan: RegistrationPlan) -> PipelineConfig:
@@ -201,7 +226,8 @@ def finished_with_same_inputs(out_uri: str, fixed_uri: str, moving_uri: str,
         return None
     if result.pipeline != pipeline.model_dump(mode="json"):
         return None
-    return result if result.input_versions == input_versions(fixed, moving) else None
+    current = input_versions(ome_zarr.open_image(fixed), ome_zarr.open_image(moving))
+    return result if result.input_versions == current else None
 
 
 def load_result(out_uri: str) -> RegistrationResult:
