@@ -90,8 +90,12 @@ def _lost_batch(ctx, batch, state) -> list[BlockResult]:
         raise error
     if isinstance(error, OSError):
         raise StorageError(f"{ctx.store_dir}: {describe(error)}")
-    reason = describe(error) if isinstance(error, BaseException) else first_line(
-        state.message or state.name)
+    if isinstance(error, BaseException):
+        reason = describe(error)
+    elif state.is_final():
+        reason = f"{state.name}: {first_line(state.message or 'no message')}"
+    else:  # never a bare "Running" or "Pending" as a reason
+        reason = f"its task did not finish (last seen {state.name})"
     key_inputs = ctx.key_inputs()
     results = []
     for block in batch:
@@ -205,6 +209,8 @@ def run_stages(plan: RegistrationPlan, options: RunOptions) -> list[StageSummary
             summary = register_stage.with_options(task_runner=runner)(
                 plan, stage, summaries[-1] if summaries else None, final, workers, options)
             summaries.append(summary)
+            if final:
+                check_last_stage(summaries)
             check_failed_share(summary, options.max_failed_share)
     return summaries
 
@@ -249,7 +255,6 @@ def register_images(
         for uri in [plan.result_uri, *derived_outputs(plan.out_uri)]:
             storage.remove_tree(uri)
         summaries = run_stages(plan, options)
-        check_last_stage(summaries)
         check_inputs_unchanged(plan)
         result = registration_result(plan, summaries, str(flow_run.get_id()),
                                      time.perf_counter() - started)

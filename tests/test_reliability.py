@@ -231,6 +231,9 @@ def test_sigkill_of_the_whole_run_then_resume(server, inputs, tmp_path, request)
         "stored_at_kill_not_reused": sorted(at_kill_blocks - reused),
     })
     assert len(table) == BLOCKS
+    # The killed run no longer shows as Running: the run that took its lease over
+    # recorded it as Crashed.
+    assert flow_run(api, killed_run.id).state.type.value == "CRASHED"
     assert line["blocks_reused"] == {"bspline": len(reused)}
     # A block's record is written last: every block stored before the kill is reused,
     # and nothing else is.
