@@ -10,7 +10,7 @@ import pytest
 from dreg import synth
 from dreg.errors import InputError, StorageError
 from dreg.grid import Grid
-from dreg.io import ome_zarr
+from dreg.io import ome_zarr, storage
 from dreg.registration import elastix
 from dreg.registration.pipeline import PipelineConfig, StageConfig, load_pipeline, parse_pipeline
 from dreg.registration.plan import plan_registration
@@ -151,3 +151,68 @@ def test_bspline_grid_spacing_without_loading_elastix():
     assert elastix.bspline_grid_spacing_voxels({"FinalGridSpacingInPhysicalUnits": 10}) is None
     default = elastix.parameter_map("bspline")
     assert default["FinalGridSpacingInVoxels"] == ["8"]
+
+
+# ----------------------------------------------------------------------------- OUT and inputs
+
+
+def register_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", "register", *args],
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def assert_refused(done: subprocess.CompletedProcess, *named: str) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert len(lines) == 1 and lines[0].startswith("dreg: error: "), done.stderr
+    assert "Traceback" not in done.stderr
+    for text in named:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def listing(folder) -> list[str]:
+    from pathlib import Path
+
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
+
+
+def test_an_output_in_or_over_an_input_is_refused_naming_both(tmp_path):
+    """OUT inside FIXED or MOVING, OUT equal to one however spelled (relative, `..`,
+    trailing slash), and an input inside OUT: exit 2, one line naming both, nothing
+    written anywhere."""
+    from pathlib import Path
+
+    pair = synth.write_pair(str(tmp_path / "pair"), Grid((24, 24, 24), (1.0, 1.0, 1.0)),
+                            seed=1, chunks=16)
+    fixed, moving = Path(pair["fixed"]), Path(pair["moving"])
+    before = listing(tmp_path)
+    cases = [
+        (str(fixed / "out"), "is inside FIXED", str(fixed)),
+        ("pair/fixed.ome.zarr/nested/../out/", "is inside FIXED", str(fixed)),
+        ("./pair/moving.ome.zarr/", "is MOVING", str(moving)),
+        ("pair/fixed.ome.zarr/../moving.ome.zarr", "is MOVING", str(moving)),
+        (str(tmp_path / "pair"), "is inside OUT", str(fixed)),
+    ]
+    for out, relation, named in cases:
+        done = register_cli(str(fixed), str(moving), out, cwd=tmp_path)
+        assert_refused(done, relation, named, str((tmp_path / out).resolve()))
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.s3
+def test_an_output_in_an_input_on_s3_is_refused(s3):
+    import uuid
+
+    root = s3.uri(uuid.uuid4().hex)
+    pair = synth.write_pair(storage.join(root, "pair"), Grid((24, 24, 24), (1.0, 1.0, 1.0)),
+                            seed=1, chunks=16)
+    fs, _ = storage.filesystem(root)
+    before = sorted(fs.find(root.removeprefix("s3://")))
+    for out, relation in ((pair["fixed"] + "//out/", "is inside FIXED"),
+                          (pair["fixed"] + "/../moving.ome.zarr/", "is MOVING"),
+                          (root, "is inside OUT")):
+        done = register_cli(pair["fixed"], pair["moving"], out)
+        assert_refused(done, relation)
+    fs.invalidate_cache()
+    assert sorted(fs.find(root.removeprefix("s3://"))) == before

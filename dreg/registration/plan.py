@@ -3,7 +3,8 @@
 Every check that can fail on bad input runs here, so a bad run stops in seconds with a
 message naming the input: images that are not 3D or do not overlap in physical space,
 levels that do not exist, block sizes too small for the B-spline grid, an output that
-is not writable or already holds a finished result.
+is not writable or already holds a finished result, an output inside (or holding) an
+input, and elastix parameters whose values elastix would reject or misuse.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from dreg.errors import InputError
 from dreg.grid import Grid
-from dreg.io import ome_zarr, storage
+from dreg.io import locations, ome_zarr, storage
 from dreg.registration import elastix
 from dreg.registration.block import StageContext
 from dreg.registration.pipeline import PipelineConfig, StageConfig
@@ -158,6 +159,8 @@ def plan_registration(
     fixed = ome_zarr.open_image(fixed_uri, require_scalar=True)
     moving = ome_zarr.open_image(moving_uri, require_scalar=True)
     out_uri = storage.normalize_uri(out_uri)
+    # Before anything is written under OUT (the writability probe included).
+    locations.check_apart(out_uri, "OUT", {"FIXED": fixed.uri, "MOVING": moving.uri})
     initial = initial or AffineTransform.identity()
     check_overlap(fixed, moving, initial)
 
