@@ -20,6 +20,7 @@ from dreg.grid import Grid
 from dreg.io import locations, ome_zarr, storage
 from dreg.registration import elastix
 from dreg.registration.block import StageContext
+from dreg.registration.parameters import check_parameters
 from dreg.registration.pipeline import PipelineConfig, StageConfig
 from dreg.registration.tiling import normalize_block_size
 from dreg.transform.field import AffineTransform
@@ -166,6 +167,7 @@ def plan_registration(
 
     stages = []
     for number, stage in enumerate(pipeline.stages, start=1):
+        check_parameters(stage.transform, stage.parameters, stage.name)
         level = fixed.level_number(stage.level)
         try:
             moving_level = moving.level(stage.level)
