@@ -305,6 +305,76 @@ def test_sigkill_of_one_dask_worker(server, inputs, reference, tmp_path):
     np.testing.assert_array_equal(read_field(line["field"]), reference["field"])
 
 
+def test_a_worker_killed_and_a_new_one_joining_mid_run(server, inputs, reference, tmp_path):
+    """SIGKILL of one of two workers of an external cluster mid-stage, then a new worker
+    joins: it is set up (warm, one thread) before its first block, takes blocks, and the
+    field is bit-identical to the uninterrupted run's. Workers run without a nanny and
+    without thread variables, so only the worker plugin sets them up."""
+    from distributed import Client
+
+    from flows.cluster import THREAD_VARIABLES, worker_state
+
+    api, env = server
+    bare = {k: v for k, v in env.items() if k not in THREAD_VARIABLES}
+    port = s3_server.free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    out = tmp_path / "out"
+    started = []
+
+    def worker(name: str):
+        process = start([BIN / "dask", "worker", address, "--nthreads", "1", "--no-dashboard",
+                         "--no-nanny", "--name", name], bare, tmp_path / f"{name}.log")
+        started.append(process)
+        return process
+
+    try:
+        scheduler = start([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", port,
+                           "--no-dashboard"], bare, tmp_path / "scheduler.log")
+        started.append(scheduler)
+        wait_for_port(port, 120, scheduler)
+        first, second = worker("worker-0"), worker("worker-1")
+        wait_for(lambda: worker_pids(address) == {first.pid, second.pid}, 180,
+                 "both workers registered", scheduler, interval=1)
+
+        run = start(register_args(inputs, out, "--dask-address", address), env,
+                    tmp_path / "register.log")
+        started.append(run)
+        wait_for(lambda: mid_stage(out, INTERRUPT_AT), MID_STAGE_TIMEOUT_S,
+                 "residuals before the worker is killed", run)
+        os.kill(first.pid, signal.SIGKILL)
+        killed_at = run.elapsed()
+        first.process.wait(timeout=30)
+        joining = worker("worker-2")
+        at_join = len(residuals(out, STAGE))
+        status = finish(run)
+        seconds = run.elapsed()
+        with Client(address, timeout="20s") as client:
+            states = client.run(worker_state)
+            executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
+    finally:
+        for process in reversed(started):
+            stop(process)
+
+    assert status == 0, run.output()[-3000:]
+    line = run.last_json()
+    by_pid = {state["pid"]: (address, state) for address, state in states.items()}
+    joined_address, joined = by_pid[joining.pid]
+    report("worker_killed_and_one_joining", {
+        "worker_killed_at_s": round(killed_at, 1),
+        "residuals_when_the_new_worker_started": at_join,
+        "tasks_run_by_the_new_worker": executed[joined_address],
+        "run_seconds": round(seconds, 1),
+        "uninterrupted_seconds": round(reference["seconds"], 1),
+    })
+    assert set(by_pid) == {second.pid, joining.pid}
+    for _, state in by_pid.values():
+        assert state["warm"] and state["itk_threads"] == 1 and state["pool_threads"] == [1]
+        assert state["environ"] == dict.fromkeys(THREAD_VARIABLES, "1")
+    assert executed[joined_address] > 0, "the new worker ran no task"
+    assert line["block_counts"] == reference["block_counts"]
+    np.testing.assert_array_equal(read_field(line["field"]), reference["field"])
+
+
 FINAL_FAILURE_STATES = {"CANCELLED", "CRASHED", "FAILED"}
 
 
