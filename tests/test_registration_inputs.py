@@ -262,6 +262,11 @@ def test_an_output_in_an_input_on_s3_is_refused(s3):
     ("bspline", {"Metric2Weight": 0.5},
      "parameter Metric2Weight refers to metric 2, but Metric has 2"),
     ("affine", {"ResultImagePixelType": "float16"}, "parameter ResultImagePixelType must be"),
+    ("affine", {"MaximumNumberOfIteration": 100},
+     "parameter MaximumNumberOfIteration is not an elastix parameter (elastix would ignore it);"
+     " did you mean MaximumNumberOfIterations?"),
+    ("affine", {"numberofspatialsamples": 100},
+     "parameter numberofspatialsamples is not an elastix parameter"),
 ])
 def test_parameter_values_elastix_cannot_use_are_named(pair, tmp_path, transform, overrides,
                                                        message):
@@ -300,8 +305,8 @@ def test_elastix_own_default_maps_pass_the_check(preset):
 
 def test_the_worker_check_names_what_only_elastix_knows():
     """A misspelt name elastix ignores, and a component combination it refuses."""
-    misspelt = elastix.parameter_map("affine", {"MaximumNumberOfIteration": 10})
-    with pytest.raises(InputError, match="^stage a: parameter MaximumNumberOfIteration is not "
+    misspelt = elastix.parameter_map("affine", {"NumberOfSamplesPerBlock": 10})
+    with pytest.raises(InputError, match="^stage a: parameter NumberOfSamplesPerBlock is not "
                        "used by elastix"):
         elastix.check_parameter_map(misspelt, "stage a")
     boolean = elastix.parameter_map("affine", {"AutomaticScalesEstimation": "yes"})
@@ -314,6 +319,10 @@ def test_the_worker_check_names_what_only_elastix_knows():
         elastix.check_parameter_map(rigidity, "stage a")
     for preset in elastix.PRESETS:  # elastix's own maps use every parameter they hold
         elastix.check_parameter_map(elastix.parameter_map(preset), f"stage {preset}")
+    # Schedules for three resolutions pass the one-resolution trial.
+    elastix.check_parameter_map(elastix.parameter_map("bspline", {
+        "NumberOfResolutions": 3, "GridSpacingSchedule": [4, 2, 1],
+        "ImagePyramidSchedule": [4, 4, 4, 2, 2, 2, 1, 1, 1]}), "stage b")
 
 
 @pytest.mark.parametrize("parameters, named", [

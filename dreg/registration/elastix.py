@@ -22,6 +22,7 @@ from dreg.grid import Grid, vectors_to_components, zyx_to_xyz
 from dreg.registration.parameters import DEFAULT_RESOLUTIONS, as_values, is_known
 
 PRESETS = ("translation", "rigid", "affine", "bspline")
+SCHEDULE = re.compile(r"^(GridSpacing|(Fixed|Moving)?ImagePyramid(Rescale|Smoothing)?)Schedule$")
 ParameterMap = dict[str, list[str]]
 
 # Settings applied over elastix's default map for each preset, before user overrides.
@@ -174,9 +175,9 @@ def check_parameter_map(pmap: ParameterMap, name: str = "stage") -> None:
     trial = {key: list(values) for key, values in pmap.items()}
     trial["MaximumNumberOfIterations"] = ["2"]
     trial["NumberOfResolutions"] = ["1"]
-    for key in ("GridSpacingSchedule", "ImagePyramidSchedule",
-                "FixedImagePyramidSchedule", "MovingImagePyramidSchedule"):
-        trial.pop(key, None)
+    # Schedules hold values per resolution: with one resolution they would not fit.
+    for key in [k for k in trial if SCHEDULE.match(k)]:
+        trial.pop(key)
     fixed, moving, grid = _tiny_pair()
     with tempfile.TemporaryDirectory(prefix="dreg-preflight-") as folder:
         log_file = os.path.join(folder, "elastix.log")

@@ -163,6 +163,9 @@ INDEXED_RULES = {"Weight": Rule("number", low=0, count="resolution"),
                  "RelativeWeight": Rule("number", low=0, count="resolution"),
                  "Use": Rule("bool", count="resolution")}
 INTEGER = re.compile(r"^[+-]?\d+$")
+# difflib's similarity from which an unknown name is taken for a misspelt known one: one
+# letter off in a long name is 0.95 or more; two distinct names here are at most 0.921.
+SPELLING_CUTOFF = 0.93
 
 
 def is_known(name: str) -> bool:
@@ -260,6 +263,7 @@ def check_parameters(preset: str, overrides: Mapping[str, Any], stage: str) -> N
         indexed = METRIC_INDEXED.match(name)
         rule = INDEXED_RULES[indexed.group(2)] if indexed else RULES.get(name)
         if rule is None:
+            _check_spelling(name, stage)
             continue  # for the check on a worker (elastix reports unused parameters)
         where = f"stage {stage}: parameter {name}"
         if indexed and int(indexed.group(1)) >= metrics:
@@ -279,6 +283,16 @@ def check_parameters(preset: str, overrides: Mapping[str, Any], stage: str) -> N
         if len(values) not in counts:
             raise InputError(f"{where} needs {wanted}, got {len(values)}: {values}")
     _check_registration(preset, overrides, metrics, stage)
+
+
+def _check_spelling(name: str, stage: str) -> None:
+    """An unknown name one slip away from a known one (elastix would ignore it)."""
+    by_lower = {known.lower(): known for known in RULES}
+    close = ([by_lower[name.lower()]] if name.lower() in by_lower
+             else difflib.get_close_matches(name, RULES, n=1, cutoff=SPELLING_CUTOFF))
+    if close:
+        raise InputError(f"stage {stage}: parameter {name} is not an elastix parameter "
+                         f"(elastix would ignore it); did you mean {close[0]}?")
 
 
 def _check_registration(preset: str, overrides: Mapping[str, Any], metrics: int,
