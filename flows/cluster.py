@@ -1,47 +1,124 @@
 """The Dask cluster a registration runs on: an existing one by address, or a local one.
 
-A local cluster has one single-threaded worker process per core. Every worker is warmed
-once (elastix's first use costs about 11 s per process) before blocks are sent to it.
+A local cluster has one single-threaded worker process per core. Every worker that ever
+joins the cluster (at the start, restarted by its nanny after a crash, or added later
+by an autoscaler or by hand) is configured by a Dask worker plugin before it runs a
+task: one thread for ITK, OpenMP and BLAS (results do not depend on thread counts,
+so they stay bit-identical however workers come and go) and the run's environment.
+Elastix's first-use cost (11 to 25 s and about 740 MB per process) can be paid up front
+(`warm`); a registration leaves it to the first block a worker registers, so that a
+run whose blocks are all stored never loads elastix.
 The address comes from the caller, else ``DREG_DASK_ADDRESS``; so the same flow runs on
 any Dask deployment (dask-kubernetes, dask-jobqueue, Coiled) unchanged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import sys
+import threading
 from collections.abc import Iterator
+
+from distributed.diagnostics.plugin import WorkerPlugin
 
 ADDRESS_VARIABLE = "DREG_DASK_ADDRESS"
 WORKERS_VARIABLE = "DREG_DASK_WORKERS"
 THREADS_PER_WORKER = 1
+# Read by OpenMP, MKL, OpenBLAS and ITK when they start their thread pools.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+PLUGIN_NAMES = {True: "dreg-worker-setup-elastix", False: "dreg-worker-setup"}
 # Each block task holds one unit, and each worker offers one: a worker registers one
 # block at a time however many threads it has, so heavy blocks never share its memory.
 BLOCK_RESOURCE = "block"
 WORKER_RESOURCES = {BLOCK_RESOURCE: 1}
 
-
-def _warm_worker(threads: int = THREADS_PER_WORKER) -> bool:
-    """Runs on each worker: set ITK's thread count and pay elastix's first-use cost."""
-    from dreg.memory import release_freed_memory_promptly
-    from dreg.registration import elastix
-
-    global _WARM  # noqa: PLW0603 - one flag per worker process
-    if not globals().get("_WARM"):
-        release_freed_memory_promptly()
-        elastix.warm_up(threads)
-        _WARM = True
-    return True
+_STATE = {"configured": False, "warm": False}  # per worker process
+_LOCK = threading.Lock()
 
 
-def warm_up(address: str) -> int:
-    """Warm every worker of the cluster at `address`; returns how many there are."""
+def configure_process(threads: int = THREADS_PER_WORKER, warm: bool = True) -> None:
+    """Set this process's thread counts and, with `warm`, pay elastix's first-use cost.
+
+    Idempotent and thread-safe: a worker with several threads, or a plugin registered
+    again by the next run, configures the process once."""
+    with _LOCK:
+        if not _STATE["configured"]:
+            from threadpoolctl import threadpool_limits
+
+            from dreg.memory import release_freed_memory_promptly
+
+            # The variables reach libraries that start later; pools already running (NumPy's
+            # BLAS in every Dask worker) are limited here.
+            threadpool_limits(limits=threads)
+            release_freed_memory_promptly()
+            _STATE["configured"] = True
+        if warm and not _STATE["warm"]:
+            from dreg.registration import elastix
+
+            elastix.warm_up(threads)  # also sets ITK's global default thread count
+            _STATE["warm"] = True
+
+
+class WorkerSetup(WorkerPlugin):
+    """Configures each worker that joins the cluster, before it runs any task.
+
+    Dask runs `setup` on every worker present when the plugin is registered and on
+    every worker that joins afterwards; a worker handles no task until it returns.
+    """
+
+    idempotent = False  # registering again (the next run) re-applies it: cheap once warm
+
+    def __init__(self, warm: bool, environ: dict[str, str] | None = None,
+                 threads: int = THREADS_PER_WORKER):
+        self.warm = warm
+        self.threads = threads
+        self.environ = {**{name: str(threads) for name in THREAD_VARIABLES},
+                        **(environ or {})}
+
+    async def setup(self, worker) -> None:
+        os.environ.update(self.environ)
+        # Warming takes seconds: off the event loop, so the worker keeps answering.
+        await asyncio.get_running_loop().run_in_executor(
+            None, configure_process, self.threads, self.warm)
+
+
+def worker_state() -> dict:
+    """What a worker's setup did, as seen from inside the worker (for checks)."""
+    from threadpoolctl import threadpool_info
+
+    state = {**_STATE, "pid": os.getpid(),
+             "environ": {name: os.environ.get(name) for name in THREAD_VARIABLES},
+             "pool_threads": sorted({p["num_threads"] for p in threadpool_info()})}
+    if "itk" in sys.modules:  # elastix was warmed, or a block loaded it
+        import itk
+
+        state["itk_threads"] = int(itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads())
+    return state
+
+
+def configure_workers(address: str, warm: bool = True, environ: dict | None = None) -> int:
+    """Register the worker setup on the cluster at `address`: it runs now on every
+    worker (this waits for them) and on every worker that joins later. Returns how many
+    workers there are now; raises RuntimeError naming a worker whose setup failed."""
     from distributed import Client
 
     with Client(address, timeout="30s") as client:
-        done = client.run(_warm_worker)
-    return len(done)
+        replies = client.register_plugin(WorkerSetup(warm, environ), name=PLUGIN_NAMES[warm])
+    failed = {w: r for w, r in (replies or {}).items() if r.get("status") != "OK"}
+    if failed:
+        worker, reply = next(iter(failed.items()))
+        raise RuntimeError(f"setting up Dask worker {worker} failed: {reply.get('exception')}")
+    return len(replies or {})
+
+
+def warm_up(address: str) -> int:
+    """Warm every worker of the cluster at `address`, now and as they join; returns how
+    many there are now."""
+    return configure_workers(address, warm=True)
 
 
 def block_workers(address: str) -> int:
@@ -71,25 +148,30 @@ def current_api_url() -> str | None:
         return str(client.api_url)
 
 
+def _run_environment() -> dict[str, str]:
+    # Workers must report task runs to this flow's API; without it, each would start a
+    # temporary server of its own.
+    api = current_api_url()
+    return {"PREFECT_API_URL": api} if api else {}
+
+
 @contextlib.contextmanager
 def dask_cluster(address: str | None = None, workers: int | None = None,
-                 warm: bool = True) -> Iterator[str]:
+                 warm: bool = False) -> Iterator[str]:
     """Yield the address of a Dask cluster, starting a local one if none is given.
 
-    With `warm`, every worker pays elastix's first-use cost first (registration needs
-    it; warping, inverting and moving points do not)."""
+    Every worker, now or later, is set up by `WorkerSetup`; with `warm`, it also pays
+    elastix's first-use cost first (registration needs it; warping, inverting and
+    moving points do not)."""
     address = address or os.environ.get(ADDRESS_VARIABLE) or None
+    environ = _run_environment()
     if address:
-        if warm:
-            warm_up(address)
+        configure_workers(address, warm, environ)
         yield address
         return
     from distributed import LocalCluster
 
     n_workers = workers or int(os.environ.get(WORKERS_VARIABLE) or 0) or os.cpu_count() or 1
-    # Workers must report task runs to this flow's API; without this, each would start a
-    # temporary server of its own.
-    env = {"PREFECT_API_URL": current_api_url() or ""}
     logging.getLogger("distributed").setLevel(logging.WARNING)
     with LocalCluster(
         n_workers=n_workers,
@@ -97,9 +179,8 @@ def dask_cluster(address: str | None = None, workers: int | None = None,
         processes=True,
         dashboard_address=None,
         silence_logs=logging.WARNING,
-        env=env,
+        env={**{name: str(THREADS_PER_WORKER) for name in THREAD_VARIABLES}, **environ},
         resources=WORKER_RESOURCES,
     ) as cluster:
-        if warm:
-            warm_up(cluster.scheduler_address)
+        configure_workers(cluster.scheduler_address, warm, environ)
         yield cluster.scheduler_address

@@ -414,3 +414,71 @@ def test_an_s3_endpoint_that_stops_answering_for_20_s_is_survived(s3, prefect_ap
     assert time.perf_counter() - started >= 20
     np.testing.assert_array_equal(whole(stormy.output), whole(calm.output))
     assert ome_zarr.open_image(stormy.output).attributes["complete"] is True
+
+
+def flip_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_chunk_fails_the_warp_command_naming_image_level_and_chunk(
+        pair, out, prefect_api, dask_address, tmp_path):
+    """One flipped byte in a chunk of the field (read while planning) or of the image
+    (read by a chunk task on the cluster): exit 2 with one `dreg: error:` line naming the
+    image, the level and the chunk; never a warped image made of garbage."""
+    image = tmp_path / "moving-copy.ome.zarr"
+    shutil.copytree(pair["moving"], image)
+    flip_one_byte(image / "0" / "c" / "1" / "0" / "1")
+    done = dreg("warp", out, "--image", str(image), "--to", str(tmp_path / "w.ome.zarr"),
+                "--dask-address", dask_address, api=prefect_api, check=False)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("dreg: error:")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert errors == [f"dreg: error: {image}: level 0 (array '0'), chunk (1, 0, 1) (z, y, x) "
+                      "corrupt (its crc32c checksum does not match its bytes)"]
+    assert not ome_zarr.open_image(str(tmp_path / "w.ome.zarr")).attributes.get("complete")
+
+    field = Path(out) / "field.ome.zarr"
+    flip_one_byte(field / "0" / "c" / "0" / "0" / "1" / "0")
+    done = dreg("warp", out, check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        f"dreg: error: {field}: level 0 (array '0'), chunk (0, 1, 0) (z, y, x) corrupt "
+        "(its crc32c checksum does not match its bytes)"]
+    assert "Traceback" not in done.stderr
+
+
+def test_warp_and_invert_refuse_an_output_in_or_over_what_they_read(pair, tmp_path):
+    """The warped image inside the image or field it reads, equal to one however
+    spelled, or over a folder holding an input or OUT; the inverse of a registration
+    whose OUT lies inside its moving image: exit 2, one line naming both, nothing written."""
+    out = finished_registration(pair, str(tmp_path / "out"))
+    field = storage.join(out, "field.ome.zarr")
+    moving, pair_folder = pair["moving"], str(Path(pair["moving"]).parent)
+    cases = [
+        (["--to", moving + "/w.ome.zarr"], f"is inside the image {moving}"),
+        (["--to", out + "/stages/../field.ome.zarr/"], f"is the field {field}"),
+        (["--image", pair["fixed"], "--to", pair_folder],
+         f"the image {pair['fixed']} is inside the warped image {pair_folder}"),
+        (["--to", str(tmp_path)], f"the field {field} is inside the warped image {tmp_path}"),
+    ]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    inputs_before = sorted(str(p) for p in Path(pair_folder).rglob("*"))
+    for args, expected in cases:
+        done = dreg("warp", out, *args, check=False)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2, (args, done.stderr[-2000:])
+        assert len(lines) == 1 and expected in lines[0], (args, lines)
+        assert "Traceback" not in done.stderr
+
+    # A registration made (by an older version) with OUT inside its moving image.
+    inside = tmp_path / "moving-copy.ome.zarr"
+    shutil.copytree(moving, inside)
+    nested = finished_registration({**pair, "moving": str(inside)}, str(inside / "out"))
+    done = dreg("invert", nested, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"dreg: error: the inverse {nested}/inverse.ome.zarr is inside MOVING {inside}: a "
+        "result must not be written into an input; choose a location outside it"]
+    assert sorted(str(p) for p in tmp_path.rglob("*") if "moving-copy" not in str(p)) == before
+    assert sorted(str(p) for p in Path(pair_folder).rglob("*")) == inputs_before

@@ -238,3 +238,70 @@ def test_an_undecodable_chunk_is_named_by_image_level_and_chunk(tmp_path):
     assert len(message.splitlines()) == 1
     # A region that avoids the bad chunk still reads.
     assert ome_zarr.read_region(image, 0, (slice(0, 16),) * 3).sum() == 16**3
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def flip_one_byte(path) -> None:
+    """Corrupt a stored chunk the way a bad disk or a partial copy does: one bit."""
+    from pathlib import Path
+
+    data = bytearray(Path(path).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    Path(path).write_bytes(bytes(data))
+
+
+def chunk_file(image: ome_zarr.OmeZarrImage, level: int, key: tuple) -> str:
+    return "/".join([image.uri, image.levels[level].path, "c", *map(str, key)])
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_a_flipped_byte_in_an_image_chunk_is_an_error_naming_image_level_and_chunk(
+        tmp_path, level):
+    from dreg.errors import StorageError
+
+    grid = Grid((32, 32, 32), (1.0, 1.0, 1.0))
+    data = np.random.default_rng(0).random((32, 32, 32), dtype=np.float32)
+    image = write_image(str(tmp_path / "i.ome.zarr"), grid, data, chunks=8, coarsest=8)
+    whole = full(image.levels[level].grid)
+    before = ome_zarr.read_region(image, level, whole)
+    flip_one_byte(chunk_file(image, level, (1, 0, 1)))
+    with pytest.raises(StorageError) as caught:
+        ome_zarr.read_region(image, level, whole)
+    message = str(caught.value)
+    assert message == (f"{image.uri}: level {level} (array '{level}'), chunk (1, 0, 1) "
+                       "(z, y, x) corrupt (its crc32c checksum does not match its bytes)")
+    # The other chunks still read, unchanged.
+    np.testing.assert_array_equal(
+        ome_zarr.read_region(image, level, (slice(0, 8),) * 3), before[:8, :8, :8])
+
+
+def test_a_flipped_byte_in_an_uncompressed_field_chunk_is_an_error(tmp_path):
+    from dreg.errors import StorageError
+    from dreg.transform.field import create_field, open_field, sample_field
+
+    grid = Grid((16, 24, 32), (2.0, 1.5, 1.0))
+    field = create_field(str(tmp_path / "f.ome.zarr"), grid, chunks=8)
+    values = np.random.default_rng(1).normal(size=(3, 16, 24, 32)).astype(np.float32)
+    ome_zarr.write_region(field, 0, full(grid), values)
+    codecs = zarr.open_array(str(tmp_path / "f.ome.zarr/0"), mode="r").metadata.codecs
+    assert [c.to_dict()["name"] for c in codecs] == ["bytes", "crc32c"]  # raw, checksummed
+    flip_one_byte(chunk_file(field, 0, (0, 1, 2, 3)))
+    with pytest.raises(StorageError, match=r"f\.ome\.zarr: level 0 \(array '0'\), chunk "
+                       r"\(1, 2, 3\) \(z, y, x\) corrupt"):
+        sample_field(open_field(field.uri), grid.region_points(full(grid)))
+
+
+def test_images_written_without_checksums_still_read(tmp_path):
+    """Images from older versions (zstd only) and from other tools (no codec at all)."""
+    grid = Grid((16, 16, 16), (1.0, 1.0, 1.0))
+    data = np.arange(16**3, dtype=np.float32).reshape(16, 16, 16)
+    for name, compressors in (("zstd", "auto"), ("raw", None)):
+        uri = str(tmp_path / f"{name}.ome.zarr")
+        group = zarr.open_group(uri, mode="w", zarr_format=3)
+        group.create_array("0", shape=data.shape, chunks=(8, 8, 8), dtype="float32",
+                           compressors=compressors, dimension_names=("z", "y", "x"))[:] = data
+        group.attrs.update(ome_zarr._ngff_attrs([grid], None, name, None))
+        image = ome_zarr.open_image(uri)
+        np.testing.assert_array_equal(ome_zarr.read_region(image, 0, full(grid)), data)

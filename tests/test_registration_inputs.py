@@ -10,7 +10,7 @@ import pytest
 from dreg import synth
 from dreg.errors import InputError, StorageError
 from dreg.grid import Grid
-from dreg.io import ome_zarr
+from dreg.io import ome_zarr, storage
 from dreg.registration import elastix
 from dreg.registration.pipeline import PipelineConfig, StageConfig, load_pipeline, parse_pipeline
 from dreg.registration.plan import plan_registration
@@ -105,7 +105,8 @@ def test_pipeline_yaml(tmp_path):
 
 def test_elastix_rejects_a_parameter():
     pmap = elastix.parameter_map("bspline", {"Metric": "NoSuchMetric"})
-    with pytest.raises(InputError, match="elastix rejected the parameters"):
+    with pytest.raises(InputError, match="^stage b: parameter Metric: elastix rejected it: "
+                       "The following component could not be created: NoSuchMetric$"):
         elastix.check_parameter_map(pmap, "stage b")
 
 
@@ -151,3 +152,195 @@ def test_bspline_grid_spacing_without_loading_elastix():
     assert elastix.bspline_grid_spacing_voxels({"FinalGridSpacingInPhysicalUnits": 10}) is None
     default = elastix.parameter_map("bspline")
     assert default["FinalGridSpacingInVoxels"] == ["8"]
+
+
+# ----------------------------------------------------------------------------- OUT and inputs
+
+
+def register_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", "register", *args],
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def assert_refused(done: subprocess.CompletedProcess, *named: str) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert len(lines) == 1 and lines[0].startswith("dreg: error: "), done.stderr
+    assert "Traceback" not in done.stderr
+    for text in named:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def listing(folder) -> list[str]:
+    from pathlib import Path
+
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
+
+
+def test_an_output_in_or_over_an_input_is_refused_naming_both(tmp_path):
+    """OUT inside FIXED or MOVING, OUT equal to one however spelled (relative, `..`,
+    trailing slash), and an input inside OUT: exit 2, one line naming both, nothing
+    written anywhere."""
+    from pathlib import Path
+
+    pair = synth.write_pair(str(tmp_path / "pair"), Grid((24, 24, 24), (1.0, 1.0, 1.0)),
+                            seed=1, chunks=16)
+    fixed, moving = Path(pair["fixed"]), Path(pair["moving"])
+    before = listing(tmp_path)
+    cases = [
+        (str(fixed / "out"), "is inside FIXED", str(fixed)),
+        ("pair/fixed.ome.zarr/nested/../out/", "is inside FIXED", str(fixed)),
+        ("./pair/moving.ome.zarr/", "is MOVING", str(moving)),
+        ("pair/fixed.ome.zarr/../moving.ome.zarr", "is MOVING", str(moving)),
+        (str(tmp_path / "pair"), "is inside OUT", str(fixed)),
+    ]
+    for out, relation, named in cases:
+        done = register_cli(str(fixed), str(moving), out, cwd=tmp_path)
+        assert_refused(done, relation, named, str((tmp_path / out).resolve()))
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.s3
+def test_an_output_in_an_input_on_s3_is_refused(s3):
+    import uuid
+
+    root = s3.uri(uuid.uuid4().hex)
+    pair = synth.write_pair(storage.join(root, "pair"), Grid((24, 24, 24), (1.0, 1.0, 1.0)),
+                            seed=1, chunks=16)
+    fs, _ = storage.filesystem(root)
+    before = sorted(fs.find(root.removeprefix("s3://")))
+    for out, relation in ((pair["fixed"] + "//out/", "is inside FIXED"),
+                          (pair["fixed"] + "/../moving.ome.zarr/", "is MOVING"),
+                          (root, "is inside OUT")):
+        done = register_cli(pair["fixed"], pair["moving"], out)
+        assert_refused(done, relation)
+    fs.invalidate_cache()
+    assert sorted(fs.find(root.removeprefix("s3://"))) == before
+
+
+# ----------------------------------------------------------------------------- elastix parameters
+
+
+@pytest.mark.parametrize("transform, overrides, message", [
+    ("bspline", {"NumberOfResolutions": 0},
+     "parameter NumberOfResolutions must be a positive whole number, got '0'"),
+    ("affine", {"NumberOfResolutions": "two"},
+     "parameter NumberOfResolutions must be a positive whole number, got 'two'"),
+    ("affine", {"MaximumNumberOfIterations": 0},
+     "parameter MaximumNumberOfIterations must be a positive whole number, got '0'"),
+    ("affine", {"MaximumNumberOfIterations": [100, 50, 25]},
+     "parameter MaximumNumberOfIterations needs 1 value, or 1 per resolution (2), got 3"),
+    ("affine", {"NumberOfSpatialSamples": -5},
+     "parameter NumberOfSpatialSamples must be a positive whole number, got '-5'"),
+    ("affine", {"NumberOfResolutions": 3, "ImagePyramidSchedule": [4, 4, 4, 2, 2, 2]},
+     "parameter ImagePyramidSchedule needs 3 × NumberOfResolutions = 9 values"),
+    ("affine", {"ImagePyramidSchedule": [4, 4, -4, 1, 1, 1]},
+     "parameter ImagePyramidSchedule must be a non-negative number, got '-4'"),
+    ("bspline", {"FinalGridSpacingInVoxels": -8},
+     "parameter FinalGridSpacingInVoxels must be a positive number, got '-8'"),
+    ("bspline", {"FinalGridSpacingInPhysicalUnits": [4, 4]},
+     "parameter FinalGridSpacingInPhysicalUnits needs 1 value, or 3 (one per axis), got 2"),
+    ("bspline", {"GridSpacingSchedule": [4, 2, 1]},
+     "parameter GridSpacingSchedule needs 2 values (one per resolution) or 6"),
+    ("affine", {"Metric": "AdvancedMatesMutualInformation"},
+     "parameter Metric: 'AdvancedMatesMutualInformation' is not an elastix Metric component; "
+     "did you mean AdvancedMattesMutualInformation?"),
+    ("affine", {"Metric": "PCAMetric"},
+     "parameter Metric: 'PCAMetric' needs a 4D stack of images (groupwise)"),
+    ("affine", {"Optimizer": "Adam"}, "parameter Optimizer: 'Adam' is not an elastix Optimizer"),
+    ("rigid", {"Transform": "RigidTransform"},
+     "parameter Transform: 'RigidTransform' is not an elastix Transform component"),
+    ("affine", {"Interpolator": "CubicInterpolator"}, "parameter Interpolator: 'Cubic"),
+    ("affine", {"Registration": "Registration"}, "parameter Registration: 'Registration' is"),
+    ("bspline", {"Registration": "MultiResolutionRegistration"},
+     "parameter Registration MultiResolutionRegistration uses one metric, but Metric has 2"),
+    ("affine", {"AutomaticScalesEstimation": "yes"},
+     "parameter AutomaticScalesEstimation must be true or false, got 'yes'"),
+    ("affine", {"FinalBSplineInterpolationOrder": 7},
+     "parameter FinalBSplineInterpolationOrder must be a whole number from 0 to 5, got '7'"),
+    ("bspline", {"Metric2Weight": 0.5},
+     "parameter Metric2Weight refers to metric 2, but Metric has 2"),
+    ("affine", {"ResultImagePixelType": "float16"}, "parameter ResultImagePixelType must be"),
+    ("affine", {"MaximumNumberOfIteration": 100},
+     "parameter MaximumNumberOfIteration is not an elastix parameter (elastix would ignore it);"
+     " did you mean MaximumNumberOfIterations?"),
+    ("affine", {"numberofspatialsamples": 100},
+     "parameter numberofspatialsamples is not an elastix parameter"),
+])
+def test_parameter_values_elastix_cannot_use_are_named(pair, tmp_path, transform, overrides,
+                                                       message):
+    stage = StageConfig(name="s", level=0, block_size=32, transform=transform,
+                        parameters=overrides)
+    with pytest.raises(InputError) as caught:
+        plan(pair, tmp_path / "out", stage)
+    assert str(caught.value).startswith(f"stage s: {message}"), str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("transform, overrides", [
+    ("affine", {"NumberOfResolutions": 3, "MaximumNumberOfIterations": [300, 200, 100],
+                "ImagePyramidSchedule": [4, 4, 4, 2, 2, 1, 1, 1, 1]}),
+    ("bspline", {"FinalGridSpacingInVoxels": [6, 8, 8], "GridSpacingSchedule": [2.0, 1.0],
+                 "Metric": ["AdvancedMeanSquares", "TransformBendingEnergyPenalty"],
+                 "Metric1Weight": [0.1, 0.5], "AutomaticParameterEstimation": True}),
+    ("rigid", {"Transform": "SimilarityTransform", "Optimizer": "RegularStepGradientDescent",
+               "MinimumStepLength": 0.01, "NumberOfSpatialSamples": 4096}),
+])
+def test_parameter_values_elastix_can_use_pass(pair, tmp_path, transform, overrides):
+    plan(pair, tmp_path / "out", StageConfig(name="s", level=0, block_size=32,
+                                              transform=transform, parameters=overrides))
+
+
+@pytest.mark.parametrize("preset", elastix.PRESETS)
+def test_elastix_own_default_maps_pass_the_check(preset):
+    """Every value of elastix's default maps (as this project sets them) is one the check
+    accepts: it refuses only what elastix cannot use."""
+    from dreg.registration.parameters import check_parameters
+
+    for resolutions in (1, 3):
+        pmap = elastix.parameter_map(preset, {"NumberOfResolutions": resolutions})
+        check_parameters(preset, pmap, "s")
+
+
+def test_the_worker_check_names_what_only_elastix_knows():
+    """A misspelt name elastix ignores, and a component combination it refuses."""
+    misspelt = elastix.parameter_map("affine", {"NumberOfSamplesPerBlock": 10})
+    with pytest.raises(InputError, match="^stage a: parameter NumberOfSamplesPerBlock is not "
+                       "used by elastix"):
+        elastix.check_parameter_map(misspelt, "stage a")
+    boolean = elastix.parameter_map("affine", {"AutomaticScalesEstimation": "yes"})
+    with pytest.raises(InputError, match="^stage a: parameter AutomaticScalesEstimation: "
+                       "elastix rejected it: Entry number 0 for the parameter"):
+        elastix.check_parameter_map(boolean, "stage a")
+    rigidity = elastix.parameter_map("affine", {"Metric": "TransformRigidityPenalty"})
+    with pytest.raises(InputError, match="^stage a: elastix rejected the parameters: this "
+                       "metric expects a B-spline transform"):
+        elastix.check_parameter_map(rigidity, "stage a")
+    for preset in elastix.PRESETS:  # elastix's own maps use every parameter they hold
+        elastix.check_parameter_map(elastix.parameter_map(preset), f"stage {preset}")
+    # Schedules for three resolutions pass the one-resolution trial.
+    elastix.check_parameter_map(elastix.parameter_map("bspline", {
+        "NumberOfResolutions": 3, "GridSpacingSchedule": [4, 2, 1],
+        "ImagePyramidSchedule": [4, 4, 4, 2, 2, 2, 1, 1, 1]}), "stage b")
+
+
+@pytest.mark.parametrize("parameters, named", [
+    ("{NumberOfResolutions: 0}", "parameter NumberOfResolutions must be a positive whole"),
+    ("{MaximumNumberOfIterations: [100, 50, 25]}", "parameter MaximumNumberOfIterations needs"),
+    ("{Metric: NoSuchMetric}", "parameter Metric: 'NoSuchMetric' is not an elastix Metric"),
+])
+def test_cli_refuses_a_bad_parameter_in_seconds(pair, tmp_path, parameters, named):
+    import json
+    import time
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("stages:\n  - {name: fine, level: 0, block_size: 32, transform: bspline,"
+                      f" parameters: {parameters}}}\n")
+    started = time.monotonic()
+    done = register_cli(pair["fixed"], pair["moving"], str(tmp_path / "out"), "--config",
+                        str(config))
+    seconds = time.monotonic() - started
+    assert_refused(done, f"dreg: error: stage fine: {named}")
+    assert not (tmp_path / "out").exists()
+    print(json.dumps({"refused_in_s": round(seconds, 2), "parameters": parameters}))

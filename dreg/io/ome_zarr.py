@@ -21,6 +21,7 @@ from itertools import product
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from dreg.errors import InputError, StorageError, describe
 from dreg.grid import Grid, Region, xyz_to_zyx, zyx_to_xyz
@@ -30,6 +31,8 @@ SPATIAL_AXES = ("z", "y", "x")
 DEFAULT_CHUNK = 64
 DISPLACEMENT_OME_VERSION = "0.6rc0"
 MAX_CHUNKS_PROBED = 64  # when a read fails, chunks tried one by one to name the bad one
+# zarr's crc32c codec raises ValueError with this text when a chunk's bytes changed.
+CHECKSUM_MISMATCH = "checksum do not match"
 
 
 @dataclass(frozen=True)
@@ -270,7 +273,9 @@ def _open_array(image: OmeZarrImage, level: int, mode: str = "r") -> zarr.Array:
 def read_region(image: OmeZarrImage, level: int, region: Region) -> np.ndarray:
     """Read a box of voxels (z, y, x slices) at a level; only the chunks it touches.
 
-    A vector image returns (c, z, y, x).
+    A vector image returns (c, z, y, x). A chunk that cannot be decoded, or whose
+    checksum does not match its bytes (written by this project: every chunk carries a
+    crc32c), raises StorageError naming the image, the level and the chunk.
     """
     array = _open_array(image, level)
     index = (slice(None),) + tuple(region) if image.components is not None else tuple(region)
@@ -281,10 +286,17 @@ def read_region(image: OmeZarrImage, level: int, region: Region) -> np.ndarray:
                            transient=storage.is_transient(exc)) from None
 
 
+def _chunk_failure(exc: BaseException) -> str:
+    """Why a chunk could not be read, in words: a checksum mismatch is corruption."""
+    if CHECKSUM_MISMATCH in str(exc):
+        return "corrupt (its crc32c checksum does not match its bytes)"
+    return f"cannot be read: {describe(exc)}"
+
+
 def _read_failure(image: OmeZarrImage, level: int, region: Region, array: zarr.Array,
                   exc: BaseException) -> str:
     """One line naming what could not be read: the chunk to blame, when one chunk is (an
-    undecodable chunk), else the image (an unreachable store, refused access)."""
+    undecodable or corrupt chunk), else the image (an unreachable store, refused access)."""
     cause = storage.describe_storage_failure(image.uri, exc)
     if not cause.startswith(f"{image.uri}: {type(exc).__name__}"):
         return cause  # reaching the store failed: trying chunk by chunk would only wait
@@ -293,10 +305,10 @@ def _read_failure(image: OmeZarrImage, level: int, region: Region, array: zarr.A
     for chunk in list(_chunks_meeting(region, chunks))[:MAX_CHUNKS_PROBED]:
         try:
             array[lead + chunk]
-        except Exception:  # noqa: BLE001 - this is the chunk to name
+        except Exception as chunk_exc:  # noqa: BLE001 - this is the chunk to name
             where = tuple(s.start // c for s, c in zip(chunk, chunks, strict=True))
             return (f"{image.uri}: level {level} (array '{image.level(level).path}'), chunk "
-                    f"{where} (z, y, x) cannot be read: {describe(exc)}")
+                    f"{where} (z, y, x) {_chunk_failure(chunk_exc)}")
     return cause
 
 
@@ -368,6 +380,8 @@ def create_image(
 
     `grids` are the levels, finest first. Voxels are written later, region by region,
     with `write_region`. The direction of the first grid is stored in ``dreg.direction``.
+    Every chunk is stored with a crc32c checksum of its bytes (after zstd, when
+    `compressed`), so that a chunk changed on disk is an error when read, never garbage.
     """
     uri = storage.normalize_uri(uri)
     chunk_zyx = (chunks,) * 3 if isinstance(chunks, int) else tuple(chunks)
@@ -395,12 +409,16 @@ def create_image(
             shape, level_chunks = (components, *shape), (components, *level_chunks)
         group.create_array(
             str(k), shape=shape, chunks=level_chunks, dtype=dtype, fill_value=fill_value,
-            dimension_names=dimension_names,
-            **({} if compressed else {"compressors": None}),
+            dimension_names=dimension_names, compressors=_compressors(compressed),
         )
         levels.append(ImageLevel(str(k), grid, level_chunks[-3:], str(np.dtype(dtype))))
     return OmeZarrImage(uri=uri, levels=tuple(levels), components=components,
                         attributes=dreg_attrs, ome_version=attrs["ome"]["version"], unit=unit)
+
+
+def _compressors(compressed: bool) -> tuple:
+    """zstd (zarr's default, level 0) or nothing, then a crc32c of the stored bytes."""
+    return (ZstdCodec(), Crc32cCodec()) if compressed else (Crc32cCodec(),)
 
 
 def write_region(image: OmeZarrImage, level: int, region: Region, data: np.ndarray) -> None:

@@ -10,16 +10,21 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+import os
+import re
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dreg.errors import InputError, first_line
 from dreg.grid import Grid, vectors_to_components, zyx_to_xyz
+from dreg.registration.parameters import DEFAULT_RESOLUTIONS, as_values, is_known
 
 PRESETS = ("translation", "rigid", "affine", "bspline")
-DEFAULT_RESOLUTIONS = 2
+SCHEDULE = re.compile(r"^(GridSpacing|(Fixed|Moving)?ImagePyramid(Rescale|Smoothing)?)Schedule$")
 ParameterMap = dict[str, list[str]]
 
 # Settings applied over elastix's default map for each preset, before user overrides.
@@ -43,17 +48,6 @@ def set_threads(threads: int) -> None:
     _itk().MultiThreaderBase.SetGlobalDefaultNumberOfThreads(int(threads))
 
 
-def _as_strings(value: Any) -> list[str]:
-    values = value if isinstance(value, list | tuple) else [value]
-    out = []
-    for v in values:
-        if isinstance(v, bool):
-            out.append("true" if v else "false")
-        else:
-            out.append(str(v))
-    return out
-
-
 def parameter_map(
     preset: str, overrides: dict[str, Any] | None = None, threads: int = 1
 ) -> ParameterMap:
@@ -66,7 +60,7 @@ def parameter_map(
         choices = ", ".join(PRESETS)
         raise InputError(f"unknown transform preset {preset!r} (choose one of {choices})")
     overrides = dict(overrides or {})
-    resolutions = int(_as_strings(overrides.get("NumberOfResolutions", DEFAULT_RESOLUTIONS))[0])
+    resolutions = int(as_values(overrides.get("NumberOfResolutions", DEFAULT_RESOLUTIONS))[0])
     itk = _itk()
     default = itk.ParameterObject.New().GetDefaultParameterMap(preset, resolutions)
     pmap: ParameterMap = {key: list(values) for key, values in dict(default).items()}
@@ -83,7 +77,7 @@ def parameter_map(
     )
     settings.update(overrides)
     for key, value in settings.items():
-        pmap[key] = _as_strings(value)
+        pmap[key] = as_values(value)
     return pmap
 
 
@@ -96,7 +90,7 @@ def bspline_grid_spacing_voxels(overrides: dict[str, Any] | None = None) -> floa
         return None
     value = overrides.get("FinalGridSpacingInVoxels",
                           _PRESET_SETTINGS["bspline"]["FinalGridSpacingInVoxels"])
-    return max(float(v) for v in _as_strings(value))
+    return max(float(v) for v in as_values(value))
 
 
 def to_itk_image(array: np.ndarray, grid: Grid):
@@ -138,8 +132,6 @@ def register(
     method.SetParameterObject(parameters)
     method.SetLogToConsole(False)
     if log_file:
-        import os
-
         method.SetOutputDirectory(os.path.dirname(log_file))
         method.SetLogFileName(os.path.basename(log_file))
         method.SetLogToFile(True)
@@ -175,18 +167,58 @@ def _tiny_pair(size: int = 24) -> tuple[np.ndarray, np.ndarray, Grid]:
 
 
 def check_parameter_map(pmap: ParameterMap, name: str = "stage") -> None:
-    """Run elastix briefly on a tiny image so that a map elastix rejects fails early."""
+    """Run elastix briefly on a tiny image, so that a map elastix rejects fails early.
+
+    The second line of defence after `parameters.check_parameters` (which runs while
+    planning): it catches what only elastix knows, such as a combination of components
+    it refuses, or a parameter name it neither uses nor documents (a misspelling, which
+    elastix would otherwise ignore). The message names the parameter when elastix does.
+    """
     trial = {key: list(values) for key, values in pmap.items()}
     trial["MaximumNumberOfIterations"] = ["2"]
     trial["NumberOfResolutions"] = ["1"]
-    for key in ("GridSpacingSchedule", "ImagePyramidSchedule",
-                "FixedImagePyramidSchedule", "MovingImagePyramidSchedule"):
-        trial.pop(key, None)
+    # Schedules hold values per resolution: with one resolution they would not fit.
+    for key in [k for k in trial if SCHEDULE.match(k)]:
+        trial.pop(key)
     fixed, moving, grid = _tiny_pair()
-    try:
-        register(fixed, moving, grid, trial)
-    except Exception as exc:  # noqa: BLE001 - elastix raises RuntimeError with its log
-        raise InputError(f"{name}: elastix rejected the parameters: {first_line(exc)}") from None
+    with tempfile.TemporaryDirectory(prefix="dreg-preflight-") as folder:
+        log_file = os.path.join(folder, "elastix.log")
+        try:
+            register(fixed, moving, grid, trial, log_file=log_file)
+            failure = None
+        except Exception as exc:  # noqa: BLE001 - elastix raises RuntimeError; its log says why
+            failure = exc
+        log = Path(log_file).read_text(errors="replace") if os.path.exists(log_file) else ""
+    if failure is not None:
+        raise InputError(f"{name}: {_rejection(log, trial, failure)}") from None
+    unknown = [p for p in re.findall(r"Unused parameter: (\S+)", log)
+               if p in pmap and not is_known(p)]
+    if unknown:
+        raise InputError(f"{name}: parameter {unknown[0]} is not used by elastix (not one of "
+                         "its parameters, or misspelt); remove or correct it")
+
+
+def _rejection(log: str, trial: ParameterMap, failure: BaseException) -> str:
+    """Why elastix refused a map, in one line naming the parameter where its log does."""
+    lines = [line.strip() for line in log.splitlines()]
+    causes = [_cleaned(line) for line in lines if line.startswith("Description:")]
+    cause = causes[-1] if causes else first_line(failure)
+    named = re.search(r'parameter "(\w+)"', cause)
+    if named:
+        return f"parameter {named.group(1)}: elastix rejected it: {cause}"
+    missing = re.search(r"could not be created: (\S+)", cause)
+    if missing:
+        keys = [k for k, values in trial.items() if missing.group(1) in values]
+        if keys:
+            return f"parameter {keys[0]}: elastix rejected it: {cause}"
+    return f"elastix rejected the parameters: {cause}"
+
+
+def _cleaned(line: str) -> str:
+    """An elastix log's 'Description: ITK ERROR: Class(0x..): ERROR: text' as 'text'."""
+    line = re.sub(r"^Description:\s*", "", line)
+    line = re.sub(r"^ITK ERROR:\s*(\w+\(0x[0-9a-f]+\):\s*)?", "", line)
+    return re.sub(r"^(ERROR:\s*)+", "", line).strip()
 
 
 def warm_up(threads: int = 1) -> None:

@@ -3,7 +3,8 @@
 Every check that can fail on bad input runs here, so a bad run stops in seconds with a
 message naming the input: images that are not 3D or do not overlap in physical space,
 levels that do not exist, block sizes too small for the B-spline grid, an output that
-is not writable or already holds a finished result.
+is not writable or already holds a finished result, an output inside (or holding) an
+input, and elastix parameters whose values elastix would reject or misuse.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import numpy as np
 
 from dreg.errors import InputError, RunFailed
 from dreg.grid import Grid
-from dreg.io import ome_zarr, storage
+from dreg.io import locations, ome_zarr, storage
 from dreg.registration import elastix
 from dreg.registration.block import StageContext
+from dreg.registration.parameters import check_parameters
 from dreg.registration.pipeline import PipelineConfig, StageConfig
 from dreg.registration.tiling import normalize_block_size
 from dreg.transform.field import AffineTransform
@@ -179,11 +181,14 @@ def plan_registration(
     fixed = ome_zarr.open_image(fixed_uri, require_scalar=True)
     moving = ome_zarr.open_image(moving_uri, require_scalar=True)
     out_uri = storage.normalize_uri(out_uri)
+    # Before anything is written under OUT (the writability probe included).
+    locations.check_apart(out_uri, "OUT", {"FIXED": fixed.uri, "MOVING": moving.uri})
     initial = initial or AffineTransform.identity()
     check_overlap(fixed, moving, initial)
 
     stages = []
     for number, stage in enumerate(pipeline.stages, start=1):
+        check_parameters(stage.transform, stage.parameters, stage.name)
         level = fixed.level_number(stage.level)
         try:
             moving_level = moving.level(stage.level)

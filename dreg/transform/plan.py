@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from dreg.errors import InputError
 from dreg.grid import Grid
-from dreg.io import ome_zarr, storage
+from dreg.io import locations, ome_zarr, storage
 from dreg.registration.records import load_result
 from dreg.transform import invert, points, warp
 from dreg.transform.field import FIELD_CHUNK, MOVING_TO_FIXED, open_field
@@ -130,8 +130,11 @@ def plan_warp(out: str, image: str | None = None, to: str | None = None,
     field = open_field(result.field)
     warp.check_overlap(source, field)
     dest = storage.normalize_uri(to or storage.join(result.output, WARPED_NAME))
-    if dest in (source.uri, field.uri, result.fixed, result.moving):
-        raise InputError(f"{dest}: the warped image would overwrite an input")
+    # The warped image is created over whatever is at `dest`: it may neither lie in what
+    # the warp reads nor hold it (the field also stands for OUT, which holds it).
+    locations.check_apart(dest, "the warped image", {
+        "the image": source.uri, "the field": field.uri, "FIXED": result.fixed,
+        "MOVING": result.moving})
     storage.check_writable(_parent(dest))
     fixed_grid = Grid.from_dict(field.attributes["fixed"])
     identity = identity_of(ome_zarr.fingerprint(field), ome_zarr.fingerprint(source, [0]),
@@ -147,9 +150,14 @@ def plan_invert(out: str) -> InvertPlan:
     result = load_result(out)
     field = open_field(result.field)
     moving_grid = ome_zarr.open_image(result.moving).levels[0].grid
+    dest = storage.join(result.output, INVERSE_NAME)
+    for name, output in (("the inverse", dest),
+                         ("the inverse report", storage.join(result.output, INVERSE_REPORT))):
+        locations.check_apart(output, name, {"the field": field.uri, "FIXED": result.fixed,
+                                             "MOVING": result.moving})
     return InvertPlan(out=result.output, field=field.uri, fixed=result.fixed,
                       moving=result.moving,
-                      dest=storage.join(result.output, INVERSE_NAME),
+                      dest=dest,
                       report=storage.join(result.output, INVERSE_REPORT),
                       moving_grid=moving_grid, grid=invert.inverse_grid(field, moving_grid),
                       identity=identity_of(ome_zarr.fingerprint(field), moving_grid.to_dict()))
@@ -168,6 +176,9 @@ def plan_points(out: str, points_uri: str, dest: str, source: str,
     points.points_format(dest)
     if dest == info.uri:
         raise InputError(f"{dest}: the output would overwrite the input points")
+    locations.check_apart(dest, "the output points", {
+        "the input points": info.uri, "the field": result.field, "FIXED": result.fixed,
+        "MOVING": result.moving})
     storage.check_writable(_parent(dest))
     if source == "fixed":
         field, mapping, needs_inverse = result.field, open_field(result.field).attributes[
