@@ -26,6 +26,7 @@ def _run_registration(args: argparse.Namespace, pipeline):
         debug=getattr(args, "debug", False),
         show_progress=True,
         block_retries=getattr(args, "retries", 2),
+        qc=not getattr(args, "no_qc", False),
     )
     return register_images(fixed=args.fixed, moving=args.moving, out=args.out,
                            pipeline=pipeline, options=options)
@@ -34,7 +35,8 @@ def _run_registration(args: argparse.Namespace, pipeline):
 def _last_line(result) -> dict:
     return result.model_dump(mode="json", include={"output", "field", "flow_run_id",
                                                    "block_counts", "failed_blocks",
-                                                   "failed_share", "seconds"})
+                                                   "failed_share", "seconds", "qc",
+                                                   "qc_reason"})
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -133,6 +135,8 @@ def add_commands(sub) -> None:
     register.add_argument("--warp", action="store_true",
                           help="then warp the moving image onto the fixed grid "
                                "(OUT/warped.ome.zarr)")
+    register.add_argument("--no-qc", action="store_true",
+                          help="skip the quality control at the end (OUT/qc/)")
     add_cluster_options(register)
     register.set_defaults(run=cmd_register)
 

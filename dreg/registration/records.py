@@ -35,6 +35,7 @@ class RunOptions(BaseModel):
     debug: bool = Field(False, description="write elastix logs per block")
     show_progress: bool = Field(False, description="a progress bar of blocks on stderr")
     block_retries: int = Field(2, ge=0, description="attempts after a block's first failure")
+    qc: bool = Field(True, description="run quality control at the end (OUT/qc/)")
 
 
 class StageTimings(BaseModel):
@@ -112,6 +113,8 @@ class RegistrationResult(BaseModel):
     input_versions: dict[str, str] = Field(
         default_factory=dict, description="content versions of fixed and moving, as read")
     pipeline: dict = Field(default_factory=dict, description="the pipeline that ran")
+    qc: str | None = Field(None, description="quality control: ok, warn, or None if not run")
+    qc_reason: str = Field("", description="why quality control warns")
 
     @computed_field
     @property
