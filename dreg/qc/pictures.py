@@ -175,10 +175,12 @@ def gain_picture(title: str, stage_gains: dict[str, np.ndarray]) -> bytes:
     ax = figure.subplots()
     figure.suptitle(title, fontsize=13)
     drawn = {name: values for name, values in stage_gains.items() if values.size}
+    every = np.concatenate([[0.0], *drawn.values()])
+    pad = 0.05 * (every.max() - every.min()) or 0.01
+    edges = np.linspace(every.min() - pad, every.max() + pad, 41)
     for name, values in drawn.items():
-        ax.hist(values, bins=min(50, max(5, values.size // 4)), histtype="stepfilled",
-                alpha=0.5, label=f"{name} ({values.size} blocks, "
-                                 f"{np.mean(values > 0):.0%} improved)")
+        ax.hist(values, bins=edges, histtype="stepfilled", alpha=0.5,
+                label=f"{name} ({values.size} blocks, {np.mean(values > 0):.0%} improved)")
     ax.axvline(0.0, color="black", linewidth=1, linestyle="--")
     ax.set_xlabel("gain: similarity after − before (normalized mutual information)")
     ax.set_ylabel("blocks")

@@ -117,9 +117,9 @@ def summary_rows(report: QcReport) -> list[dict[str, str]]:
         ("field voxels", _number(j.get("voxels"))),
         (f"similarity before ({s.get('metric')})", _number(s.get("before"))),
         (f"similarity after ({s.get('metric')})", _number(s.get("after"))),
-        ("similarity measured on", f"{s.get('points')} lattice points (every "
-         f"{s.get('lattice_stride')}. field voxel), fixed level {s.get('fixed_level')}, "
-         f"moving level {s.get('moving_level')}; after from the {s.get('after_from')}"),
+        ("similarity measured on", f"{s.get('points')} lattice points (field voxels at "
+         f"stride {s.get('lattice_stride')}), fixed level {s.get('fixed_level')}, moving "
+         f"level {s.get('moving_level')}; after from the {s.get('after_from')}"),
     ]
     for stage in report.stages:
         name = f"stage {stage['number']}-{stage['name']}"

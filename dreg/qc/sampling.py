@@ -30,13 +30,26 @@ def sample_image(image: ome_zarr.OmeZarrImage, level: int, points_xyz: np.ndarra
     grid = image.level(level).grid
     index = grid.world_to_index(points.reshape(-1, 3))
     values = np.full(index.shape[0], np.nan, dtype=np.float32)
-    last = np.asarray(grid.shape_zyx) - 1
-    inside = np.all((index >= -OUTSIDE_TOLERANCE) & (index <= last + OUTSIDE_TOLERANCE),
-                    axis=1)
+    inside = _inside(index, grid)
     if inside.any():
-        placed = np.clip(index[inside], 0, last)
+        placed = np.clip(index[inside], 0, np.asarray(grid.shape_zyx) - 1)
         values[inside] = _interpolate(image, level, placed, max_box_voxels)
     return values.reshape(points.shape[:-1])
+
+
+def inside_image(image: ome_zarr.OmeZarrImage, level: int, points_xyz: np.ndarray
+                 ) -> np.ndarray:
+    """Which world points (..., 3) lie within the level's voxel centres (as
+    `sample_image` decides it)."""
+    points = np.asarray(points_xyz, dtype=float)
+    index = image.level(level).grid.world_to_index(points.reshape(-1, 3))
+    return _inside(index, image.level(level).grid).reshape(points.shape[:-1])
+
+
+def _inside(index: np.ndarray, grid: Grid) -> np.ndarray:
+    last = np.asarray(grid.shape_zyx) - 1
+    return np.all((index >= -OUTSIDE_TOLERANCE) & (index <= last + OUTSIDE_TOLERANCE),
+                  axis=-1)
 
 
 def _interpolate(image: ome_zarr.OmeZarrImage, level: int, index: np.ndarray,

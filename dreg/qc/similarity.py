@@ -15,7 +15,7 @@ import numpy as np
 
 from dreg.grid import Grid, Region, components_to_vectors
 from dreg.io import ome_zarr
-from dreg.qc.sampling import sample_image, through_affine
+from dreg.qc.sampling import inside_image, sample_image, through_affine
 from dreg.registration.similarity import nmi_of_histogram
 
 METRIC = "normalized_mutual_information"
@@ -53,10 +53,14 @@ def brick_histograms(plan, u: np.ndarray, grown: Region, brick: Region
     fixed = sample_image(ome_zarr.open_image(plan.fixed), plan.fixed_level, points)
     moving = ome_zarr.open_image(plan.moving)
     before = sample_image(moving, plan.moving_level, through_affine(plan.initial, points))
+    moved = points + displacement
     if plan.warped:
+        # The warped image holds 0 where x + u(x) left the moving image: those voxels
+        # are outside, as they are when the moving image is sampled here.
         after = sample_image(ome_zarr.open_image(plan.warped), plan.warped_level, points)
+        after[~inside_image(moving, plan.moving_level, moved)] = np.nan
     else:
-        after = sample_image(moving, plan.moving_level, points + displacement)
+        after = sample_image(moving, plan.moving_level, moved)
     # The same voxels before and after: those that both map inside the moving image.
     keep = np.isfinite(fixed) & np.isfinite(before) & np.isfinite(after)
     return tuple(joint_histogram(fixed[keep], values[keep], plan.fixed_range,
