@@ -22,7 +22,7 @@ from prefect_dask import DaskTaskRunner
 from dreg.errors import first_line
 from dreg.qc.measure import BrickMeasure
 from dreg.qc.plan import FOLD_THRESHOLD, QcPlan, brick_regions, plan_qc
-from dreg.qc.report import QcReport, build_report
+from dreg.qc.report import PICTURE_GROUPS, QcReport, build_report
 from dreg.registration import RegistrationResult, RunOptions
 from dreg.registration.records import load_result
 from flows import artifacts
@@ -45,15 +45,17 @@ def measure_quality(plan: QcPlan, retries: int = 2) -> QcReport:
     """Measure every brick, draw the pictures, and write qc.json and index.html."""
     started = time.perf_counter()
     clear_qc(plan)
-    pictures = draw_pictures.with_options(retries=retries).submit(plan)
+    pictures = [draw_pictures.with_options(retries=retries).submit(plan, group)
+                for group in PICTURE_GROUPS]
     stages = stage_numbers.with_options(retries=retries).submit(plan)
     futures = [measure_brick.with_options(retries=retries).submit(plan, brick, index)
                for index, brick in enumerate(brick_regions(plan))]
     total = BrickMeasure()
     for future in as_completed(futures):
         total = total.merge(future.result())  # a brick that fails after retries fails QC
-    report = build_report(plan, total, stages.result(), pictures.result(),
-                          time.perf_counter() - started, str(flow_run.get_id()))
+    drawn = [picture for future in pictures for picture in future.result()]
+    report = build_report(plan, total, stages.result(), drawn, time.perf_counter() - started,
+                          str(flow_run.get_id()))
     write_report.submit(report).result()
     get_run_logger().info(f"QC {report.qc}{': ' + report.reason if report.reason else ''}; "
                           f"{report.page}")

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dreg.grid import Region
 from dreg.io import storage
-from dreg.qc import check, measure, pictures
+from dreg.qc import check, measure
 from dreg.qc.plan import QcPlan
 from dreg.qc.report import Picture, QcReport
 from dreg.registration import RegistrationResult
@@ -36,9 +36,12 @@ def stage_numbers(plan: QcPlan) -> list[dict]:
     return check.stages_of(plan)
 
 
-@task(name="draw-pictures", **OPTIONS)
-def draw_pictures(plan: QcPlan) -> list[Picture]:
-    return pictures.draw_pictures(plan)
+@task(name="draw-pictures", task_run_name="draw-{group}-pictures", **OPTIONS)
+def draw_pictures(plan: QcPlan, group: str) -> list[Picture]:
+    """One group of the pictures ("images" or "field"), as PNGs in OUT/qc/."""
+    from dreg.qc import pictures  # matplotlib: imported by the workers that draw only
+
+    return pictures.draw_pictures(plan, group)
 
 
 @task(name="write-qc-report", **OPTIONS)

@@ -12,8 +12,7 @@ import time
 from dreg.io import storage
 from dreg.qc.measure import BrickMeasure, measure_brick
 from dreg.qc.page import render_page
-from dreg.qc.pictures import draw_pictures, read_picture
-from dreg.qc.plan import QcPlan, brick_regions
+from dreg.qc.plan import QC_FILE, QcPlan, brick_regions
 from dreg.qc.report import QcReport, build_report
 from dreg.qc.stages import read_table, stage_numbers
 
@@ -38,14 +37,16 @@ def stages_of(plan: QcPlan) -> list[dict]:
 
 def write_report(report: QcReport) -> str:
     """qc.json, then index.html (the pictures embedded); returns the page's location."""
-    storage.write_text(storage.join(report.folder, "qc.json"), report.document())
-    pngs = {p.name: read_picture(p) for p in report.pictures}
+    storage.write_text(storage.join(report.folder, QC_FILE), report.document())
+    pngs = {p.name: storage.read_bytes(p.uri) for p in report.pictures}
     storage.write_text(report.page, render_page(report, pngs))
     return report.page
 
 
 def check(plan: QcPlan, flow_run_id: str | None = None) -> QcReport:
     """The whole QC in this process: numbers, pictures, qc.json and index.html."""
+    from dreg.qc.pictures import draw_pictures  # matplotlib: only where pictures are drawn
+
     started = time.perf_counter()
     clear(plan)
     measure = measure_field(plan)
@@ -58,4 +59,4 @@ def check(plan: QcPlan, flow_run_id: str | None = None) -> QcReport:
 
 def load_report(folder: str) -> QcReport:
     """The QC report in OUT/qc/."""
-    return QcReport.model_validate_json(storage.read_text(storage.join(folder, "qc.json")))
+    return QcReport.model_validate_json(storage.read_text(storage.join(folder, QC_FILE)))

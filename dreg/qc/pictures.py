@@ -22,7 +22,7 @@ from matplotlib.patches import Patch, Rectangle
 from dreg.io import storage
 from dreg.qc import slices
 from dreg.qc.plan import QcPlan
-from dreg.qc.report import Picture
+from dreg.qc.report import PICTURE_GROUPS, Picture
 from dreg.qc.stages import gains, read_table
 from dreg.registration.outcome import (
     FAILED,
@@ -199,19 +199,35 @@ def _write(plan: QcPlan, name: str, title: str, caption: str, data: bytes) -> Pi
                    width=int(WIDTH_INCHES * DPI), height=int(HEIGHT_INCHES * DPI))
 
 
-def draw_pictures(plan: QcPlan) -> list[Picture]:
-    """Read the slices and draw every picture into OUT/qc/; returns them in order."""
-    unit = _unit(plan)
+def draw_pictures(plan: QcPlan, group: str | None = None) -> list[Picture]:
+    """Read the slices and draw the pictures into OUT/qc/; returns them in order. A
+    `group` draws part of them: "images" (the fixed and moving images, checkerboards,
+    the deformation grid) or "field" (|u|, det J, the block map, the metric gains), so
+    that two workers can draw at once."""
+    if group not in (None, *PICTURE_GROUPS):
+        raise ValueError(f"group must be one of {PICTURE_GROUPS}, got {group!r}")
     planes = slices.picture_planes(plan)
     fixed = [slices.fixed_slice(plan, p) for p in planes]
+    drawings = []
+    if group in (None, "images"):
+        drawings += _image_drawings(plan, planes, fixed)
+    if group in (None, "field"):
+        drawings += _field_drawings(plan, planes, fixed)
+    return [_write(plan, name, title, caption, draw())
+            for name, title, caption, draw in drawings]
+
+
+def _image_drawings(plan: QcPlan, planes, fixed) -> list[tuple[str, str, str,
+                                                                Callable[[], bytes]]]:
+    unit = _unit(plan)
     before = [slices.moving_before_slice(plan, p) for p in planes]
     after = [slices.moving_after_slice(plan, p) for p in planes]
-    field_parts = [slices.field_slice(plan, axis) for axis in range(3)]
     level = f"level {plan.picture_level}"
     after_from = ("the warped image" if plan.warped
                   else "the moving image resampled through the field")
     outside = "outside the moving image"
-    drawings: list[tuple[str, str, str, Callable[[], bytes]]] = [
+    normalized = "normalized intensity (each image's 1st–99th percentile)"
+    return [
         ("fixed", "Fixed image", f"{plan.fixed}, {level}",
          lambda: intensity_picture(f"Fixed image ({level})", planes, fixed, unit)),
         ("moving_before", "Moving image before registration",
@@ -226,21 +242,27 @@ def draw_pictures(plan: QcPlan) -> list[Picture]:
          lambda: intensity_picture(
              "Checkerboard before registration: fixed and moving image in alternating "
              "squares", planes, [slices.checkerboard(f, b) for f, b in zip(
-                 fixed, before, strict=True)], unit, outside,
-             label="normalized intensity (each image's 1st–99th percentile)")),
+                 fixed, before, strict=True)], unit, outside, label=normalized)),
         ("checkerboard_after", "Checkerboard after registration",
          "fixed and registered moving image in alternating squares",
          lambda: intensity_picture(
              "Checkerboard after registration: fixed and registered moving image in "
              "alternating squares", planes, [slices.checkerboard(f, a) for f, a in zip(
-                 fixed, after, strict=True)], unit, outside,
-             label="normalized intensity (each image's 1st–99th percentile)")),
+                 fixed, after, strict=True)], unit, outside, label=normalized)),
         ("deformation_grid", "Deformation grid",
          "the fixed image with grid lines moved to x + u(x) (in-plane part, true scale)",
          lambda: grid_picture("Fixed image with the deformation grid: lines of the fixed "
                               "grid at x + u(x) (in-plane part, not exaggerated)", planes,
                               fixed, [slices.deformation_lines(plan, p) for p in planes],
                               unit)),
+    ]
+
+
+def _field_drawings(plan: QcPlan, planes, fixed) -> list[tuple[str, str, str,
+                                                                Callable[[], bytes]]]:
+    unit = _unit(plan)
+    field_parts = [slices.field_slice(plan, axis) for axis in range(3)]
+    return [
         ("displacement", "Displacement |u|", "length of the displacement on the field grid",
          lambda: magnitude_picture("Displacement length |u| (fixed to moving, on the field "
                                    "grid)", field_parts, unit)),
@@ -249,8 +271,6 @@ def draw_pictures(plan: QcPlan) -> list[Picture]:
                                   "1; folds det J ≤ 0 marked ×)", field_parts, unit)),
         *_stage_drawings(plan, planes, fixed, unit),
     ]
-    return [_write(plan, name, title, caption, draw())
-            for name, title, caption, draw in drawings]
 
 
 def _stage_drawings(plan: QcPlan, planes, fixed, unit: str) -> list:
@@ -279,7 +299,4 @@ def _stage_drawings(plan: QcPlan, planes, fixed, unit: str) -> list:
                               "− before (> 0: the block got more alike)", stage_gains)),
     ]
 
-
-def read_picture(picture: Picture) -> bytes:
-    return storage.read_bytes(picture.uri)
 

@@ -20,6 +20,7 @@ from dreg.qc.similarity import similarity_summary
 
 OK = "ok"
 WARN = "warn"
+PICTURE_GROUPS = ("images", "field")  # drawn by separate tasks (dreg.qc.pictures)
 
 
 class Picture(BaseModel):
