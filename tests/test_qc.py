@@ -12,6 +12,8 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -393,3 +395,41 @@ def test_a_registration_shows_its_qc_in_the_prefect_ui(tmp_path):
     print(json.dumps({"screenshot": str(shot)}))
     if os.environ.get("DREG_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["DREG_KEEP_SCREENSHOT"])
+
+
+@pytest.mark.prefect
+def test_a_warning_travels_in_the_summary_and_the_completion_event(prefect_api, tmp_path):
+    """What the registration flow does with a "warn" verdict: the summary says it, and
+    the completion event carries it (emitted from a child process, as events to this
+    session's server must be)."""
+    from prefect_queries import events_named
+
+    from dreg.registration.records import InitialRecord, RegistrationResult
+    from flows.artifacts import summary_markdown
+
+    reason = "the field folds: det J <= 0 in 2.000% of its voxels"
+    result = RegistrationResult(
+        output=str(tmp_path / "out"), field=str(tmp_path / "out" / "field.ome.zarr"),
+        result=str(tmp_path / "out" / "result.json"), fixed="f", moving="m",
+        flow_run_id=uuid.uuid4().hex, initial=InitialRecord(
+            matrix=np.eye(3).tolist(), translation=[0.0] * 3), stages=[], seconds=1.0,
+        qc="warn", qc_reason=reason)
+    assert f"quality control: warn ({reason})" in summary_markdown(result)
+    assert json.loads(result.document())["qc"] == "warn"
+    script = textwrap.dedent(f"""
+        from dreg.registration.records import RegistrationResult
+        from flows.events import emit_completed
+        emit_completed(RegistrationResult.model_validate_json({result.document()!r}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PREFECT_API_URL": prefect_api})
+    assert done.returncode == 0, done.stderr[-2000:]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        mine = [e for e in events_named(prefect_api, "dreg.registration.completed")
+                if e["payload"]["flow_run_id"] == result.flow_run_id]
+        if mine:
+            break
+        time.sleep(0.5)
+    assert mine and (mine[0]["payload"]["qc"], mine[0]["payload"]["qc_reason"]) == (
+        "warn", reason)
