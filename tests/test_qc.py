@@ -138,6 +138,23 @@ def test_a_fold_written_into_a_field_is_found_and_warns(pair, tmp_path):
         assert slices.field_slice(plan, axis).fold_voxels > 0, axis
 
 
+def test_tallies_merge_and_a_field_that_is_not_finite_warns():
+    from dreg.qc.report import verdict
+
+    values = np.array([[0.5, 1.0, -0.25], [np.nan, 2.0, np.inf]])
+    parts = [JacobianTally.of(values[0]), JacobianTally.of(values[1]), JacobianTally()]
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    summary = merged.summary()
+    assert (summary["voxels"], summary["nonfinite"], summary["nonpositive"]) == (6, 2, 1)
+    assert (summary["min"], summary["max"]) == (-0.25, 2.0)
+    assert summary["share_nonpositive"] == pytest.approx(1 / 6)
+    assert JacobianTally.of(np.full(10, 0.7)).quantile(0.01) == 0.7
+    similar = {"metric": "m", "before": 1.1, "after": 1.2}
+    qc, reason = verdict(summary, similar, fold_threshold=0.5)
+    assert qc == "warn" and "not a number at 2 of its 6 voxels" in reason
+    assert verdict({**summary, "nonfinite": 0}, similar, 0.5) == ("ok", "")
+
+
 def test_a_field_that_makes_things_worse_warns(pair, tmp_path):
     truth = finished_registration(pair, str(tmp_path / "truth"))
     u = components_to_vectors(ome_zarr.read_region(

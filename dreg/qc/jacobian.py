@@ -99,39 +99,47 @@ def region_determinant(field: ome_zarr.OmeZarrImage, region: Region
 
 @dataclass
 class JacobianTally:
-    """det J over some voxels: extremes, fold count and a sparse histogram. Merges."""
+    """det J over some voxels: extremes, fold count and a sparse histogram. Merges.
+    A voxel where det J is not a number (a field holding NaN or infinity) is counted
+    apart, in `nonfinite`, and nowhere else."""
 
     voxels: int = 0
     nonpositive: int = 0
     min: float = float("inf")
     max: float = float("-inf")
     bins: dict[int, int] = field(default_factory=dict)
+    nonfinite: int = 0
 
     @classmethod
     def of(cls, det: np.ndarray) -> JacobianTally:
         values = np.asarray(det, dtype=np.float64).ravel()
-        if values.size == 0:
-            return cls()
-        index = np.clip(np.floor((values - HISTOGRAM_LOW) / HISTOGRAM_WIDTH), 0,
+        finite = values[np.isfinite(values)]
+        nonfinite = int(values.size - finite.size)
+        if finite.size == 0:
+            return cls(voxels=int(values.size), nonfinite=nonfinite)
+        index = np.clip(np.floor((finite - HISTOGRAM_LOW) / HISTOGRAM_WIDTH), 0,
                         HISTOGRAM_BINS - 1).astype(np.int64)
         which, counts = np.unique(index, return_counts=True)
-        return cls(voxels=int(values.size), nonpositive=int(np.count_nonzero(values <= 0)),
-                   min=float(values.min()), max=float(values.max()),
-                   bins=dict(zip(which.tolist(), counts.tolist(), strict=True)))
+        return cls(voxels=int(values.size), nonpositive=int(np.count_nonzero(finite <= 0)),
+                   min=float(finite.min()), max=float(finite.max()),
+                   bins=dict(zip(which.tolist(), counts.tolist(), strict=True)),
+                   nonfinite=nonfinite)
 
     def merge(self, other: JacobianTally) -> JacobianTally:
         bins = dict(self.bins)
         for index, count in other.bins.items():
             bins[index] = bins.get(index, 0) + count
         return JacobianTally(self.voxels + other.voxels, self.nonpositive + other.nonpositive,
-                             min(self.min, other.min), max(self.max, other.max), bins)
+                             min(self.min, other.min), max(self.max, other.max), bins,
+                             self.nonfinite + other.nonfinite)
 
     def quantile(self, q: float) -> float | None:
-        """The q-quantile, interpolated within its histogram bin (bins 1e-3 wide; exact
-        when all values are equal), or None for no voxels."""
-        if not self.voxels:
+        """The q-quantile of the finite values, interpolated within its histogram bin
+        (bins 1e-3 wide; exact when all values are equal), or None when there are none."""
+        counted = self.voxels - self.nonfinite
+        if not counted:
             return None
-        target = q * self.voxels
+        target = q * counted
         seen = 0
         for index in sorted(self.bins):
             count = self.bins[index]
@@ -147,12 +155,13 @@ class JacobianTally:
 
     def summary(self) -> dict:
         """The numbers qc.json holds: min, p01, max, share_nonpositive, voxels."""
-        empty = not self.voxels
+        empty = self.voxels == self.nonfinite
         return {
             "min": None if empty else self.min,
             "p01": self.quantile(0.01),
             "max": None if empty else self.max,
-            "share_nonpositive": 0.0 if empty else self.nonpositive / self.voxels,
+            "share_nonpositive": self.nonpositive / self.voxels if self.voxels else 0.0,
             "nonpositive": self.nonpositive,
             "voxels": self.voxels,
+            "nonfinite": self.nonfinite,
         }

@@ -38,7 +38,6 @@ DPI = 100
 OUTSIDE_COLOUR = "#4a6f8a"
 STATUS_COLOURS = {OK: "#2ca02c", SKIPPED_EMPTY: "#9e9e9e", OUTSIDE_MOVING: "#1f77b4",
                   REJECTED_METRIC: "#ff7f0e", FAILED: "#d62728", "unknown": "#ffffff"}
-PLANE_LABELS = ("x–y plane", "x–z plane", "y–z plane")
 
 
 def _figure(title: str) -> tuple[Figure, list]:
@@ -59,10 +58,10 @@ def _unit(plan: QcPlan) -> str:
     return plan.unit or "physical units"
 
 
-def _label_axes(ax, plane: slices.Plane, unit: str, what: str = "") -> None:
+def _label_axes(ax, plane: slices.Plane, unit: str, note: str = "") -> None:
     name = plane.axis_name(plane.axis)
-    ax.set_title(f"{what}{name} = {plane.position:.4g} {unit} ({PLANE_LABELS[plane.axis]})",
-                 fontsize=10)
+    ax.set_title(f"{name} = {plane.position:.4g} {unit} ({plane.label} plane)"
+                 + (f"\n{note}" if note else ""), fontsize=10)
     ax.set_xlabel(f"{plane.axis_name(plane.cols_axis)} ({unit})")
     ax.set_ylabel(f"{plane.axis_name(plane.rows_axis)} ({unit})")
 
@@ -141,7 +140,7 @@ def jacobian_picture(title: str, field_slices, unit: str) -> bytes:
                        origin="lower", extent=part.plane.extent(part.step))
             ax.scatter(part.folds[:, 0], part.folds[:, 1], marker="x", s=14, c="black",
                        linewidths=0.8)
-        _label_axes(ax, part.plane, unit, what=f"{part.fold_voxels} fold voxels; ")
+        _label_axes(ax, part.plane, unit, note=f"{part.fold_voxels} fold voxels in this slice")
     figure.colorbar(image, ax=axes, shrink=0.85,
                     label="det J (1: volume kept; ≤ 0: fold, marked ×)")
     return _png(figure)

@@ -60,8 +60,12 @@ class QcReport(BaseModel):
 
 
 def verdict(jacobian: dict, similarity: dict, fold_threshold: float) -> tuple[str, str]:
-    """("ok", "") or ("warn", the reasons)."""
+    """("ok", "") or ("warn", the reasons): folds above the threshold, a field that is
+    not finite somewhere, a similarity that got worse or could not be measured."""
     reasons = []
+    if jacobian.get("nonfinite"):
+        reasons.append(f"the field is not a number at {jacobian['nonfinite']} of its "
+                       f"{jacobian['voxels']} voxels (det J cannot be computed there)")
     share = jacobian.get("share_nonpositive") or 0.0
     if share > fold_threshold:
         reasons.append(f"the field folds: det J <= 0 in {share:.3%} of its voxels "

@@ -92,9 +92,19 @@ class Plane:
                 float(self.coordinate(self.rows_axis, -0.5 * step)),
                 float(self.coordinate(self.rows_axis, (rows - 0.5) * step))]
 
+    @property
+    def aligned(self) -> bool:
+        """Whether the grid's axes are the world's (identity direction)."""
+        return bool(np.allclose(self.grid.direction_matrix, np.eye(3)))
+
     def axis_name(self, axis: int) -> str:
-        aligned = np.allclose(self.grid.direction_matrix, np.eye(3))
-        return AXIS_NAMES[axis] if aligned else f"{GRID_AXIS_NAMES[axis]} (grid axis)"
+        return AXIS_NAMES[axis] if self.aligned else f"{GRID_AXIS_NAMES[axis]} (grid axis)"
+
+    @property
+    def label(self) -> str:
+        """The plane's name by its two axes, e.g. "x–y" (or "i–j" on a rotated grid)."""
+        names = AXIS_NAMES if self.aligned else GRID_AXIS_NAMES
+        return f"{names[self.cols_axis]}–{names[self.rows_axis]}"
 
 
 def plane_through(grid: Grid, axis: int, centre_xyz) -> Plane:
