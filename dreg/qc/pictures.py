@@ -41,12 +41,20 @@ STATUS_COLOURS = {OK: "#2ca02c", SKIPPED_EMPTY: "#9e9e9e", OUTSIDE_MOVING: "#1f7
                   REJECTED_METRIC: "#ff7f0e", FAILED: "#d62728", "unknown": "#ffffff"}
 
 
-def _figure(title: str) -> tuple[Figure, list]:
-    figure = Figure(figsize=(WIDTH_INCHES, HEIGHT_INCHES), dpi=DPI, layout="constrained")
+def _figure(title: str, right: float = 0.89) -> tuple[Figure, list]:
+    """A figure of three slice panels side by side, and room on the right (for a colour
+    bar, or a legend). Laid out by hand: a constrained layout doubled the drawing time."""
+    figure = Figure(figsize=(WIDTH_INCHES, HEIGHT_INCHES), dpi=DPI)
     FigureCanvasAgg(figure)
-    axes = list(figure.subplots(1, 3))
+    grid = figure.add_gridspec(1, 3, left=0.05, right=right, bottom=0.11, top=0.84,
+                               wspace=0.3)
+    axes = [figure.add_subplot(grid[0, k]) for k in range(3)]
     figure.suptitle(title, fontsize=13)
     return figure, axes
+
+
+def _colour_bar(figure: Figure, image, label: str) -> None:
+    figure.colorbar(image, cax=figure.add_axes((0.915, 0.15, 0.012, 0.64)), label=label)
 
 
 def _png(figure: Figure) -> bytes:
@@ -102,7 +110,7 @@ def intensity_picture(title: str, planes, arrays, unit: str, outside_note: str =
     for ax, plane, values in zip(axes, planes, arrays, strict=True):
         image = _show(ax, values, plane, "gray", norm, outside_note=outside_note)
         _label_axes(ax, plane, unit)
-    figure.colorbar(image, ax=axes, shrink=0.85, label=label)
+    _colour_bar(figure, image, label)
     return _png(figure)
 
 
@@ -116,7 +124,7 @@ def grid_picture(title: str, planes, arrays, lines, unit: str) -> bytes:
         ax.set_xlim(*plane.extent()[:2])
         ax.set_ylim(*plane.extent()[2:])
         _label_axes(ax, plane, unit)
-    figure.colorbar(image, ax=axes, shrink=0.85, label="fixed image intensity")
+    _colour_bar(figure, image, "fixed image intensity")
     return _png(figure)
 
 
@@ -127,7 +135,7 @@ def magnitude_picture(title: str, field_slices, unit: str) -> bytes:
     for ax, part in zip(axes, field_slices, strict=True):
         image = _show(ax, part.magnitude, part.plane, "viridis", norm, step=part.step)
         _label_axes(ax, part.plane, unit)
-    figure.colorbar(image, ax=axes, shrink=0.85, label=f"|u| ({unit})")
+    _colour_bar(figure, image, f"|u| ({unit})")
     return _png(figure)
 
 
@@ -147,13 +155,12 @@ def jacobian_picture(title: str, field_slices, unit: str) -> bytes:
             ax.scatter(part.folds[:, 0], part.folds[:, 1], marker="x", s=14, c="black",
                        linewidths=0.8)
         _label_axes(ax, part.plane, unit, note=f"{part.fold_voxels} fold voxels in this slice")
-    figure.colorbar(image, ax=axes, shrink=0.85,
-                    label="det J (1: volume kept; ≤ 0: fold, marked ×)")
+    _colour_bar(figure, image, "det J (1: volume kept; ≤ 0: fold, marked ×)")
     return _png(figure)
 
 
 def blocks_picture(title: str, planes, arrays, rectangles, counts: dict, unit: str) -> bytes:
-    figure, axes = _figure(title)
+    figure, axes = _figure(title, right=0.84)
     norm = _range(arrays)
     for ax, plane, values, boxes in zip(axes, planes, arrays, rectangles, strict=True):
         _show(ax, values, plane, "gray", norm)
@@ -170,13 +177,14 @@ def blocks_picture(title: str, planes, arrays, rectangles, counts: dict, unit: s
                     label=f"{status}: {counts.get(status, 0)}")
               for status, colour in STATUS_COLOURS.items()
               if status != "unknown" or counts.get(status)]
-    figure.legend(handles=legend, loc="outside right center", title="blocks (whole stage)")
+    figure.legend(handles=legend, loc="center right", title="blocks (whole stage)")
     return _png(figure)
 
 
 def gain_picture(title: str, stage_gains: dict[str, np.ndarray]) -> bytes:
-    figure = Figure(figsize=(WIDTH_INCHES, HEIGHT_INCHES), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(WIDTH_INCHES, HEIGHT_INCHES), dpi=DPI)
     FigureCanvasAgg(figure)
+    figure.subplots_adjust(left=0.06, right=0.97, bottom=0.11, top=0.9)
     ax = figure.subplots()
     figure.suptitle(title, fontsize=13)
     drawn = {name: values for name, values in stage_gains.items() if values.size}
@@ -206,8 +214,8 @@ def _write(plan: QcPlan, name: str, title: str, caption: str, data: bytes) -> Pi
 
 def draw_pictures(plan: QcPlan, group: str | None = None) -> list[Picture]:
     """Read the slices and draw the pictures into OUT/qc/; returns them in order. A
-    `group` draws part of them: "images" (the fixed and moving images, checkerboards,
-    the deformation grid) or "field" (|u|, det J, the block map, the metric gains), so
+    `group` draws part of them: "images" (the fixed and moving images, checkerboards)
+    or "field" (the deformation grid, |u|, det J, the block map, the metric gains), so
     that two workers can draw at once."""
     if group not in (None, *PICTURE_GROUPS):
         raise ValueError(f"group must be one of {PICTURE_GROUPS}, got {group!r}")
@@ -254,12 +262,6 @@ def _image_drawings(plan: QcPlan, planes, fixed) -> list[tuple[str, str, str,
              "Checkerboard after registration: fixed and registered moving image in "
              "alternating squares", planes, [slices.checkerboard(f, a) for f, a in zip(
                  fixed, after, strict=True)], unit, outside, label=normalized)),
-        ("deformation_grid", "Deformation grid",
-         "the fixed image with grid lines moved to x + u(x) (in-plane part, true scale)",
-         lambda: grid_picture("Fixed image with the deformation grid: lines of the fixed "
-                              "grid at x + u(x) (in-plane part, not exaggerated)", planes,
-                              fixed, [slices.deformation_lines(plan, p) for p in planes],
-                              unit)),
     ]
 
 
@@ -268,6 +270,12 @@ def _field_drawings(plan: QcPlan, planes, fixed) -> list[tuple[str, str, str,
     unit = _unit(plan)
     field_parts = [slices.field_slice(plan, axis) for axis in range(3)]
     return [
+        ("deformation_grid", "Deformation grid",
+         "the fixed image with grid lines moved to x + u(x) (in-plane part, true scale)",
+         lambda: grid_picture("Fixed image with the deformation grid: lines of the fixed "
+                              "grid at x + u(x) (in-plane part, not exaggerated)", planes,
+                              fixed, [slices.deformation_lines(plan, p) for p in planes],
+                              unit)),
         ("displacement", "Displacement |u|", "length of the displacement on the field grid",
          lambda: magnitude_picture("Displacement length |u| (fixed to moving, on the field "
                                    "grid)", field_parts, unit)),
