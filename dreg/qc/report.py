@@ -122,9 +122,11 @@ def summary_rows(report: QcReport) -> list[dict[str, str]]:
         ("field voxels", _number(j.get("voxels"))),
         (f"similarity before ({s.get('metric')})", _number(s.get("before"))),
         (f"similarity after ({s.get('metric')})", _number(s.get("after"))),
-        ("similarity measured on", f"{s.get('points')} lattice points (field voxels at "
-         f"stride {s.get('lattice_stride')}), fixed level {s.get('fixed_level')}, moving "
-         f"level {s.get('moving_level')}; after from the {s.get('after_from')}"),
+        ("similarity measured on", f"{s.get('points')} points (field voxels at stride "
+         f"{s.get('lattice_stride')})"),
+        ("similarity levels read", f"fixed {s.get('fixed_level')}, moving "
+         f"{s.get('moving_level')}"),
+        ("similarity after from", f"the {s.get('after_from')}"),
     ]
     for stage in report.stages:
         name = f"stage {stage['number']}-{stage['name']}"
@@ -133,8 +135,8 @@ def summary_rows(report: QcReport) -> list[dict[str, str]]:
         gain = stage.get("metric_gain")
         if gain:
             rows.append((f"{name}: metric gain", (
-                f"median {_number(gain['p50'])} (5th–95th percentile "
-                f"{_number(gain['p05'])} to {_number(gain['p95'])}), "
-                f"{gain['improved_share']:.0%} of {gain['blocks']} blocks improved")))
+                f"median {_number(gain['p50'], 3)} (p5 {_number(gain['p05'], 3)}, p95 "
+                f"{_number(gain['p95'], 3)}); {gain['improved_share']:.0%} of "
+                f"{gain['blocks']} improved")))
     rows.append(("QC folder", report.folder))
     return [{"measure": m, "value": v} for m, v in rows]
