@@ -41,8 +41,9 @@ from tasks.qc import (
 
 
 @flow(name="dreg-qc-measure", flow_run_name="qc-measure")
-def measure_quality(plan: QcPlan, retries: int = 2) -> QcReport:
-    """Measure every brick, draw the pictures, and write qc.json and index.html."""
+def measure_quality(plan: QcPlan, retries: int = 2, run_id: str | None = None) -> QcReport:
+    """Measure every brick, draw the pictures, and write qc.json and index.html. The
+    report names `run_id`, the flow run whose artifacts show it (default this one)."""
     started = time.perf_counter()
     clear_qc(plan)
     pictures = [draw_pictures.with_options(retries=retries).submit(plan, group)
@@ -55,7 +56,7 @@ def measure_quality(plan: QcPlan, retries: int = 2) -> QcReport:
         total = total.merge(future.result())  # a brick that fails after retries fails QC
     drawn = [picture for future in pictures for picture in future.result()]
     report = build_report(plan, total, stages.result(), drawn, time.perf_counter() - started,
-                          str(flow_run.get_id()))
+                          run_id or str(flow_run.get_id()))
     write_report.submit(report).result()
     get_run_logger().info(f"QC {report.qc}{': ' + report.reason if report.reason else ''}; "
                           f"{report.page}")
@@ -65,11 +66,11 @@ def measure_quality(plan: QcPlan, retries: int = 2) -> QcReport:
 def run_quality_control(result: RegistrationResult, options: RunOptions,
                         fold_threshold: float = FOLD_THRESHOLD) -> QcReport:
     """QC of `result` on a Dask cluster (the given one, or a local one without the
-    elastix warm-up, which QC does not need)."""
+    elastix warm-up, which QC does not need), reported as this flow run's."""
     plan = plan_qc(result, fold_threshold)
     with dask_cluster(options.dask_address, options.workers, warm=False) as address:
         return measure_quality.with_options(task_runner=DaskTaskRunner(address=address))(
-            plan, options.block_retries)
+            plan, options.block_retries, str(flow_run.get_id()))
 
 
 def check_registration(result: RegistrationResult, options: RunOptions) -> RegistrationResult:

@@ -272,14 +272,19 @@ def test_qc_command_refuses_bad_input(tmp_path):
 @pytest.mark.prefect
 def test_qc_flow_uses_the_warped_image_and_records_its_verdict(pair, tmp_path, prefect_api,
                                                                dask_address):
-    from flows.qc import quality_control
     from flows.warp import warp_image
 
     out = finished_registration(pair, str(tmp_path / "out"))
     resampled = check.check(plan_qc(load_result(out)))
-    options = RunOptions(dask_address=dask_address)
-    warp_image(out, options=options)
-    report = quality_control(out, options=options)
+    warp_image(out, options=RunOptions(dask_address=dask_address))
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "qc", out, "--dask-address",
+                           dask_address], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PREFECT_API_URL": prefect_api})
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (line["qc"], line["page"]) == ("ok", storage.join(out, "qc", "index.html"))
+    report = check.load_report(storage.join(out, "qc"))
+    assert line["jacobian"] == report.jacobian and line["flow_run_id"] == report.flow_run_id
     assert report.warped == storage.join(out, "warped.ome.zarr")
     assert report.similarity["after_from"] == "warped image"
     # The warped image is the moving image resampled through the same field.

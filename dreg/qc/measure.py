@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dreg.grid import Region, region_to_list, relative_region
+from dreg.grid import Region, region_shape, region_to_list, relative_region
 from dreg.io import ome_zarr
 from dreg.qc.jacobian import JacobianTally, determinant, with_halo
 from dreg.qc.plan import QcPlan
@@ -46,7 +46,7 @@ def measure_brick(plan: QcPlan, brick: Region) -> BrickMeasure:
     grown, _ = with_halo(brick, grid.shape_zyx)
     u = ome_zarr.read_region(field_image, 0, grown)
     measure = BrickMeasure()
-    for chunk in ome_zarr.chunk_regions(_shape(brick), plan.field_chunks):
+    for chunk in ome_zarr.chunk_regions(region_shape(brick), plan.field_chunks):
         chunk = tuple(slice(s.start + b.start, s.stop + b.start)
                       for s, b in zip(chunk, brick, strict=True))
         tally = JacobianTally.of(determinant(u, grid, relative_region(chunk, grown)))
@@ -59,6 +59,3 @@ def measure_brick(plan: QcPlan, brick: Region) -> BrickMeasure:
     before, after = brick_histograms(plan, u, grown, brick)
     return measure.merge(BrickMeasure(before=before, after=after))
 
-
-def _shape(region: Region) -> tuple[int, int, int]:
-    return tuple(s.stop - s.start for s in region)

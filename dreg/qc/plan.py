@@ -80,10 +80,6 @@ class QcPlan(BaseModel):
     fold_threshold: float
 
     @property
-    def json_uri(self) -> str:
-        return storage.join(self.folder, QC_FILE)
-
-    @property
     def page_uri(self) -> str:
         return storage.join(self.folder, PAGE_FILE)
 

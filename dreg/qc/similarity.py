@@ -81,6 +81,7 @@ def similarity_summary(before: np.ndarray, after: np.ndarray, plan) -> dict:
         "lattice_stride": plan.lattice_stride,
         "fixed_level": plan.fixed_level,
         "moving_level": plan.moving_level,
+        "warped_level": plan.warped_level,
         "after_from": "warped image" if plan.warped else "moving image through the field",
         "before_from": "moving image through the initial transform",
     }
