@@ -379,6 +379,7 @@ def test_a_registration_shows_its_qc_in_the_prefect_ui(tmp_path):
         line = json.loads(done.stdout.strip().splitlines()[-1])
         run_id = line["flow_run_id"]
         assert line["qc"] == "ok" and load_result(out).qc == "ok"
+        assert check.load_report(storage.join(out, "qc")).flow_run_id == run_id
         completed = [e for e in events_named(api, "dreg.registration.completed")
                      if e["payload"]["flow_run_id"] == run_id]
         assert completed and completed[0]["payload"]["qc"] == "ok"
