@@ -68,7 +68,7 @@ def main() -> None:
             result = register_images(fixed=pair["fixed"], moving=pair["moving"],
                                      out=str(work / "out"), pipeline=pipeline,
                                      options=RunOptions(dask_address=cluster.scheduler_address,
-                                                        overwrite=True))
+                                                        overwrite=True, qc=False))
             wall = time.perf_counter() - started
             with Client(cluster.scheduler_address) as client:
                 workers = client.run(peak_rss_mb)

@@ -55,6 +55,23 @@ def cmd_transform_points(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qc(args: argparse.Namespace) -> int:
+    from dreg.qc.plan import FOLD_THRESHOLD, plan_qc
+    from dreg.registration.records import load_result
+
+    threshold = FOLD_THRESHOLD if args.fold_threshold is None else args.fold_threshold
+    # Check first: a finished registration, readable inputs, a sane threshold (exit 2).
+    plan = plan_qc(load_result(args.out), threshold)
+    ownership.check_free(plan.out)
+    from flows.qc import quality_control
+
+    report = quality_control(args.out, threshold, _options(args))
+    print(json.dumps(report.model_dump(mode="json", include={
+        "output", "qc", "reason", "jacobian", "similarity", "page", "folder", "seconds",
+        "flow_run_id"})))
+    return 0
+
+
 def add_cluster_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dask-address", default=None,
                         help="an existing Dask scheduler (default: $DREG_DASK_ADDRESS, "
@@ -100,3 +117,19 @@ def add_commands(sub) -> None:
     points.add_argument("--from", dest="source", choices=("fixed", "moving"), required=True)
     add_cluster_options(points)
     points.set_defaults(run=cmd_transform_points)
+
+    qc = sub.add_parser(
+        "qc", help="quality control of OUT: pictures and numbers in OUT/qc/",
+        description="Measure the finished registration in OUT: the Jacobian determinant of "
+        "x -> x + u(x) over the whole field (folds: det J <= 0), the similarity before and "
+        "after on a coarse level, the stages' block statuses and metric gains; draw slices "
+        "through the centre of the foreground. Writes OUT/qc/qc.json, OUT/qc/index.html "
+        "and PNG pictures, records the verdict (ok or warn) in result.json, and shows it "
+        "all on the flow run in the Prefect UI. Runs at the end of every `dreg register` "
+        "unless --no-qc.")
+    qc.add_argument("out", help="a finished registration's output (holds result.json)")
+    qc.add_argument("--fold-threshold", type=float, default=None,
+                    help="warn when more than this share of the field's voxels fold "
+                         "(default 0.001, i.e. 0.1 %%)")
+    add_cluster_options(qc)
+    qc.set_defaults(run=cmd_qc)

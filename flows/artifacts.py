@@ -17,6 +17,10 @@ from prefect.artifacts import (
 )
 
 from dreg.io import storage
+from dreg.qc.check import load_report
+from dreg.qc.page import data_uri
+from dreg.qc.plan import QC_FILE, qc_folder
+from dreg.qc.report import QcReport, summary_rows
 from dreg.registration import STATUSES, RegistrationResult, StageSummary
 
 
@@ -66,6 +70,8 @@ def summary_markdown(result: RegistrationResult) -> str:
         f"- field: `{result.field}`",
         f"- seconds: {result.seconds:.1f}",
         f"- failed blocks: {result.failed_blocks} ({result.failed_share:.1%} of all blocks)",
+        f"- quality control: {result.qc or 'not run'}"
+        + (f" ({result.qc_reason})" if result.qc_reason else ""),
         "",
         "| stage | level | transform | blocks | " + " | ".join(STATUSES) + " | seconds |",
         "|---|---|---|---|" + "---|" * len(STATUSES) + "---|",
@@ -89,6 +95,40 @@ def publish_result(result: RegistrationResult) -> None:
     publish_status_table(result.stages)
     create_markdown_artifact(markdown=summary_markdown(result), key="dreg-summary",
                              description="Registration summary")
+    if result.qc and storage.exists(storage.join(qc_folder(result.output), QC_FILE)):
+        publish_qc(load_report(qc_folder(result.output)))
+
+
+def qc_markdown(report: QcReport, pngs: dict[str, bytes]) -> str:
+    """The QC as one markdown page: verdict, numbers, and every picture embedded as a
+    data: URI (the Prefect UI renders them offline; a file on S3 would need a URL the
+    browser can reach)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [f"# Quality control: {report.qc}"]
+    if report.reason:
+        lines += ["", f"**{report.reason}**"]
+    lines += ["", f"Pictures and numbers also in `{report.page}` (one page, opens offline).",
+              "", "| measure | value |", "|---|---|"]
+    lines += [f"| {cell(r['measure'])} | {cell(r['value'])} |" for r in summary_rows(report)]
+    for picture in report.pictures:
+        lines += ["", f"## {picture.title}", "", picture.caption, "",
+                  f"![{picture.title}]({data_uri(pngs[picture.name])})"]
+    return "\n".join(lines)
+
+
+def publish_qc(report: QcReport) -> None:
+    """QC artifacts of the current flow run: a link to OUT/qc/index.html, the numbers as
+    a table, and the pictures in a markdown artifact."""
+    create_link_artifact(key=artifact_key("qc", report.output), link=field_link(report.page),
+                         link_text="quality control: pictures and numbers (index.html)",
+                         description=f"Quality control of {report.output}: {report.folder}")
+    create_table_artifact(table=summary_rows(report), key="dreg-qc-numbers",
+                          description=f"Quality control numbers ({report.qc})")
+    pngs = {p.name: storage.read_bytes(p.uri) for p in report.pictures}
+    create_markdown_artifact(markdown=qc_markdown(report, pngs), key="dreg-qc",
+                             description=f"Quality control pictures ({report.qc})")
 
 
 def publish_output(kind: str, out_uri: str, uri: str, summary: dict,

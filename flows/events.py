@@ -16,7 +16,8 @@ Downstream, a registration announces its outcome:
     dreg.registration.completed  resource dreg.field.<field uri>; related: the fixed and
                                  moving volumes (roles "fixed", "moving"), the output;
                                  payload: output, field, result, flow run id,
-                                 failed blocks (count, share of all blocks)
+                                 failed blocks (count, share of all blocks), the
+                                 QC verdict (qc: ok, warn or null; qc_reason)
     dreg.registration.failed     resource dreg.registration.<output uri>; related as
                                  above; payload: reason, flow run id
 """
@@ -104,7 +105,8 @@ def emit_completed(result: RegistrationResult) -> Any:
         related=_related(result.fixed, result.moving, result.output),
         payload={"output": result.output, "field": result.field, "result": result.result,
                  "flow_run_id": result.flow_run_id, "failed_blocks": result.failed_blocks,
-                 "failed_share": result.failed_share},
+                 "failed_share": result.failed_share, "qc": result.qc,
+                 "qc_reason": result.qc_reason},
     )
 
 

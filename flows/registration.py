@@ -58,6 +58,7 @@ from dreg.transform.reduce import blocks_for_chunk, field_identity
 from flows import artifacts, events
 from flows.cluster import BLOCK_RESOURCE, block_workers, dask_cluster
 from flows.ownership import owning
+from flows.qc import check_registration
 from flows.run_names import register_run_name
 from tasks.publish import write_json, write_result, write_scene
 from tasks.reduce import create_field, reduce_chunk
@@ -258,6 +259,8 @@ def register_images(
         check_inputs_unchanged(plan)
         result = registration_result(plan, summaries, str(flow_run.get_id()),
                                      time.perf_counter() - started)
+        if options.qc:
+            result = check_registration(result, options)
         write_scene(plan.out_uri, plan.fixed_uri, plan.moving_uri)
         lease.check()  # never mark complete an output another run may have written
         write_result(plan.result_uri, result)

@@ -29,6 +29,7 @@ def _run_registration(args: argparse.Namespace, pipeline):
         storage_patience=getattr(args, "storage_patience", 300.0),
         max_failed_share=getattr(args, "max_failed_share", 0.05),
         batch_size=getattr(args, "batch_size", None),
+        qc=not getattr(args, "no_qc", False),
     )
     return register_images(fixed=args.fixed, moving=args.moving, out=args.out,
                            pipeline=pipeline, options=options)
@@ -38,7 +39,7 @@ def _last_line(result) -> dict:
     return result.model_dump(mode="json", include={"output", "field", "flow_run_id",
                                                    "block_counts", "blocks_reused",
                                                    "failed_blocks", "failed_share",
-                                                   "seconds"})
+                                                   "seconds", "qc", "qc_reason"})
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -145,6 +146,8 @@ def add_commands(sub) -> None:
     register.add_argument("--warp", action="store_true",
                           help="then warp the moving image onto the fixed grid "
                                "(OUT/warped.ome.zarr)")
+    register.add_argument("--no-qc", action="store_true",
+                          help="skip the quality control at the end (OUT/qc/)")
     add_cluster_options(register)
     register.set_defaults(run=cmd_register)
 

@@ -46,3 +46,7 @@ def invert_run_name() -> str:
 def points_run_name() -> str:
     parameters = _parameters()
     return f"points-from-{parameters.get('source')}-{_name_of(parameters.get('points'))}"
+
+
+def qc_run_name() -> str:
+    return f"qc-{_name_of(_parameters().get('out'))}"

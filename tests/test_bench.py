@@ -36,6 +36,9 @@ CASES = {
                 "round_trip_p99"], True),
     "points": (["--size", "32", "--points", "20000", "--workers", "1"],
                ["points_per_s", "points_s", "rows", "outside", "batches"], True),
+    "jacobian": (["--size", "32", "--chunk", "16", "--workers", "1"],
+                 ["jacobian_voxels_per_s", "jacobian_voxels_per_cpu_s",
+                  "compute_only_voxels_per_s"], False),
 }
 
 

@@ -197,6 +197,19 @@ def write_text(uri: str, text: str) -> None:
         handle.write(text)
 
 
+def replace_text(uri: str, text: str) -> None:
+    """Replace a small text file so that a reader sees the old or the new text, never a
+    part: a temporary file renamed over it on local disk; one PUT on S3 (atomic)."""
+    if is_s3(uri):
+        write_text(uri, text)
+        return
+    path = Path(normalize_uri(uri))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     if not is_s3(uri):

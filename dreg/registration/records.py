@@ -41,6 +41,7 @@ class RunOptions(BaseModel):
         0.05, ge=0, le=1, description="a stage with a larger share of failed blocks fails the run")
     batch_size: int | None = Field(
         None, ge=1, description="blocks per task run (default: sized from blocks and workers)")
+    qc: bool = Field(True, description="run quality control at the end (OUT/qc/)")
 
 
 class StageTimings(BaseModel):
@@ -123,6 +124,8 @@ class RegistrationResult(BaseModel):
     input_versions: dict[str, str] = Field(
         default_factory=dict, description="content versions of fixed and moving, as read")
     pipeline: dict = Field(default_factory=dict, description="the pipeline that ran")
+    qc: str | None = Field(None, description="quality control: ok, warn, or None if not run")
+    qc_reason: str = Field("", description="why quality control warns")
 
     @computed_field
     @property

@@ -12,6 +12,12 @@ def normalized_mutual_information(a: np.ndarray, b: np.ndarray, bins: int = BINS
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
     joint, _, _ = np.histogram2d(a, b, bins=bins)
+    return nmi_of_histogram(joint)
+
+
+def nmi_of_histogram(joint: np.ndarray) -> float:
+    """Normalized mutual information of a joint histogram (counts of A's bins by B's)."""
+    joint = np.asarray(joint, dtype=np.float64)
     total = joint.sum()
     if total == 0:
         return 1.0

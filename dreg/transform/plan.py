@@ -25,6 +25,7 @@ from dreg.transform.outputs import identity_of, output_attributes
 WARPED_NAME = "warped.ome.zarr"
 INVERSE_NAME = "inverse.ome.zarr"
 INVERSE_REPORT = "inverse.json"
+QC_NAME = "qc"
 WARP_CHUNK = 64
 POINTS_BATCH_ROWS = 1_000_000
 Interpolation = Literal["linear", "nearest"]
@@ -204,7 +205,8 @@ def inverse_is_current(out: str) -> bool:
 
 def derived_outputs(out: str) -> list[str]:
     """What OUT holds that was computed from its field: stale once the field changes."""
-    return [storage.join(out, name) for name in (WARPED_NAME, INVERSE_NAME, INVERSE_REPORT)]
+    return [storage.join(out, name)
+            for name in (WARPED_NAME, INVERSE_NAME, INVERSE_REPORT, QC_NAME)]
 
 
 def warp_chunks(plan: WarpPlan) -> list:

@@ -248,11 +248,11 @@ def mapped_bounds(
     axes = [np.linspace(0, n - 1, min(samples, n)) for n in grid.shape_zyx]
     index = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
     points = grid.index_to_world(index)
-    moved = points + _sample_sparse(field, points)
+    moved = points + sample_scattered(field, points)
     return moved.min(axis=0), moved.max(axis=0)
 
 
-def _sample_sparse(field: ome_zarr.OmeZarrImage, points_xyz: np.ndarray) -> np.ndarray:
+def sample_scattered(field: ome_zarr.OmeZarrImage, points_xyz: np.ndarray) -> np.ndarray:
     """u at scattered world points (N, 3), one field chunk's points at a time.
 
     Sampling them all at once would read the box they span, the whole field for a
