@@ -95,7 +95,11 @@ def make_inputs(work: Path, per_axis: int, block: int, overlap: float, factor: f
 
 
 def _ready() -> int:
-    import dreg.transform.reduce  # noqa: F401 - import the core once per worker, before timing
+    # Import the core once per worker and load its compiled loops, before timing (a Dask
+    # worker pays this once, for its first chunk: see bench/README.md).
+    from dreg.transform.reduce import warm_up
+
+    warm_up()
 
     return os.getpid()
 

@@ -109,8 +109,9 @@ def tile(
     return blocks
 
 
-def blend_weights(block: Block, box: Region, image_shape_zyx, factor: float) -> np.ndarray:
-    """Blending weight of a block at the field voxels of `box` (a part of its field box).
+def axis_weights(block: Block, box: Region, image_shape_zyx, factor: float) -> list[np.ndarray]:
+    """The blending weight of a block along each axis (z, y, x) at the field voxels of
+    `box` (a part of its field box): the weight at a voxel is their product.
 
     Along each axis the weight rises linearly from 0 at a padded edge that has a
     neighbour to 1 at twice the padding inside it, so that two overlapping neighbours'
@@ -127,4 +128,11 @@ def blend_weights(block: Block, box: Region, image_shape_zyx, factor: float) -> 
         if ramp > 0 and hi < image_shape_zyx[axis]:
             w = np.minimum(w, (hi - t) / ramp)
         weights.append(np.clip(w, 0.0, 1.0))
-    return weights[0][:, None, None] * weights[1][None, :, None] * weights[2][None, None, :]
+    return weights
+
+
+def blend_weights(block: Block, box: Region, image_shape_zyx, factor: float) -> np.ndarray:
+    """Blending weight of a block at the field voxels of `box` (a part of its field box),
+    the product of its `axis_weights`."""
+    wz, wy, wx = axis_weights(block, box, image_shape_zyx, factor)
+    return wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
