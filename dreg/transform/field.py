@@ -16,7 +16,7 @@ import numpy as np
 
 from dreg.errors import InputError
 from dreg.grid import Grid, components_to_vectors, region_from_bounds
-from dreg.io import ome_zarr
+from dreg.io import mapped, ome_zarr
 from dreg.transform import trilinear
 
 COMPONENTS = ["z", "y", "x"]
@@ -115,9 +115,9 @@ def sample_field(field: ome_zarr.OmeZarrImage, points_xyz: np.ndarray) -> np.nda
 
     Reads only the box of the field that the points need: from the floor of their
     smallest index to the ceiling of their largest, the voxels trilinear interpolation
-    weighs. Every chunk the box touches is decoded whole, so a margin beyond that would
-    decode the neighbouring chunks on every side (27 for the points of one chunk) even
-    where no point reaches them.
+    weighs. Every chunk the box touches is decoded whole (mapped, for a raw local field:
+    dreg.io.mapped), so a margin beyond that would decode the neighbouring chunks on
+    every side (27 for the points of one chunk) even where no point reaches them.
     """
     points = np.asarray(points_xyz, dtype=float)
     flat = points.reshape(-1, 3)
@@ -130,7 +130,7 @@ def sample_field(field: ome_zarr.OmeZarrImage, points_xyz: np.ndarray) -> np.nda
     lo = np.clip(np.floor(index.min(axis=1)).astype(int), 0, shape - 1)
     hi = np.clip(np.ceil(index.max(axis=1)).astype(int) + 1, lo + 1, shape)
     region = region_from_bounds(lo, hi)
-    data = ome_zarr.read_region(field, 0, region)  # (3, z, y, x), components z, y, x
+    data = mapped.read_region(field, 0, region)  # (3, z, y, x), components z, y, x
     index -= lo[:, None]
     # SciPy's map_coordinates(order=1, mode="nearest") arithmetic, all components at once.
     components = trilinear.sample(data, index)

@@ -31,7 +31,7 @@ from dreg.grid import (
     relative_region,
     vectors_to_components,
 )
-from dreg.io import ome_zarr, storage
+from dreg.io import mapped, ome_zarr, storage
 from dreg.registration.outcome import OK, BlockResult, load_residual
 from dreg.registration.tiling import axis_weights
 from dreg.transform import trilinear
@@ -146,7 +146,7 @@ def compose_on_grid(residual: np.ndarray, chunk: Region, field_grid: Grid,
     shape = np.array(grid.shape_zyx)
     lo = np.clip(np.floor(low).astype(int), 0, shape - 1)
     hi = np.clip(np.ceil(high).astype(int) + 1, lo + 1, shape)
-    data = ome_zarr.read_region(previous, 0, region_from_bounds(lo, hi))
+    data = mapped.read_region(previous, 0, region_from_bounds(lo, hi))
     trilinear.compose_field(residual, start, to_world, origin, to_index, index_origin,
                             np.asarray(data, dtype=np.float32), lo.astype(float), out)
     return out
