@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from numba import njit
@@ -74,6 +76,41 @@ def _normalise(numerator, denominator):
                     numerator[m, a, b, c] = numerator[m, a, b, c] / d if d > 0 else 0.0
 
 
+# Per worker process, a few hundred bytes an entry; each entry is checked against the
+# file (or metadata documents) it was read from before it is used.
+_NPY_HEADERS: dict[str, tuple[tuple, tuple]] = {}
+_OPENED: dict[str, tuple[tuple[bytes, ...], ome_zarr.OmeZarrImage]] = {}
+_MEMO_LIMIT = 4096
+
+
+def _remember(memo: dict, key, value) -> None:
+    if len(memo) >= _MEMO_LIMIT:
+        memo.pop(next(iter(memo)))
+    memo[key] = value
+
+
+def _mapped_npy(path: str) -> np.ndarray:
+    """A local .npy file memory-mapped, its header parsed once per file version (NumPy
+    parses it with a Python literal evaluation, a sizeable part of mapping a small file
+    that a worker maps once per chunk it reaches)."""
+    info = os.stat(path)
+    version = (info.st_ino, info.st_size, info.st_mtime_ns)
+    known = _NPY_HEADERS.get(path)
+    if known is None or known[0] != version:
+        with open(path, "rb") as handle:
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(
+                np.lib.format.read_magic(handle))
+            if read_header is None:  # a format version without a public reader
+                return np.load(path, mmap_mode="r")
+            shape, fortran, dtype = read_header(handle)
+            known = (version, (shape, fortran, dtype, handle.tell()))
+        _remember(_NPY_HEADERS, path, known)
+    shape, fortran, dtype, offset = known[1]
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                     order="F" if fortran else "C")
+
+
 def _residual_part(uri: str, source: tuple[slice, ...]) -> np.ndarray:
     """The part `source` of a block's residual, float32.
 
@@ -81,10 +118,37 @@ def _residual_part(uri: str, source: tuple[slice, ...]) -> np.ndarray:
     (a block reaches up to eight chunks, most of them by a thin slab); anything else is
     read whole by `load_residual`."""
     if not storage.is_s3(uri) and uri.endswith(".npy"):
-        residual = np.load(uri, mmap_mode="r")
+        residual = _mapped_npy(storage.normalize_uri(uri))
     else:
         residual = load_residual(uri)
     return np.asarray(residual[source], dtype=np.float32)
+
+
+def _metadata_documents(image: ome_zarr.OmeZarrImage) -> tuple[bytes, ...] | None:
+    """The zarr.json files a local zarr v3 image's description is read from."""
+    if storage.is_s3(image.uri) or image.zarr_format != 3:
+        return None
+    paths = [os.path.join(image.uri, "zarr.json")] + [
+        os.path.join(image.uri, level.path, "zarr.json") for level in image.levels]
+    try:
+        return tuple(Path(p).read_bytes() for p in paths)
+    except OSError:
+        return None
+
+
+def _opened(uri: str, opener) -> ome_zarr.OmeZarrImage:
+    """`opener(uri)`, whose result is a function of the image's metadata documents:
+    reused, for a local image, while those documents read the same (tens of
+    microseconds, where opening through zarr costs two round trips to its event-loop
+    thread, for every chunk of the field)."""
+    known = _OPENED.get(uri)
+    if known is not None and _metadata_documents(known[1]) == known[0]:
+        return known[1]
+    image = opener(uri)
+    documents = _metadata_documents(image)
+    if documents is not None:
+        _remember(_OPENED, uri, (documents, image))
+    return image
 
 
 def blend_residuals(
@@ -165,11 +229,12 @@ def reduce_chunk(
 
     `previous` is an AffineTransform or the URI of the previous field. Returns counts.
     """
-    previous = as_transform(previous)
+    if not isinstance(previous, AffineTransform):
+        previous = _opened(previous, as_transform)
     residual = blend_residuals(results, chunk, image_shape_zyx, factor)
     total = compose_on_grid(residual, chunk, field_grid, previous)
     for uri in destinations:
-        ome_zarr.write_region(ome_zarr.open_image(uri), 0, chunk, total)
+        ome_zarr.write_region(_opened(uri, ome_zarr.open_image), 0, chunk, total)
     return {"voxels": int(np.prod(total.shape[1:])), "blocks": len(results)}
 
 
