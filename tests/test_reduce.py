@@ -107,6 +107,20 @@ def test_chunks_only_receive_blocks_that_reach_them(tmp_path, status):
 # ---------------------------------------------------------------- the compiled fast path
 
 
+def reference_weights(block, box, image_shape_zyx, factor):
+    """A block's blending weights written out plainly in NumPy, dense (z, y, x)."""
+    weights = []
+    for axis, (padded, part) in enumerate(zip(block.padded, box, strict=True)):
+        t = np.arange(part.start, part.stop, dtype=float) * factor
+        w = np.ones_like(t)
+        if block.ramp[axis] > 0 and padded.start > 0:
+            w = np.minimum(w, (t - padded.start) / block.ramp[axis])
+        if block.ramp[axis] > 0 and padded.stop < image_shape_zyx[axis]:
+            w = np.minimum(w, (padded.stop - t) / block.ramp[axis])
+        weights.append(np.clip(w, 0.0, 1.0))
+    return weights[0][:, None, None] * weights[1][None, :, None] * weights[2][None, None, :]
+
+
 def reference_blend(results, chunk, image_shape_zyx, factor):
     """The blend written out plainly in NumPy: weights as a dense product, float32."""
     shape = region_shape(chunk)
@@ -119,7 +133,9 @@ def reference_blend(results, chunk, image_shape_zyx, factor):
         residual = load_residual(result.residual_uri)
         source = (slice(None), *relative_region(overlap, result.block.field_box))
         target = relative_region(overlap, chunk)
-        weight = tiling.blend_weights(result.block, overlap, image_shape_zyx, factor)
+        weight = reference_weights(result.block, overlap, image_shape_zyx, factor)
+        np.testing.assert_array_equal(
+            tiling.blend_weights(result.block, overlap, image_shape_zyx, factor), weight)
         numerator[(slice(None),) + target] += residual[source] * weight.astype(np.float32)
         denominator[target] += weight.astype(np.float32)
     return np.divide(numerator, denominator, out=np.zeros_like(numerator),

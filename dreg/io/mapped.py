@@ -32,7 +32,7 @@ def _raw_metadata(image: ome_zarr.OmeZarrImage, level: int) -> ArrayV3Metadata |
     array through zarr costs a round trip to zarr's event-loop thread."""
     if storage.is_s3(image.uri) or image.zarr_format != 3:
         return None
-    path = os.path.join(storage.normalize_uri(image.uri), image.level(level).path, "zarr.json")
+    path = os.path.join(image.uri, image.level(level).path, "zarr.json")
     try:
         with open(path, "rb") as document:
             metadata = ArrayV3Metadata.from_dict(json.loads(document.read()))
@@ -48,7 +48,7 @@ def _raw_metadata(image: ome_zarr.OmeZarrImage, level: int) -> ArrayV3Metadata |
 
 def read_region(image: ome_zarr.OmeZarrImage, level: int, region: Region) -> np.ndarray:
     """`ome_zarr.read_region` (a vector image gives (c, z, y, x)), mapping chunk files
-    where the array allows it."""
+    where the array allows it. (An opened image's URI is normalised: an absolute path.)"""
     metadata = _raw_metadata(image, level)
     box = ((slice(0, image.components),) if image.components is not None else ()) + tuple(
         region)
@@ -56,7 +56,7 @@ def read_region(image: ome_zarr.OmeZarrImage, level: int, region: Region) -> np.
     inside = metadata is not None and len(box) == len(metadata.shape) and all(
         0 <= s.start < s.stop <= n for s, n in zip(box, metadata.shape, strict=True))
     if inside:
-        folder = os.path.join(storage.normalize_uri(image.uri), image.level(level).path)
+        folder = os.path.join(image.uri, image.level(level).path)
         data = _read_mapped(metadata, folder, box)
     return ome_zarr.read_region(image, level, region) if data is None else data
 

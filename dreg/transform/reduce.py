@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,8 +108,18 @@ def _mapped_npy(path: str) -> np.ndarray:
             known = (version, (shape, fortran, dtype, handle.tell()))
         _remember(_NPY_HEADERS, path, known)
     shape, fortran, dtype, offset = known[1]
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
-                     order="F" if fortran else "C")
+    count = int(np.prod(shape))
+    if info.st_size < offset + count * dtype.itemsize or count == 0:
+        return np.load(path)  # NumPy says what is wrong with it
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        # A plain array over the mapping (np.memmap's subclass costs more to make and to
+        # slice); the mapping is closed when the last array using it goes.
+        mapping = mmap.mmap(descriptor, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(descriptor)
+    flat = np.frombuffer(mapping, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 def _residual_part(uri: str, source: tuple[slice, ...]) -> np.ndarray:
@@ -118,7 +129,7 @@ def _residual_part(uri: str, source: tuple[slice, ...]) -> np.ndarray:
     (a block reaches up to eight chunks, most of them by a thin slab); anything else is
     read whole by `load_residual`."""
     if not storage.is_s3(uri) and uri.endswith(".npy"):
-        residual = _mapped_npy(storage.normalize_uri(uri))
+        residual = _mapped_npy(uri)  # a local path, as the block task wrote it
     else:
         residual = load_residual(uri)
     return np.asarray(residual[source], dtype=np.float32)
