@@ -19,14 +19,17 @@ THREADS_PER_WORKER = 1
 
 
 def _warm_worker(threads: int = THREADS_PER_WORKER) -> bool:
-    """Runs on each worker: set ITK's thread count and pay elastix's first-use cost."""
+    """Runs on each worker: set ITK's thread count and pay elastix's first-use cost, and
+    load the reduce step's compiled loops (compiled on a machine's first run)."""
     from dreg.memory import release_freed_memory_promptly
     from dreg.registration import elastix
+    from dreg.transform import reduce
 
     global _WARM  # noqa: PLW0603 - one flag per worker process
     if not globals().get("_WARM"):
         release_freed_memory_promptly()
         elastix.warm_up(threads)
+        reduce.warm_up()
         _WARM = True
     return True
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from itertools import product
 
 import numpy as np
-from numba import njit
 
+from dreg.compiled import jit
 from dreg.grid import Region, region_from_bounds
 
 
@@ -110,7 +110,7 @@ def tile(
     return blocks
 
 
-@njit(cache=True)
+@jit
 def _ramp(start: int, stop: int, factor: float, lo: int, hi: int, ramp: float, rises: bool,
           falls: bool) -> np.ndarray:
     """One axis's weights at field voxels start..stop-1: min(1, (t - lo) / ramp) where it

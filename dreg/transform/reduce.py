@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from numba import njit
 
+from dreg.compiled import jit
 from dreg.grid import (
     Grid,
     Region,
@@ -36,7 +36,7 @@ from dreg.grid import (
 )
 from dreg.io import mapped, ome_zarr, storage
 from dreg.registration.outcome import OK, BlockResult, load_residual
-from dreg.registration.tiling import axis_weights
+from dreg.registration.tiling import axis_weights, tile
 from dreg.transform import trilinear
 from dreg.transform.field import AffineTransform, as_transform, displacement_of
 
@@ -47,7 +47,7 @@ def blocks_for_chunk(results: Sequence[BlockResult], chunk: Region) -> list[Bloc
             if r.status == OK and intersect_regions(r.block.field_box, chunk)]
 
 
-@njit(cache=True, nogil=True)
+@jit
 def _accumulate(numerator, denominator, residual, wz, wy, wx, oz, oy, ox):
     """numerator[:, target] += residual * w and denominator[target] += w, with the
     target box starting at (oz, oy, ox) and w = float32((wz * wy) * wx) per voxel: the
@@ -66,7 +66,7 @@ def _accumulate(numerator, denominator, residual, wz, wy, wx, oz, oy, ox):
                 denominator[oz + a, oy + b, ox + c] += np.float32(wzy * wx[c])
 
 
-@njit(cache=True, nogil=True)
+@jit
 def _normalise(numerator, denominator):
     """numerator /= denominator where it is positive, else 0 (in place)."""
     for a in range(denominator.shape[0]):
@@ -251,13 +251,18 @@ def reduce_chunk(
 
 def warm_up() -> None:
     """Load (or compile, the first time on a machine) the compiled loops of this step on
-    tiny inputs, so that a worker's first chunk does not pay for it."""
+    tiny inputs of the types real chunks give them, so that a worker's first chunk does
+    not pay for it."""
     grid = Grid((2, 2, 2), (1.0, 1.0, 1.0))
     chunk = region_from_bounds((0, 0, 0), (2, 2, 2))
     residual = np.zeros((3, 2, 2, 2), np.float32)
     numerator, denominator = residual.copy(), np.zeros((2, 2, 2), np.float32)
-    weights = np.ones(2)
-    _accumulate(numerator, denominator, residual[:, :1], weights, weights, weights, 0, 0, 0)
+    block = tile((2, 2, 2), None, 0.0, (2, 2, 2), 1.0)[0]
+    weights = axis_weights(block, chunk, (2, 2, 2), 1.0)
+    mapped_part = residual[:, :1]
+    mapped_part.flags.writeable = False  # as a memory-mapped residual is
+    for part in (residual[:, :1], mapped_part):
+        _accumulate(numerator, denominator, part, *weights, 0, 0, 0)
     _normalise(numerator, denominator)
     compose_on_grid(residual, chunk, grid, AffineTransform.identity())
     start, matrix, origin = np.zeros(3, np.int64), np.eye(3), np.zeros(3)

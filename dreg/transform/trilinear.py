@@ -19,14 +19,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 
-# cache=True keeps the compiled code on disk (next to this file, or under
-# NUMBA_CACHE_DIR): a new worker process loads it in milliseconds instead of compiling.
-_JIT = {"cache": True, "nogil": True}
+from dreg.compiled import jit
 
 
-@njit(inline="always", **_JIT)
+@jit(inline="always")
 def _axis(x, n):
     """Lower and upper voxel and their weights along one axis of n voxels."""
     if x < 0.0:
@@ -41,7 +38,7 @@ def _axis(x, n):
     return i0, min(i0 + 1, n - 1), w0, 1.0 - w0
 
 
-@njit(inline="always", **_JIT)
+@jit(inline="always")
 def _corners(values, z0, z1, y0, y1, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1):
     """The trilinear sum at one point of one component, in SciPy's order."""
     t = 0.0
@@ -56,7 +53,7 @@ def _corners(values, z0, z1, y0, y1, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1):
     return t
 
 
-@njit(**_JIT)
+@jit
 def _sample(data, index, out):
     nz, ny, nx = data.shape[1], data.shape[2], data.shape[3]
     for p in range(index.shape[1]):
@@ -80,7 +77,7 @@ def sample(data: np.ndarray, index_zyx: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(inline="always", **_JIT)
+@jit(inline="always")
 def _moved_point(residual, a, b, c, start, to_world, origin):
     """World point (x, y, z) of grid voxel start + (a, b, c), moved by the residual there
     (components in (z, y, x) order, float32, added in float64)."""
@@ -93,7 +90,7 @@ def _moved_point(residual, a, b, c, start, to_world, origin):
     return px + residual[2, a, b, c], py + residual[1, a, b, c], pz + residual[0, a, b, c]
 
 
-@njit(inline="always", **_JIT)
+@jit(inline="always")
 def _to_index(qx, qy, qz, to_index, origin):
     """Continuous (z, y, x) index of a world point in a grid given by its inverse
     index-to-world matrix and origin."""
@@ -104,7 +101,7 @@ def _to_index(qx, qy, qz, to_index, origin):
     return k, j, i
 
 
-@njit(**_JIT)
+@jit
 def moved_index_bounds(residual, start, to_world, origin, to_index, index_origin):
     """Smallest and largest continuous (z, y, x) index, in the previous field's grid, of
     the grid voxels moved by the residual: the box of the previous field to read."""
@@ -124,7 +121,7 @@ def moved_index_bounds(residual, start, to_world, origin, to_index, index_origin
     return lo, hi
 
 
-@njit(**_JIT)
+@jit
 def compose_field(residual, start, to_world, origin, to_index, index_origin, data, box_start,
                   out):
     """out = r + u_prev(x + r) on a chunk of the grid, u_prev sampled trilinearly from
@@ -144,7 +141,7 @@ def compose_field(residual, start, to_world, origin, to_index, index_origin, dat
                     out[m, a, b, c] = residual[m, a, b, c] + u
 
 
-@njit(**_JIT)
+@jit
 def compose_affine(residual, start, to_world, origin, matrix, translation, out):
     """out = r + u_prev(x + r) on a chunk of the grid for an affine previous transform
     (moving = matrix @ x + translation, world (x, y, z)), in float64, stored as float32."""
