@@ -181,6 +181,9 @@ def main() -> None:
         import cProfile
         import pstats
 
+        from dreg.transform.reduce import warm_up
+
+        warm_up()  # as the workers were: the one-time load of the compiled loops apart
         profiler = cProfile.Profile()
         profiler.enable()
         for task in tasks:

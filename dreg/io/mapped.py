@@ -14,6 +14,7 @@ size) is read by zarr (`ome_zarr.read_region`), with the same result.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from itertools import product
 
@@ -85,7 +86,15 @@ def _read_mapped(metadata: ArrayV3Metadata, folder: str,
             continue
         if size != chunk_bytes:
             return None
-        chunk = np.memmap(path, dtype=dtype, mode="r", shape=chunk_shape)
-        out[target] = chunk[source]
-        del chunk  # unmapped now, not whenever the collector runs
+        out[target] = _mapped_chunk(path, dtype, chunk_shape)[source]
     return out
+
+
+def _mapped_chunk(path: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A chunk file as an array over its mapping (unmapped when the array goes)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        mapping = mmap.mmap(descriptor, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(descriptor)
+    return np.frombuffer(mapping, dtype=dtype).reshape(shape)
