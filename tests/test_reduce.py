@@ -3,6 +3,8 @@ the compiled loops against the plain NumPy/SciPy formulas."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -223,3 +225,34 @@ def test_compiled_sampling_gives_scipys_bits_inside_on_and_beyond_the_border():
         expected = np.stack([ndimage.map_coordinates(data[c], index, order=1, mode="nearest")
                              for c in range(shape[0])])
         np.testing.assert_array_equal(trilinear.sample(data, index), expected)
+
+
+@pytest.mark.s3
+def test_a_stage_on_s3_reduces_to_the_same_field_as_on_local_files(tmp_path, s3):
+    """Residuals, previous field and output on S3 (residuals fetched several at a time,
+    the previous field read through zarr): the same field, bit for bit."""
+    rng = np.random.default_rng(11)
+    image, field_grid, factor, results, previous_uri = random_stage(tmp_path, rng)
+    on_s3 = []
+    for result in results:
+        uri = None
+        if result.residual_uri:
+            uri = s3.uri("reduce", Path(result.residual_uri).name)
+            save_residual(uri, load_residual(result.residual_uri))
+        on_s3.append(BlockResult(result.block, result.status, residual_uri=uri))
+    previous = field.open_field(previous_uri)
+    whole = tuple(slice(0, n) for n in previous.levels[0].grid.shape_zyx)
+    previous_s3 = field.create_field(s3.uri("reduce", "previous.ome.zarr"),
+                                     previous.levels[0].grid, chunks=4, overwrite=True)
+    ome_zarr.write_region(previous_s3, 0, whole, ome_zarr.read_region(previous, 0, whole))
+    fields = {}
+    for name, stage_results, prev, out in (
+            ("local", results, previous_uri, str(tmp_path / "local.ome.zarr")),
+            ("s3", on_s3, previous_s3.uri, s3.uri("reduce", "field.ome.zarr"))):
+        field.create_field(out, field_grid, chunks=5, overwrite=True)
+        for chunk in ome_zarr.chunk_regions(field_grid.shape_zyx, (5, 5, 5)):
+            reduce_chunk(blocks_for_chunk(stage_results, chunk), chunk, field_grid,
+                         image.shape_zyx, factor, prev, [out])
+        fields[name] = ome_zarr.read_region(
+            field.open_field(out), 0, tuple(slice(0, n) for n in field_grid.shape_zyx))
+    np.testing.assert_array_equal(fields["s3"], fields["local"])

@@ -19,6 +19,7 @@ import json
 import mmap
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,7 @@ def _normalise(numerator, denominator):
 _NPY_HEADERS: dict[str, tuple[tuple, tuple]] = {}
 _OPENED: dict[str, tuple[tuple[bytes, ...], ome_zarr.OmeZarrImage]] = {}
 _MEMO_LIMIT = 4096
+S3_FETCHES = 8
 
 
 def _remember(memo: dict, key, value) -> None:
@@ -127,12 +129,22 @@ def _residual_part(uri: str, source: tuple[slice, ...]) -> np.ndarray:
 
     A local .npy is memory-mapped, so only the pages of the part a chunk needs are read
     (a block reaches up to eight chunks, most of them by a thin slab); anything else is
-    read whole by `load_residual`."""
+    read whole by `load_residual`, and the part copied out of it."""
     if not storage.is_s3(uri) and uri.endswith(".npy"):
         residual = _mapped_npy(uri)  # a local path, as the block task wrote it
-    else:
-        residual = load_residual(uri)
-    return np.asarray(residual[source], dtype=np.float32)
+        return np.asarray(residual[source], dtype=np.float32)
+    return np.array(load_residual(uri)[source], dtype=np.float32)
+
+
+def _residual_parts(items: list[tuple[str, tuple[slice, ...]]]):
+    """`_residual_part` of each (uri, source), in order. From S3 (where each residual is
+    a request, and its latency the cost) up to `S3_FETCHES` at a time."""
+    if not any(storage.is_s3(uri) for uri, _ in items):
+        return (_residual_part(uri, source) for uri, source in items)
+    pool = ThreadPoolExecutor(max_workers=S3_FETCHES)
+    parts = pool.map(lambda item: _residual_part(*item), items)
+    pool.shutdown(wait=False)  # the submitted fetches still run; map yields them in order
+    return parts
 
 
 def _metadata_documents(image: ome_zarr.OmeZarrImage) -> tuple[bytes, ...] | None:
@@ -174,14 +186,12 @@ def blend_residuals(
     # [0, 1] and a voxel sums a few terms, so float64 would only double the traffic.
     numerator = np.zeros((3, *shape), dtype=np.float32)
     denominator = np.zeros(shape, dtype=np.float32)
-    for result in results:
-        if result.status != OK:
-            continue
-        overlap = intersect_regions(result.block.field_box, chunk)
-        if overlap is None:
-            continue
-        source = (slice(None), *relative_region(overlap, result.block.field_box))
-        part = _residual_part(result.residual_uri, source)
+    reaching = [(result, overlap) for result in results if result.status == OK
+                and (overlap := intersect_regions(result.block.field_box, chunk)) is not None]
+    parts = _residual_parts([
+        (result.residual_uri, (slice(None), *relative_region(overlap, result.block.field_box)))
+        for result, overlap in reaching])
+    for (result, overlap), part in zip(reaching, parts, strict=True):
         wz, wy, wx = axis_weights(result.block, overlap, image_shape_zyx, factor)
         target = relative_region(overlap, chunk)
         _accumulate(numerator, denominator, part, wz, wy, wx, *(s.start for s in target))
