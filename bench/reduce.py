@@ -222,6 +222,7 @@ def main() -> None:
         "field_voxels_per_cpu_s": round(voxels / sum(c["cpu_seconds"] for c in counts))
         if args.pool == "processes" else None,
         "runs_s": [round(run[0], 3) for run in runs],
+        "runs_cpu_s": [round(sum(c["cpu_seconds"] for c in run[1]), 3) for run in runs],
         "load_average": round(os.getloadavg()[0], 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "worker_peak_rss_mb": round(peak_rss_mb(resource.RUSAGE_CHILDREN), 1)

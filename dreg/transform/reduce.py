@@ -269,9 +269,11 @@ def warm_up() -> None:
     numerator, denominator = residual.copy(), np.zeros((2, 2, 2), np.float32)
     block = tile((2, 2, 2), None, 0.0, (2, 2, 2), 1.0)[0]
     weights = axis_weights(block, chunk, (2, 2, 2), 1.0)
-    mapped_part = residual[:, :1]
-    mapped_part.flags.writeable = False  # as a memory-mapped residual is
-    for part in (residual[:, :1], mapped_part):
+    # A residual's part is contiguous or not (a whole block or a slab of it), writable or
+    # not (read whole, or mapped): each kind is a compiled variant of its own.
+    read_only = residual.copy()
+    read_only.flags.writeable = False
+    for part in (residual, residual[:, :1], read_only, read_only[:, :1]):
         _accumulate(numerator, denominator, part, *weights, 0, 0, 0)
     _normalise(numerator, denominator)
     compose_on_grid(residual, chunk, grid, AffineTransform.identity())
