@@ -6,9 +6,10 @@ with dreg.transform.field.create_field, so every chunk is composed with a previo
 not an affine), then reduces every chunk of the stage's field with
 dreg.transform.reduce.reduce_chunk (blend, compose, write) on a pool of worker processes
 (or threads), one chunk per task, each task given only the block results that reach its
-chunk (as the flow does). The workers load the compiled loops before the timing starts,
-as Dask workers do when they are warmed. Prints progress, then one JSON line: field
-voxels per second, seconds, peak memory.
+chunk (as the flow does). Before the timing starts the workers are set up as
+flows.cluster warms Dask workers (compiled loops loaded, glibc's mmap threshold at
+1 MiB). Prints progress, then one JSON line: field voxels per second, seconds, peak
+memory.
 
     .venv/bin/python bench/reduce.py [--blocks 216] [--block 64] [--factor 2] [--chunk 64]
                                      [--workers 2] [--pool processes|threads] [--profile]
@@ -97,10 +98,12 @@ def make_inputs(work: Path, per_axis: int, block: int, overlap: float, factor: f
 
 
 def _ready() -> int:
-    # Import the core once per worker and load its compiled loops, before timing (a Dask
-    # worker pays this once, for its first chunk: see bench/README.md).
+    # Each worker as flows.cluster warms a Dask worker, before timing: the core imported,
+    # its compiled loops loaded, and glibc told to return blocks of 1 MiB and more.
+    from dreg.memory import release_freed_memory_promptly
     from dreg.transform.reduce import warm_up
 
+    release_freed_memory_promptly()
     warm_up()
 
     return os.getpid()

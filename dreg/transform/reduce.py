@@ -18,6 +18,7 @@ import hashlib
 import json
 import mmap
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -186,6 +187,13 @@ def blend_residuals(
     # [0, 1] and a voxel sums a few terms, so float64 would only double the traffic.
     numerator = np.zeros((3, *shape), dtype=np.float32)
     denominator = np.zeros(shape, dtype=np.float32)
+    return _blend_into(numerator, denominator, results, chunk, image_shape_zyx, factor)
+
+
+def _blend_into(numerator: np.ndarray, denominator: np.ndarray,
+                results: Sequence[BlockResult], chunk: Region, image_shape_zyx: Sequence[int],
+                factor: float) -> np.ndarray:
+    """`blend_residuals` into zeroed arrays of the chunk's shape; returns `numerator`."""
     reaching = [(result, overlap) for result in results if result.status == OK
                 and (overlap := intersect_regions(result.block.field_box, chunk)) is not None]
     parts = _residual_parts([
@@ -200,6 +208,27 @@ def blend_residuals(
     return numerator
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zeroed numerator and denominator and an output array for a chunk of `shape`,
+    reused by the chunks a worker thread reduces: fresh arrays of a few MB each cost
+    page faults on every chunk (workers hand blocks of 1 MiB and more straight back to
+    the system: dreg.memory)."""
+    arrays = getattr(_SCRATCH, "arrays", {})
+    if shape not in arrays:
+        if len(arrays) >= 4:  # a field has a handful of chunk shapes (the edge ones)
+            arrays.clear()
+        arrays[shape] = (np.empty((3, *shape), np.float32), np.empty(shape, np.float32),
+                         np.empty((3, *shape), np.float32))
+        _SCRATCH.arrays = arrays
+    numerator, denominator, out = arrays[shape]
+    numerator.fill(0)
+    denominator.fill(0)
+    return numerator, denominator, out
+
+
 def compose(residual: np.ndarray, points_xyz: np.ndarray, previous) -> np.ndarray:
     """u(x) = r(x) + u_prev(x + r(x)) for residuals (3, ...) in world (z, y, x) components
     at world points (..., 3); returns (3, ...) in world (z, y, x) components."""
@@ -208,16 +237,16 @@ def compose(residual: np.ndarray, points_xyz: np.ndarray, previous) -> np.ndarra
 
 
 def compose_on_grid(residual: np.ndarray, chunk: Region, field_grid: Grid,
-                    previous) -> np.ndarray:
+                    previous, out: np.ndarray | None = None) -> np.ndarray:
     """`compose` at the voxels of a chunk of the field grid, in one compiled pass: the
-    same u(x) = r(x) + u_prev(x + r(x)), float32 (3, z, y, x). `previous` is an
-    AffineTransform or an opened field; of a field only the box the moved points reach
-    is read, as `sample_field` does."""
+    same u(x) = r(x) + u_prev(x + r(x)), float32 (3, z, y, x), into `out` if given.
+    `previous` is an AffineTransform or an opened field; of a field only the box the
+    moved points reach is read, as `sample_field` does."""
     residual = np.asarray(residual, dtype=np.float32)
     start = np.array([s.start for s in chunk], dtype=np.int64)
     to_world = np.ascontiguousarray(field_grid.index_to_world_matrix)
     origin = np.asarray(field_grid.origin_xyz, dtype=float)
-    out = np.empty_like(residual)
+    out = np.empty_like(residual) if out is None else out
     if isinstance(previous, AffineTransform):
         trilinear.compose_affine(residual, start, to_world, origin,
                                  np.asarray(previous.matrix, dtype=float),
@@ -252,8 +281,9 @@ def reduce_chunk(
     """
     if not isinstance(previous, AffineTransform):
         previous = _opened(previous, as_transform)
-    residual = blend_residuals(results, chunk, image_shape_zyx, factor)
-    total = compose_on_grid(residual, chunk, field_grid, previous)
+    numerator, denominator, out = _scratch(region_shape(chunk))
+    residual = _blend_into(numerator, denominator, results, chunk, image_shape_zyx, factor)
+    total = compose_on_grid(residual, chunk, field_grid, previous, out)
     for uri in destinations:
         ome_zarr.write_region(_opened(uri, ome_zarr.open_image), 0, chunk, total)
     return {"voxels": int(np.prod(total.shape[1:])), "blocks": len(results)}
