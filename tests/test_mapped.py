@@ -59,3 +59,27 @@ def test_anything_but_a_raw_chunk_file_is_read_by_zarr(tmp_path, kind):
         return
     box = (slice(2, 19), slice(1, 17), slice(4, 20))
     np.testing.assert_array_equal(mapped.read_region(image, 0, box), values[box])
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_a_mapped_npy_equals_the_loaded_one_and_follows_a_rewrite(tmp_path, order):
+    path = str(tmp_path / "r.npy")
+    values = np.asfortranarray(np.arange(60, dtype=np.float32).reshape(3, 4, 5)) \
+        if order == "F" else np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+    np.save(path, values)
+    array = mapped.npy(path)
+    assert not array.flags.writeable
+    np.testing.assert_array_equal(array, np.load(path))
+    np.save(path, np.ones((2, 2), np.float64))  # another shape and type, same name
+    np.testing.assert_array_equal(mapped.npy(path), np.ones((2, 2)))
+
+
+def test_an_opened_description_is_reused_only_while_its_metadata_reads_the_same(tmp_path):
+    uri = str(tmp_path / "f.ome.zarr")
+    field.create_field(uri, GRID, chunks=8)
+    first = mapped.opened(uri, field.open_field)
+    assert mapped.opened(uri, field.open_field) is first
+    other = Grid((5, 6, 7), (2.0, 2.0, 2.0))
+    field.create_field(uri, other, chunks=8, overwrite=True)  # replaced at the same place
+    again = mapped.opened(uri, field.open_field)
+    assert again is not first and again.levels[0].grid == other

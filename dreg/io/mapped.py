@@ -1,4 +1,6 @@
-"""Read a box of a raw, local zarr v3 array by memory-mapping its chunk files.
+"""Local files read without copies or round trips: boxes of raw zarr v3 arrays from their
+memory-mapped chunk files, .npy arrays mapped, and opened image descriptions reused while
+their metadata files read the same.
 
 zarr reads and decodes every chunk that a box touches whole. A box one voxel wider than
 a chunk on each side (what composing with a previous field reads for each chunk of the
@@ -17,6 +19,7 @@ import json
 import mmap
 import os
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 from zarr.codecs import BytesCodec
@@ -98,3 +101,76 @@ def _mapped_chunk(path: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndar
     finally:
         os.close(descriptor)
     return np.frombuffer(mapping, dtype=dtype).reshape(shape)
+
+
+# Per worker process, a few hundred bytes an entry; each entry is checked against the
+# file (or metadata documents) it was read from before it is used.
+_NPY_HEADERS: dict[str, tuple[tuple, tuple]] = {}
+_OPENED: dict[tuple, tuple[tuple[bytes, ...], ome_zarr.OmeZarrImage]] = {}
+_MEMO_LIMIT = 4096
+
+
+def _remember(memo: dict, key, value) -> None:
+    if len(memo) >= _MEMO_LIMIT:
+        memo.pop(next(iter(memo)))
+    memo[key] = value
+
+
+def npy(path: str) -> np.ndarray:
+    """A local .npy file as a read-only array over its mapping, the header parsed once
+    per file version (NumPy parses it with a Python literal evaluation, a sizeable part
+    of mapping a small file that a worker maps again for every chunk it reaches)."""
+    info = os.stat(path)
+    version = (info.st_ino, info.st_size, info.st_mtime_ns)
+    known = _NPY_HEADERS.get(path)
+    if known is None or known[0] != version:
+        with open(path, "rb") as handle:
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(
+                np.lib.format.read_magic(handle))
+            if read_header is None:  # a format version without a public reader
+                return np.load(path, mmap_mode="r")
+            shape, fortran, dtype = read_header(handle)
+            known = (version, (shape, fortran, dtype, handle.tell()))
+        _remember(_NPY_HEADERS, path, known)
+    shape, fortran, dtype, offset = known[1]
+    count = int(np.prod(shape))
+    if info.st_size < offset + count * dtype.itemsize or count == 0:
+        return np.load(path)  # NumPy says what is wrong with it
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        # A plain array over the mapping (np.memmap's subclass costs more to make and to
+        # slice); the mapping is closed when the last array using it goes.
+        mapping = mmap.mmap(descriptor, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(descriptor)
+    flat = np.frombuffer(mapping, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def _metadata_documents(image: ome_zarr.OmeZarrImage) -> tuple[bytes, ...] | None:
+    """The zarr.json files a local zarr v3 image's description is read from."""
+    if storage.is_s3(image.uri) or image.zarr_format != 3:
+        return None
+    paths = [os.path.join(image.uri, "zarr.json")] + [
+        os.path.join(image.uri, level.path, "zarr.json") for level in image.levels]
+    try:
+        return tuple(Path(p).read_bytes() for p in paths)
+    except OSError:
+        return None
+
+
+def opened(uri: str, opener) -> ome_zarr.OmeZarrImage:
+    """`opener(uri)`, whose result is a function of the image's metadata documents:
+    reused, for a local image, while those documents read the same (tens of
+    microseconds, where opening through zarr costs two round trips to its event-loop
+    thread, for every chunk of the field)."""
+    key = (opener, uri)  # open_field checks more than open_image: one entry for each
+    known = _OPENED.get(key)
+    if known is not None and _metadata_documents(known[1]) == known[0]:
+        return known[1]
+    image = opener(uri)
+    documents = _metadata_documents(image)
+    if documents is not None:
+        _remember(_OPENED, key, (documents, image))
+    return image

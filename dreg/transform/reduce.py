@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
@@ -79,50 +76,7 @@ def _normalise(numerator, denominator):
                     numerator[m, a, b, c] = numerator[m, a, b, c] / d if d > 0 else 0.0
 
 
-# Per worker process, a few hundred bytes an entry; each entry is checked against the
-# file (or metadata documents) it was read from before it is used.
-_NPY_HEADERS: dict[str, tuple[tuple, tuple]] = {}
-_OPENED: dict[str, tuple[tuple[bytes, ...], ome_zarr.OmeZarrImage]] = {}
-_MEMO_LIMIT = 4096
-S3_FETCHES = 8
-
-
-def _remember(memo: dict, key, value) -> None:
-    if len(memo) >= _MEMO_LIMIT:
-        memo.pop(next(iter(memo)))
-    memo[key] = value
-
-
-def _mapped_npy(path: str) -> np.ndarray:
-    """A local .npy file memory-mapped, its header parsed once per file version (NumPy
-    parses it with a Python literal evaluation, a sizeable part of mapping a small file
-    that a worker maps once per chunk it reaches)."""
-    info = os.stat(path)
-    version = (info.st_ino, info.st_size, info.st_mtime_ns)
-    known = _NPY_HEADERS.get(path)
-    if known is None or known[0] != version:
-        with open(path, "rb") as handle:
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(
-                np.lib.format.read_magic(handle))
-            if read_header is None:  # a format version without a public reader
-                return np.load(path, mmap_mode="r")
-            shape, fortran, dtype = read_header(handle)
-            known = (version, (shape, fortran, dtype, handle.tell()))
-        _remember(_NPY_HEADERS, path, known)
-    shape, fortran, dtype, offset = known[1]
-    count = int(np.prod(shape))
-    if info.st_size < offset + count * dtype.itemsize or count == 0:
-        return np.load(path)  # NumPy says what is wrong with it
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        # A plain array over the mapping (np.memmap's subclass costs more to make and to
-        # slice); the mapping is closed when the last array using it goes.
-        mapping = mmap.mmap(descriptor, 0, access=mmap.ACCESS_READ)
-    finally:
-        os.close(descriptor)
-    flat = np.frombuffer(mapping, dtype=dtype, count=count, offset=offset)
-    return flat.reshape(shape, order="F" if fortran else "C")
+S3_FETCHES = 8  # residuals fetched from S3 at once
 
 
 def _residual_part(uri: str, source: tuple[slice, ...]) -> np.ndarray:
@@ -132,7 +86,7 @@ def _residual_part(uri: str, source: tuple[slice, ...]) -> np.ndarray:
     (a block reaches up to eight chunks, most of them by a thin slab); anything else is
     read whole by `load_residual`, and the part copied out of it."""
     if not storage.is_s3(uri) and uri.endswith(".npy"):
-        residual = _mapped_npy(uri)  # a local path, as the block task wrote it
+        residual = mapped.npy(uri)  # a local path, as the block task wrote it
         return np.asarray(residual[source], dtype=np.float32)
     return np.array(load_residual(uri)[source], dtype=np.float32)
 
@@ -146,33 +100,6 @@ def _residual_parts(items: list[tuple[str, tuple[slice, ...]]]):
     parts = pool.map(lambda item: _residual_part(*item), items)
     pool.shutdown(wait=False)  # the submitted fetches still run; map yields them in order
     return parts
-
-
-def _metadata_documents(image: ome_zarr.OmeZarrImage) -> tuple[bytes, ...] | None:
-    """The zarr.json files a local zarr v3 image's description is read from."""
-    if storage.is_s3(image.uri) or image.zarr_format != 3:
-        return None
-    paths = [os.path.join(image.uri, "zarr.json")] + [
-        os.path.join(image.uri, level.path, "zarr.json") for level in image.levels]
-    try:
-        return tuple(Path(p).read_bytes() for p in paths)
-    except OSError:
-        return None
-
-
-def _opened(uri: str, opener) -> ome_zarr.OmeZarrImage:
-    """`opener(uri)`, whose result is a function of the image's metadata documents:
-    reused, for a local image, while those documents read the same (tens of
-    microseconds, where opening through zarr costs two round trips to its event-loop
-    thread, for every chunk of the field)."""
-    known = _OPENED.get(uri)
-    if known is not None and _metadata_documents(known[1]) == known[0]:
-        return known[1]
-    image = opener(uri)
-    documents = _metadata_documents(image)
-    if documents is not None:
-        _remember(_OPENED, uri, (documents, image))
-    return image
 
 
 def blend_residuals(
@@ -280,12 +207,12 @@ def reduce_chunk(
     `previous` is an AffineTransform or the URI of the previous field. Returns counts.
     """
     if not isinstance(previous, AffineTransform):
-        previous = _opened(previous, as_transform)
+        previous = mapped.opened(previous, as_transform)
     numerator, denominator, out = _scratch(region_shape(chunk))
     residual = _blend_into(numerator, denominator, results, chunk, image_shape_zyx, factor)
     total = compose_on_grid(residual, chunk, field_grid, previous, out)
     for uri in destinations:
-        ome_zarr.write_region(_opened(uri, ome_zarr.open_image), 0, chunk, total)
+        ome_zarr.write_region(mapped.opened(uri, ome_zarr.open_image), 0, chunk, total)
     return {"voxels": int(np.prod(total.shape[1:])), "blocks": len(results)}
 
 
