@@ -35,9 +35,26 @@ def log(message: str) -> None:
 
 
 def emit(figures: dict) -> None:
-    """The one JSON line of figures, last on stdout."""
+    """The one JSON line of figures, last on stdout and the script's last output line:
+    what Prefect would otherwise do, and log, at exit is done first."""
+    finish_prefect()
     sys.stderr.flush()
     print(json.dumps(figures), flush=True)
+
+
+def finish_prefect() -> None:
+    """Send the logs and events Prefect still has queued and stop the temporary API
+    server it started, if any: left to the interpreter's exit, the server's stop logs a
+    line after the figures (and logs sent after it would start a new one)."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
+    SubprocessASGIServer().stop()  # the temporary server; nothing when none was started
 
 
 def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:

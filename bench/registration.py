@@ -11,20 +11,16 @@ of the reduce, peak RSS of the flow process and of each worker, RMS error before
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from _common import emit, log, peak_rss_mb  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +45,7 @@ def main() -> None:
     from flows.registration import register_images
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="dreg-bench-"))
-    print(f"making a {args.size}^3 pair in {work}", file=sys.stderr)
+    log(f"making a {args.size}^3 pair in {work}")
     pair = synth.write_pair(str(work / "pair"), Grid((args.size,) * 3, (1.0, 1.0, 1.0)),
                             seed=1, amplitude_voxels=2.0, overwrite=True)
     pipeline = PipelineConfig(stages=[StageConfig(
@@ -74,11 +70,11 @@ def main() -> None:
                 workers = client.run(peak_rss_mb)
         return {"result": result, "wall": wall, "workers": workers}
 
-    print("registering", file=sys.stderr)
+    log("registering")
     run = bench()
     (stage,) = run["result"].stages
     error = field_error(run["result"].field, pair["truth"])
-    print(json.dumps({
+    emit({
         "size": args.size, "block": args.block, "overlap": args.overlap,
         "workers": args.workers, "iterations": args.iterations, "blocks": stage.blocks,
         "wall_s": round(run["wall"], 2),
@@ -92,7 +88,7 @@ def main() -> None:
         "rms_before": round(error["rms_before"], 4),
         "rms_after": round(error["rms_after"], 4),
         "p95_after": round(error["p95_after"], 4),
-    }))
+    })
 
 
 if __name__ == "__main__":

@@ -58,8 +58,10 @@ def configure_process(threads: int = THREADS_PER_WORKER, warm: bool = True) -> N
             _STATE["configured"] = True
         if warm and not _STATE["warm"]:
             from dreg.registration import elastix
+            from dreg.transform import reduce
 
             elastix.warm_up(threads)  # also sets ITK's global default thread count
+            reduce.warm_up()  # the reduce step's compiled loops
             _STATE["warm"] = True
 
 

@@ -1,8 +1,10 @@
 """Every benchmark script runs at a tiny size and prints its figures as one JSON line,
 last on stdout, with its headline keys (so the scripts never rot). No timings are
-asserted: the figures only have to be there and be numbers. The scripts that run flows
-report to the session's Prefect API (the test harness's server), not a temporary one
-each."""
+asserted: the figures only have to be there and be numbers. The JSON line is the last
+line of stdout and stderr together: nothing (Prefect's exit, a worker) writes after it.
+The scripts that run flows report to the session's Prefect API (the test harness's
+server), not a temporary one each; one also runs on its own temporary API, whose stop
+at exit used to log after the figures."""
 
 from __future__ import annotations
 
@@ -39,16 +41,31 @@ CASES = {
     "jacobian": (["--size", "32", "--chunk", "16", "--workers", "1"],
                  ["jacobian_voxels_per_s", "jacobian_voxels_per_cpu_s",
                   "compute_only_voxels_per_s"], False),
+    "registration": (["--size", "48", "--block", "24", "--iterations", "2", "--workers", "1"],
+                     ["wall_s", "reduce_field_voxels_per_s", "rms_after"], True),
+    "read_region": (["--size", "32", "--repeats", "1"], ["local_mb_per_s", "s3_mb_per_s"],
+                    False),
 }
 
 
+def test_every_script_has_a_case():
+    scripts = {p.stem for p in (REPO / "bench").glob("*.py") if not p.stem.startswith("_")}
+    assert scripts == set(CASES)
+
+
 def run_script(name: str, args: list[str], env: dict) -> dict:
+    """Run a script with stderr into the same pipe as stdout, in the order written: the
+    last line of both must be the figures."""
     done = subprocess.run([sys.executable, str(REPO / "bench" / f"{name}.py"), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
     lines = done.stdout.strip().splitlines()
-    assert lines, f"no output on stdout; stderr: {done.stderr[-3000:]}"
-    return json.loads(lines[-1])
+    assert lines, "no output"
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        raise AssertionError(f"the last line is not the figures: {lines[-3:]}") from None
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -68,3 +85,13 @@ def test_script_prints_its_figures_last(name, tmp_path, request):
     if name == "points":
         # Every point was drawn inside the field's grid.
         assert figures["rows"] == 20_000 and figures["outside"] == 0
+
+
+def test_a_script_on_its_own_temporary_api_still_ends_with_its_figures(tmp_path):
+    """Prefect starts a temporary API server for a flow when no API is set, and stops it
+    at exit, with a log line: the script stops it before printing its figures."""
+    args, keys, _ = CASES["overhead"]
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=str(tmp_path / "home"))
+    figures = run_script("overhead", [*args, "--dir", str(tmp_path / "work")], env)
+    assert figures["prefect_api"] == "temporary" and figures[keys[0]] > 0

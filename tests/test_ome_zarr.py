@@ -305,3 +305,15 @@ def test_images_written_without_checksums_still_read(tmp_path):
         group.attrs.update(ome_zarr._ngff_attrs([grid], None, name, None))
         image = ome_zarr.open_image(uri)
         np.testing.assert_array_equal(ome_zarr.read_region(image, 0, full(grid)), data)
+@pytest.mark.parametrize("compressed", [False, True])
+def test_chunks_of_only_the_fill_value_are_stored_by_raw_arrays_only(tmp_path, compressed):
+    grid = Grid((8, 8, 8), (1.0, 1.0, 1.0))
+    uri = str(tmp_path / "i.ome.zarr")
+    image = ome_zarr.create_image(uri, [grid], "float32", chunks=4, compressed=compressed)
+    values = np.zeros(grid.shape_zyx, np.float32)
+    values[4:, 4:, 4:] = 1.0
+    whole = tuple(slice(0, 8) for _ in range(3))
+    ome_zarr.write_region(image, 0, whole, values)
+    stored = sorted(p for p in (tmp_path / "i.ome.zarr" / "0" / "c").rglob("*") if p.is_file())
+    assert len(stored) == (1 if compressed else 8)
+    np.testing.assert_array_equal(ome_zarr.read_region(image, 0, whole), values)

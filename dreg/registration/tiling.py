@@ -14,6 +14,7 @@ from itertools import product
 
 import numpy as np
 
+from dreg.compiled import jit
 from dreg.grid import Region, region_from_bounds
 
 
@@ -109,22 +110,42 @@ def tile(
     return blocks
 
 
-def blend_weights(block: Block, box: Region, image_shape_zyx, factor: float) -> np.ndarray:
-    """Blending weight of a block at the field voxels of `box` (a part of its field box).
+@jit
+def _ramp(start: int, stop: int, factor: float, lo: int, hi: int, ramp: float, rises: bool,
+          falls: bool) -> np.ndarray:
+    """One axis's weights at field voxels start..stop-1: min(1, (t - lo) / ramp) where it
+    rises, min(.., (hi - t) / ramp) where it falls, clipped to [0, 1]; t = j * factor."""
+    weights = np.empty(stop - start)
+    for k in range(stop - start):
+        t = float(start + k) * factor  # fixed continuous index
+        w = 1.0
+        if rises:
+            w = min(w, (t - lo) / ramp)
+        if falls:
+            w = min(w, (hi - t) / ramp)
+        weights[k] = min(max(w, 0.0), 1.0)
+    return weights
+
+
+def axis_weights(block: Block, box: Region, image_shape_zyx, factor: float) -> list[np.ndarray]:
+    """The blending weight of a block along each axis (z, y, x) at the field voxels of
+    `box` (a part of its field box): the weight at a voxel is their product.
 
     Along each axis the weight rises linearly from 0 at a padded edge that has a
     neighbour to 1 at twice the padding inside it, so that two overlapping neighbours'
-    weights sum to one; at the image border (no neighbour) it stays 1.
+    weights sum to one; at the image border (no neighbour) it stays 1. (Compiled: the
+    reduce step asks for them once per block and field chunk.)
     """
     weights = []
     for axis, (padded, part) in enumerate(zip(block.padded, box, strict=True)):
-        lo, hi = padded.start, padded.stop
-        t = np.arange(part.start, part.stop, dtype=float) * factor  # fixed continuous index
-        w = np.ones_like(t)
-        ramp = block.ramp[axis]
-        if ramp > 0 and lo > 0:
-            w = np.minimum(w, (t - lo) / ramp)
-        if ramp > 0 and hi < image_shape_zyx[axis]:
-            w = np.minimum(w, (hi - t) / ramp)
-        weights.append(np.clip(w, 0.0, 1.0))
-    return weights[0][:, None, None] * weights[1][None, :, None] * weights[2][None, None, :]
+        lo, hi, ramp = padded.start, padded.stop, block.ramp[axis]
+        weights.append(_ramp(part.start, part.stop, float(factor), lo, hi, ramp,
+                             ramp > 0 and lo > 0, ramp > 0 and hi < image_shape_zyx[axis]))
+    return weights
+
+
+def blend_weights(block: Block, box: Region, image_shape_zyx, factor: float) -> np.ndarray:
+    """Blending weight of a block at the field voxels of `box` (a part of its field box),
+    the product of its `axis_weights`."""
+    wz, wy, wx = axis_weights(block, box, image_shape_zyx, factor)
+    return wz[:, None, None] * wy[None, :, None] * wx[None, None, :]

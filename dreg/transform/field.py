@@ -2,8 +2,9 @@
 
 A field maps fixed points to moving points: moving = x + u(x). It is stored as an
 OME-Zarr image with axes c, z, y, x, float32; c holds u's world components in (z, y, x)
-order. Sampling is trilinear, reads only the part of the field around the points, and
-holds the value of the nearest border voxel outside the field's grid.
+order. Sampling is trilinear (compiled: dreg.transform.trilinear), reads only the part of
+the field around the points, and holds the value of the nearest border voxel outside the
+field's grid.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from dreg.errors import InputError
 from dreg.grid import Grid, components_to_vectors, region_from_bounds
-from dreg.io import ome_zarr
+from dreg.io import mapped, ome_zarr
+from dreg.transform import trilinear
 
 COMPONENTS = ["z", "y", "x"]
 FIELD_CHUNK = 64
@@ -137,9 +138,9 @@ def sample_field(field: ome_zarr.OmeZarrImage, points_xyz: np.ndarray) -> np.nda
 
     Reads only the box of the field that the points need: from the floor of their
     smallest index to the ceiling of their largest, the voxels trilinear interpolation
-    weighs. Every chunk the box touches is decoded whole, so a margin beyond that would
-    decode the neighbouring chunks on every side (27 for the points of one chunk) even
-    where no point reaches them.
+    weighs. Every chunk the box touches is decoded whole (mapped, for a raw local field:
+    dreg.io.mapped), so a margin beyond that would decode the neighbouring chunks on
+    every side (27 for the points of one chunk) even where no point reaches them.
     """
     points = np.asarray(points_xyz, dtype=float)
     flat = points.reshape(-1, 3)
@@ -152,10 +153,10 @@ def sample_field(field: ome_zarr.OmeZarrImage, points_xyz: np.ndarray) -> np.nda
     lo = np.clip(np.floor(index.min(axis=1)).astype(int), 0, shape - 1)
     hi = np.clip(np.ceil(index.max(axis=1)).astype(int) + 1, lo + 1, shape)
     region = region_from_bounds(lo, hi)
-    data = ome_zarr.read_region(field, 0, region)  # (3, z, y, x), components z, y, x
+    data = mapped.read_region(field, 0, region)  # (3, z, y, x), components z, y, x
     index -= lo[:, None]
-    components = np.stack([ndimage.map_coordinates(data[c], index, order=1, mode="nearest")
-                           for c in range(3)])
+    # SciPy's map_coordinates(order=1, mode="nearest") arithmetic, all components at once.
+    components = trilinear.sample(data, index)
     return components_to_vectors(components).reshape(points.shape)
 
 

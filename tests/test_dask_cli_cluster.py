@@ -1,0 +1,232 @@
+"""A real multi-process cluster from the Dask CLIs, sharing nothing but S3 and the API.
+
+`dask scheduler` and two `dask worker` processes run as separate processes, each worker
+with a temporary directory and HOME of its own, as on separate machines. The fixed and
+moving images, OUT and the Prefect result storage (a RemoteFileSystem block that
+`dreg register` saves for an s3:// OUT) all live on the moto S3 server; the workers get
+its endpoint and credentials, and PREFECT_API_URL of a real `prefect server start`, in
+their environment, nothing else. The field must equal, bit for bit, that of the same
+registration on a LocalCluster; and again after one worker process is SIGKILLed
+mid-stage (its nanny starts a new one; Dask reruns the lost tasks).
+
+The pair is small (40³, blocks of 16: 27 blocks) so that the module runs in a few
+minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+import numpy as np
+import pytest
+import s3_server
+from reliability_helpers import (
+    BIN,
+    prefect_server,
+    read_field,
+    start,
+    stop,
+    wait_for,
+    wait_for_port,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.s3]
+
+STAGE = "1-bspline"
+PIPELINE = """\
+stages:
+  - name: bspline
+    level: 0
+    block_size: 16
+    overlap: 0.25
+    transform: bspline
+    parameters:
+      MaximumNumberOfIterations: 10
+      NumberOfResolutions: 1
+      FinalGridSpacingInVoxels: 4
+"""
+SHAPE = "40,40,40"
+BLOCKS = 27
+INTERRUPT_AT = 3          # residuals on S3 before a worker is killed
+RUN_TIMEOUT_S = 420
+STARTUP_TIMEOUT_S = 180
+
+
+def report(name: str, figures: dict) -> None:
+    print(json.dumps({name: figures}))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, s3):
+    """A real Prefect server; yields (API URL, environment for children, with S3's)."""
+    with prefect_server(tmp_path_factory.mktemp("prefect")) as (api, env):
+        env.update(s3_server.environment(s3.endpoint_url))
+        yield api, env
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, server, s3):
+    """A synthetic pair made by `dreg synth` straight onto S3, and the pipeline YAML."""
+    _, env = server
+    root = tmp_path_factory.mktemp("inputs")
+    made = subprocess.run([str(BIN / "dreg"), "synth", s3.uri("dask-cli", "pair"), "--shape",
+                           SHAPE, "--chunks", "16", "--seed", "5", "--overwrite"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    pair = json.loads(made.stdout.strip().splitlines()[-1])
+    assert pair["fixed"].startswith("s3://") and pair["moving"].startswith("s3://")
+    pipeline = root / "pipeline.yaml"
+    pipeline.write_text(PIPELINE)
+    return {"fixed": pair["fixed"], "moving": pair["moving"], "pipeline": pipeline}
+
+
+def register_args(inputs: dict, out: str, *extra: str) -> list:
+    return [BIN / "dreg", "register", inputs["fixed"], inputs["moving"], out,
+            "--config", inputs["pipeline"], *extra]
+
+
+def finish(run, timeout: float = RUN_TIMEOUT_S) -> int:
+    try:
+        return run.process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{run.log.name}: not finished within {timeout} s:\n"
+                             f"{run.output()[-3000:]}") from None
+
+
+def residual_count(out: str) -> int:
+    """How many residual objects the stage has on S3 so far."""
+    from dreg.io import storage
+
+    fs, path = storage.filesystem(f"{out}/stages/{STAGE}/residuals")
+    try:
+        return len(fs.ls(path, refresh=True))
+    except FileNotFoundError:
+        return 0
+
+
+def worker_pids(address: str) -> dict[str, int]:
+    """Worker process id by worker name."""
+    from distributed import Client
+
+    with Client(address, timeout="20s") as client:
+        names = {worker: info["name"]
+                 for worker, info in client.scheduler_info()["workers"].items()}
+        pids = client.run(os.getpid)
+    return {names[worker]: pid for worker, pid in pids.items()}
+
+
+def both_workers(address: str) -> dict[str, int] | None:
+    pids = worker_pids(address)
+    return pids if len(pids) == 2 else None
+
+
+@pytest.fixture(scope="module")
+def local_run(server, inputs, s3, tmp_path_factory):
+    """The registration on a LocalCluster of two workers started by `dreg register`."""
+    _, env = server
+    root = tmp_path_factory.mktemp("local")
+    out = s3.uri("dask-cli", "out-local")
+    run = start(register_args(inputs, out, "--workers", "2"), env, root / "register.log")
+    try:
+        status = finish(run)
+        seconds = run.elapsed()
+    finally:
+        stop(run)
+    assert status == 0, run.output()[-3000:]
+    line = run.last_json()
+    assert line["field"].startswith("s3://")
+    assert sum(line["block_counts"]["bspline"].values()) == BLOCKS
+    report("dask_cli_local_cluster_run", {"seconds": round(seconds, 1),
+                                          "block_counts": line["block_counts"]})
+    return {"field": read_field(line["field"]), "block_counts": line["block_counts"],
+            "residuals": residual_count(out)}
+
+
+@pytest.fixture(scope="module")
+def cli_cluster(server, tmp_path_factory):
+    """`dask scheduler` and two `dask worker` processes (nanny, one thread, one `block`
+    resource each), every worker with its own working directory, temporary folder and
+    HOME; yields the scheduler's address. Shared by the tests of this module, in order:
+    the second one kills a worker process, which its nanny replaces."""
+    _, env = server
+    root = tmp_path_factory.mktemp("cli-cluster")
+    port = s3_server.free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    started = []
+    try:
+        scheduler = start([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", port,
+                           "--no-dashboard"], {**env, "HOME": str(root / "scheduler")},
+                          root / "scheduler.log")
+        started.append(scheduler)
+        wait_for_port(port, STARTUP_TIMEOUT_S, scheduler)
+        for i in range(2):
+            home = root / f"worker-{i}"
+            (home / "tmp").mkdir(parents=True)
+            worker_env = {**env, "HOME": str(home), "TMPDIR": str(home / "tmp"),
+                          "PREFECT_HOME": str(home / ".prefect")}
+            started.append(start([BIN / "dask", "worker", address, "--nthreads", "1",
+                                  "--resources", "block=1", "--no-dashboard",
+                                  "--local-directory", home / "dask", "--name", f"worker-{i}"],
+                                 worker_env, root / f"worker-{i}.log"))
+        wait_for(lambda: both_workers(address), STARTUP_TIMEOUT_S, "both workers registered",
+                 scheduler, interval=1)
+        yield address
+    finally:
+        for process in reversed(started):
+            stop(process)
+
+
+def test_dask_cli_cluster_on_s3_equals_the_local_cluster(server, inputs, s3, local_run,
+                                                         cli_cluster, tmp_path):
+    """Scheduler and workers from the Dask CLIs, everything on S3: the same field."""
+    _, env = server
+    out = s3.uri("dask-cli", "out-cli")
+    run = start(register_args(inputs, out, "--dask-address", cli_cluster), env,
+                tmp_path / "register.log")
+    try:
+        status = finish(run)
+        seconds = run.elapsed()
+    finally:
+        stop(run)
+    assert status == 0, run.output()[-3000:]
+    line = run.last_json()
+    report("dask_cli_cluster_run", {"seconds": round(seconds, 1),
+                                    "block_counts": line["block_counts"]})
+    assert line["field"].startswith(out)
+    assert line["block_counts"] == local_run["block_counts"]
+    np.testing.assert_array_equal(read_field(line["field"]), local_run["field"])
+
+
+def test_dask_cli_cluster_survives_a_sigkilled_worker(server, inputs, s3, local_run,
+                                                      cli_cluster, tmp_path):
+    """SIGKILL of one worker process mid-stage: its nanny starts another, Dask reruns
+    what was lost, and the run completes with the same field."""
+    _, env = server
+    out = s3.uri("dask-cli", "out-cli-killed")
+    before = worker_pids(cli_cluster)
+    run = start(register_args(inputs, out, "--dask-address", cli_cluster), env,
+                tmp_path / "register.log")
+    try:
+        wait_for(lambda: residual_count(out) >= INTERRUPT_AT, RUN_TIMEOUT_S,
+                 "residuals before the worker is killed", run)
+        at_kill = residual_count(out)
+        os.kill(before["worker-0"], signal.SIGKILL)
+        killed_at = run.elapsed()
+        status = finish(run)
+        seconds = run.elapsed()
+    finally:
+        stop(run)
+    assert status == 0, run.output()[-3000:]
+    line = run.last_json()
+    report("dask_cli_cluster_sigkilled_worker", {
+        "worker_killed_at_s": round(killed_at, 1), "residuals_at_kill": at_kill,
+        "run_seconds": round(seconds, 1), "block_counts": line["block_counts"]})
+    assert at_kill < local_run["residuals"]  # killed mid-stage, not after it
+    after = wait_for(lambda: both_workers(cli_cluster), STARTUP_TIMEOUT_S,
+                     "the killed worker replaced")
+    assert after["worker-0"] != before["worker-0"]
+    assert line["block_counts"] == local_run["block_counts"]
+    np.testing.assert_array_equal(read_field(line["field"]), local_run["field"])
