@@ -218,6 +218,7 @@ def test_compiled_sampling_gives_scipys_bits_inside_on_and_beyond_the_border():
     rng = np.random.default_rng(3)
     for shape in ((3, 7, 8, 9), (3, 1, 5, 2)):
         data = rng.normal(size=shape).astype(np.float32)
+        data[1, -2:, :, 1] = np.nan  # NaN (a voxel without preimage) next to the border
         upper = np.array(shape[1:], float)[:, None] - 1
         index = rng.uniform(-3.0, 1.0, size=(3, 20000)) * (upper + 4) + 0.5
         index[:, :50] = np.floor(index[:, :50])  # whole indices, borders among them

@@ -424,10 +424,10 @@ def _compressors(compressed: bool) -> tuple:
 def write_region(image: OmeZarrImage, level: int, region: Region, data: np.ndarray) -> None:
     """Write a box of voxels. The caller owns every chunk the box touches.
 
-    Chunks of a raw array (no compressor but the checksum: displacement fields) are stored even when they
-    hold only the fill value: zarr's check for that scanned the chunk twice and cost
-    more than the write (half of writing a 64³ field chunk, and more for an edge chunk);
-    a compressed array skips them, as zarr does by default."""
+    Chunks of a raw array (no compressor but the checksum: displacement fields) are
+    stored even when they hold only the fill value: zarr's check for that scans the whole
+    chunk (a third of the time to write a 64³ field chunk, more than half for an edge
+    chunk); a compressed array skips them, as zarr does by default."""
     array = _open_array(image, level, mode="r+")
     if all(isinstance(codec, Crc32cCodec) for codec in array.compressors):
         array = array.with_config({"write_empty_chunks": True})

@@ -2,11 +2,12 @@
 compiled with Numba.
 
 The arithmetic is that of ``scipy.ndimage.map_coordinates(order=1, mode="nearest")``:
-a coordinate outside [0, n - 1] is first moved onto the border, the weights of an axis
-are ``w0 = 1 - t`` and ``w1 = 1 - w0`` (t the fraction past the lower voxel), and the
-eight corners are summed in float64 in C order, each as ((value * w_z) * w_y) * w_x,
-then rounded to float32. So `sample` gives the same bits as SciPy for the same
-coordinates, one pass over the points for all components instead of one per component.
+the weights of an axis are ``w0 = 1 - t`` and ``w1 = 1 - w0`` (t the fraction past the
+lower voxel), a voxel outside the data is replaced by the border voxel, and the eight
+corners are summed in float64 in C order, each as ((value * w_z) * w_y) * w_x, then
+rounded to float32. So `sample` gives the same bits as SciPy for the same coordinates
+(NaN where SciPy gives NaN), in one pass over the points for all components instead of
+one per component.
 
 `compose_on_grid` is the reduce step's composition u(x) = r(x) + u_prev(x + r(x)) fused
 into one loop over a chunk of the field grid: it computes each voxel's world point,
@@ -25,17 +26,15 @@ from dreg.compiled import jit
 
 @jit(inline="always")
 def _axis(x, n):
-    """Lower and upper voxel and their weights along one axis of n voxels."""
-    if x < 0.0:
-        x = 0.0
-    elif x > n - 1:
-        x = float(n - 1)
+    """Lower and upper voxel and their weights along one axis of n voxels, as SciPy's
+    order-1 "nearest" mode takes them: the weights from the coordinate itself, each of
+    the two voxels moved onto the border when it lies outside. (Beyond the border both
+    are the border voxel and the weights sum to one: its value is held.)"""
+    x = min(max(x, -2.0), n + 1.0)  # further out changes nothing, and keeps int() small
     floor = math.floor(x)
     w0 = 1.0 - (x - floor)
     i0 = int(floor)
-    # At x == n - 1 the upper weight is exactly 0: SciPy reads a mirrored voxel there,
-    # this reads the border voxel again; either contributes nothing.
-    return i0, min(i0 + 1, n - 1), w0, 1.0 - w0
+    return min(max(i0, 0), n - 1), min(max(i0 + 1, 0), n - 1), w0, 1.0 - w0
 
 
 @jit(inline="always")
