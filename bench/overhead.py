@@ -13,7 +13,7 @@ result.stages. The Prefect API is the temporary one, or with --server a real
 --profile prints cProfiles of the registration (stderr): the flow process's main thread
 and each worker's task thread.
 
-    .venv/bin/python bench/overhead.py [--size 160] [--block 16] [--iterations 8]
+    .venv/bin/python bench/overhead.py [--size 160 | --blocks N] [--block 16] [--iterations 8]
                                        [--workers 2] [--server] [--profile]
 """
 
@@ -49,6 +49,9 @@ from _common import (  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=160, help="image edge, voxels")
+    parser.add_argument("--blocks", type=int, default=None,
+                        help="about this many blocks: sets --size to the nearest cube of "
+                             "blocks (e.g. 10000 gives 22^3 blocks)")
     parser.add_argument("--block", type=int, default=16, help="block edge, voxels")
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--iterations", type=int, default=8,
@@ -60,6 +63,8 @@ def main() -> None:
                         help="cProfile the flow process during the registration (stderr)")
     parser.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args()
+    if args.blocks:
+        args.size = round(args.blocks ** (1 / 3)) * args.block
 
     owned = args.dir is None
     work = Path(args.dir or tempfile.mkdtemp(prefix="dreg-bench-overhead-"))
