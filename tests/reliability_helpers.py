@@ -29,6 +29,20 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # Variables of the caller that would change what a child does (another cluster, a
 # fault injected on purpose, another API).
+# The pipeline of the process-level tests: one cheap B-spline stage of 16^3 blocks.
+STAGE = "1-bspline"
+PIPELINE = """\
+stages:
+  - name: bspline
+    level: 0
+    block_size: 16
+    overlap: 0.25
+    transform: bspline
+    parameters:
+      MaximumNumberOfIterations: 10
+      NumberOfResolutions: 1
+      FinalGridSpacingInVoxels: 4
+"""
 DROPPED_VARIABLES = ("DREG_DASK_ADDRESS", "DREG_DASK_WORKERS", "DREG_FAULT_INJECT",
                      "PREFECT_API_URL", "PREFECT_UI_API_URL", "PREFECT_PROFILE")
 

@@ -25,6 +25,8 @@ import pytest
 import s3_server
 from reliability_helpers import (
     BIN,
+    PIPELINE,
+    STAGE,
     prefect_server,
     read_field,
     start,
@@ -35,22 +37,9 @@ from reliability_helpers import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
-STAGE = "1-bspline"
-PIPELINE = """\
-stages:
-  - name: bspline
-    level: 0
-    block_size: 16
-    overlap: 0.25
-    transform: bspline
-    parameters:
-      MaximumNumberOfIterations: 10
-      NumberOfResolutions: 1
-      FinalGridSpacingInVoxels: 4
-"""
 SHAPE = "40,40,40"
 BLOCKS = 27
-INTERRUPT_AT = 3          # residuals on S3 before a worker is killed
+INTERRUPT_AT = 3          # blocks stored on S3 before a worker is killed
 RUN_TIMEOUT_S = 420
 STARTUP_TIMEOUT_S = 180
 
@@ -96,13 +85,13 @@ def finish(run, timeout: float = RUN_TIMEOUT_S) -> int:
                              f"{run.output()[-3000:]}") from None
 
 
-def residual_count(out: str) -> int:
-    """How many residual objects the stage has on S3 so far."""
+def stored_count(out: str) -> int:
+    """How many blocks the stage has stored on S3 so far (their records, written last)."""
     from dreg.io import storage
 
-    fs, path = storage.filesystem(f"{out}/stages/{STAGE}/residuals")
+    fs, path = storage.filesystem(f"{out}/stages/{STAGE}/blocks")
     try:
-        return len(fs.ls(path, refresh=True))
+        return sum(name.endswith(".json") for name in fs.ls(path, refresh=True, detail=False))
     except FileNotFoundError:
         return 0
 
@@ -142,7 +131,7 @@ def local_run(server, inputs, s3, tmp_path_factory):
     report("dask_cli_local_cluster_run", {"seconds": round(seconds, 1),
                                           "block_counts": line["block_counts"]})
     return {"field": read_field(line["field"]), "block_counts": line["block_counts"],
-            "residuals": residual_count(out)}
+            "stored": stored_count(out)}
 
 
 @pytest.fixture(scope="module")
@@ -210,9 +199,9 @@ def test_dask_cli_cluster_survives_a_sigkilled_worker(server, inputs, s3, local_
     run = start(register_args(inputs, out, "--dask-address", cli_cluster), env,
                 tmp_path / "register.log")
     try:
-        wait_for(lambda: residual_count(out) >= INTERRUPT_AT, RUN_TIMEOUT_S,
-                 "residuals before the worker is killed", run)
-        at_kill = residual_count(out)
+        wait_for(lambda: stored_count(out) >= INTERRUPT_AT, RUN_TIMEOUT_S,
+                 "blocks stored before the worker is killed", run)
+        at_kill = stored_count(out)
         os.kill(before["worker-0"], signal.SIGKILL)
         killed_at = run.elapsed()
         status = finish(run)
@@ -222,9 +211,9 @@ def test_dask_cli_cluster_survives_a_sigkilled_worker(server, inputs, s3, local_
     assert status == 0, run.output()[-3000:]
     line = run.last_json()
     report("dask_cli_cluster_sigkilled_worker", {
-        "worker_killed_at_s": round(killed_at, 1), "residuals_at_kill": at_kill,
+        "worker_killed_at_s": round(killed_at, 1), "blocks_stored_at_kill": at_kill,
         "run_seconds": round(seconds, 1), "block_counts": line["block_counts"]})
-    assert at_kill < local_run["residuals"]  # killed mid-stage, not after it
+    assert at_kill < local_run["stored"]  # killed mid-stage, not after it
     after = wait_for(lambda: both_workers(cli_cluster), STARTUP_TIMEOUT_S,
                      "the killed worker replaced")
     assert after["worker-0"] != before["worker-0"]

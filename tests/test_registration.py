@@ -138,6 +138,7 @@ def test_rerun_reuses_stored_blocks_and_changes_invalidate(pairs, tmp_path, dask
     second = run(pair, out, stages, dask_address, overwrite=True)
     assert second.blocks_reused == {"bspline": 8}
     assert second.block_counts == first.block_counts
+    assert second.stages[0].block_seconds == 0  # no block computed in this run
     np.testing.assert_array_equal(read_field(second.field), first_field)
     # The same blocks give the same stage field, which is not rewritten.
     assert second.stages[0].field == first.stages[0].field

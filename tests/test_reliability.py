@@ -28,6 +28,8 @@ import pytest
 import s3_server
 from reliability_helpers import (
     BIN,
+    PIPELINE,
+    STAGE,
     block_name,
     describe,
     flow_run,
@@ -47,19 +49,6 @@ from reliability_helpers import (
 
 pytestmark = pytest.mark.slow
 
-STAGE = "1-bspline"
-PIPELINE = """\
-stages:
-  - name: bspline
-    level: 0
-    block_size: 16
-    overlap: 0.25
-    transform: bspline
-    parameters:
-      MaximumNumberOfIterations: 10
-      NumberOfResolutions: 1
-      FinalGridSpacingInVoxels: 4
-"""
 BLOCKS = 64
 KILL_AT = 8              # blocks stored before the whole run is killed
 INTERRUPT_AT = 4         # ... before a worker is killed or the leader is signalled

@@ -96,7 +96,8 @@ def summarize_stage(
         failed_share=round(failed / len(results), 4) if results else 0.0,
         field=stage.field_uri(identity),
         identity=identity,
-        block_seconds=round(sum(r.seconds for r in results), 3),
+        # compute spent in this run: blocks reused from the store cost nothing here
+        block_seconds=round(sum(r.seconds for r in results if not r.reused), 3),
         field_voxels=field_voxels,
         failures=[r.row() for r in results if r.status != OK][:FAILURES_LISTED],
         **{k: round(v, 3) for k, v in timings.model_dump().items()},
