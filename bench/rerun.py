@@ -10,7 +10,7 @@ Fixed cost: a run's wall time minus its block compute (each stage's block second
 the workers) and its reduce seconds; what is left is start-up (Python, Prefect, the
 cluster), planning, Prefect's bookkeeping and the writes of the records.
 
-    .venv/bin/python bench/rerun.py [--size 96] [--workers 2] [--server]
+    .venv/bin/python bench/rerun.py [--size 96] [--workers 2] [--server] [--quick]
 """
 
 from __future__ import annotations
@@ -27,6 +27,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import REPO, emit, load_average, log, make_pair, prefect_server  # noqa: E402
+
+QUICK_PIPELINE = """\
+stages:
+  - name: translation
+    level: 0
+    block_size: 16
+    transform: translation
+    parameters:
+      MaximumNumberOfIterations: 2
+      NumberOfResolutions: 1
+"""
 
 
 def register(pair: dict, out: Path, workers: int, *extra: str) -> tuple[float, dict]:
@@ -54,17 +65,26 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--server", action="store_true",
                         help="both runs against a real `prefect server start`")
+    parser.add_argument("--quick", action="store_true",
+                        help="a one-stage translation pipeline instead of the built-in one "
+                             "(for a smoke test)")
+    parser.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="dreg-bench-rerun-"))
+    work = Path(args.dir or tempfile.mkdtemp(prefix="dreg-bench-rerun-"))
+    work.mkdir(parents=True, exist_ok=True)
     pair = make_pair(work / "pair", args.size)
     out = work / "out"
+    extra: list[str] = []
+    if args.quick:
+        (work / "pipeline.yaml").write_text(QUICK_PIPELINE)
+        extra = ["--config", str(work / "pipeline.yaml")]
     server = prefect_server() if args.server else contextlib.nullcontext()
     with server:
-        first_wall, first = register(pair, out, args.workers)
+        first_wall, first = register(pair, out, args.workers, *extra)
         log(f"first run: {first_wall:.1f} s, reused {first['blocks_reused']}")
         first_fixed = fixed_cost(first_wall, out, args.workers)
-        again_wall, again = register(pair, out, args.workers, "--overwrite")
+        again_wall, again = register(pair, out, args.workers, *extra, "--overwrite")
         log(f"re-run: {again_wall:.1f} s, reused {again['blocks_reused']}")
         again_fixed = fixed_cost(again_wall, out, args.workers)
     emit({

@@ -43,6 +43,7 @@ CASES = {
                   "compute_only_voxels_per_s"], False),
     "registration": (["--size", "48", "--block", "24", "--iterations", "2", "--workers", "1"],
                      ["wall_s", "reduce_field_voxels_per_s", "rms_after"], True),
+    "rerun": (["--size", "32", "--quick", "--workers", "1"], ["rerun_ratio", "rerun_s"], True),
     "read_region": (["--size", "32", "--repeats", "1"], ["local_mb_per_s", "s3_mb_per_s"],
                     False),
 }
