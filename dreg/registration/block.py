@@ -237,18 +237,21 @@ def register_block(ctx: StageContext, block: Block) -> Outcome:
 
 BATCHES_PER_WORKER = 8  # enough for load balance and for progress that moves
 MAX_BATCHES = 2000  # task runs per stage: Prefect's bookkeeping stays small
+BATCH_BLOCKS = 64  # a batch stays a few tens of seconds to minutes of work
 
 
 def plan_batches(blocks: Sequence[Block], workers: int,
                  batch_size: int | None = None) -> list[list[Block]]:
     """Cut a stage's blocks into batches, one task run each, in the blocks' order.
 
-    By default a batch holds enough blocks that each worker gets about
-    BATCHES_PER_WORKER batches, and the stage has at most MAX_BATCHES.
+    By default each worker gets about BATCHES_PER_WORKER batches of at most
+    BATCH_BLOCKS blocks; only a stage that would then exceed MAX_BATCHES task runs gets
+    larger batches.
     """
     if batch_size is None:
+        per_worker = len(blocks) // (max(workers, 1) * BATCHES_PER_WORKER)
         batch_size = max(1, math.ceil(len(blocks) / MAX_BATCHES),
-                         len(blocks) // (max(workers, 1) * BATCHES_PER_WORKER))
+                         min(BATCH_BLOCKS, per_worker))
     return [list(blocks[i:i + batch_size]) for i in range(0, len(blocks), batch_size)]
 
 
