@@ -409,8 +409,10 @@ def test_a_registration_shows_its_qc_in_the_prefect_ui(tmp_path):
             shot = page.screenshot(tmp_path / "prefect-ui-qc.png")
             text = page.evaluate("document.body.innerText")
             page.open(f"{ui}/artifacts/artifact/{table['id']}")
+            # The table's rows render one after another: wait for the last one asserted.
             numbers = page.wait_for("document.body && document.body.innerText.includes("
-                                    "'det J minimum') && document.body.innerText",
+                                    "'det J minimum') && document.body.innerText.includes("
+                                    "'share of voxels with det J') && document.body.innerText",
                                     what="the numbers table")
     assert all(w >= 800 for w, _ in loaded)
     assert "Quality control: ok" in text and "Jacobian determinant" in text
