@@ -33,3 +33,15 @@ def events_named(api: str, name: str) -> list[dict]:
         headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())["events"]
+
+
+def wait_for_events(api: str, name: str, wanted, timeout_s: float = 60) -> list[dict]:
+    """The events called `name` for which `wanted(event)` holds, waiting up to `timeout_s`
+    for at least one: the server stores events asynchronously, in batches, so an event
+    already sent may not be in the feed yet. Returns [] at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = [e for e in events_named(api, name) if wanted(e)]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)

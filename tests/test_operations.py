@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import s3_server
-from prefect_queries import events_named
+from prefect_queries import events_named, wait_for_events
 
 from dreg import synth
 from dreg.grid import Grid
@@ -157,11 +157,9 @@ def test_ingestion_event_registers_the_volume(platform):
 
     # The server stores events asynchronously: give the feed a few seconds.
     wanted = f"dreg.field.{link}"
-    for _ in range(30):
-        completed = events_named(api, "dreg.registration.completed")
-        if any(e["resource"]["prefect.resource.id"] == wanted for e in completed):
-            break
-        time.sleep(1)
+    wait_for_events(api, "dreg.registration.completed",
+                    lambda e: e["resource"]["prefect.resource.id"] == wanted)
+    completed = events_named(api, "dreg.registration.completed")
     assert [e["resource"]["prefect.resource.id"] for e in completed] == [wanted]
     # The deployments warp by default, and the top-level run is named for what it does.
     warped = ome_zarr.open_image(out + "/warped.ome.zarr")
@@ -200,13 +198,9 @@ def test_event_outside_the_allowed_prefixes_is_rejected(platform):
     client = boto3.client("s3", endpoint_url=s3.endpoint_url)
     written = client.list_objects_v2(Bucket=s3.bucket, Prefix="registrations/moving-v2")
     assert written.get("KeyCount", 0) == 0
-    reasons = []
-    for _ in range(30):  # the server stores events asynchronously
-        reasons = [e["payload"]["reason"] for e in events_named(api, "dreg.registration.failed")
-                   if e["resource"]["prefect.resource.id"] == f"dreg.volume.{outside}"]
-        if reasons:
-            break
-        time.sleep(1)
+    reasons = [e["payload"]["reason"] for e in wait_for_events(
+        api, "dreg.registration.failed",
+        lambda e: e["resource"]["prefect.resource.id"] == f"dreg.volume.{outside}")]
     # The failure names the volume it is about.
     assert any("outside the allowed prefixes" in r for r in reasons), reasons
 

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
@@ -355,7 +354,7 @@ def test_a_registration_shows_its_qc_in_the_prefect_ui(tmp_path):
     is): result.json and the completion event carry the verdict, and on the run's page
     in the UI the QC pictures are seen decoded, the numbers are a table artifact and the
     QC location a link artifact."""
-    from prefect_queries import events_named
+    from prefect_queries import wait_for_events
     from reliability_helpers import prefect_server
 
     from flows.artifacts import artifact_key
@@ -380,8 +379,8 @@ def test_a_registration_shows_its_qc_in_the_prefect_ui(tmp_path):
         run_id = line["flow_run_id"]
         assert line["qc"] == "ok" and load_result(out).qc == "ok"
         assert check.load_report(storage.join(out, "qc")).flow_run_id == run_id
-        completed = [e for e in events_named(api, "dreg.registration.completed")
-                     if e["payload"]["flow_run_id"] == run_id]
+        completed = wait_for_events(api, "dreg.registration.completed",
+                                    lambda e: e["payload"]["flow_run_id"] == run_id)
         assert completed and completed[0]["payload"]["qc"] == "ok"
 
         found = artifacts_of(api, run_id)
@@ -427,7 +426,7 @@ def test_a_warning_travels_in_the_summary_and_the_completion_event(prefect_api, 
     """What the registration flow does with a "warn" verdict: the summary says it, and
     the completion event carries it (emitted from a child process, as events to this
     session's server must be)."""
-    from prefect_queries import events_named
+    from prefect_queries import wait_for_events
 
     from dreg.registration.records import InitialRecord, RegistrationResult
     from flows.artifacts import summary_markdown
@@ -449,12 +448,7 @@ def test_a_warning_travels_in_the_summary_and_the_completion_event(prefect_api, 
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PREFECT_API_URL": prefect_api})
     assert done.returncode == 0, done.stderr[-2000:]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        mine = [e for e in events_named(prefect_api, "dreg.registration.completed")
-                if e["payload"]["flow_run_id"] == result.flow_run_id]
-        if mine:
-            break
-        time.sleep(0.5)
+    mine = wait_for_events(prefect_api, "dreg.registration.completed",
+                           lambda e: e["payload"]["flow_run_id"] == result.flow_run_id)
     assert mine and (mine[0]["payload"]["qc"], mine[0]["payload"]["qc_reason"]) == (
         "warn", reason)

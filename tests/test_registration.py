@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from pathlib import Path
 from uuid import UUID
 
 import numpy as np
 import pytest
-from prefect_queries import events_named, final_task_runs
+from prefect_queries import final_task_runs, wait_for_events
 
 from dreg import synth
 from dreg.grid import Grid
@@ -299,13 +298,8 @@ def test_a_last_stage_without_a_successful_block_fails_the_run(pairs, tmp_path, 
     assert [row["status"] for row in table] == ["failed"]
     assert json.loads((out / "stages/1-whole/stage.json").read_text())["counts"] == {"failed": 1}
     # And announced: a dreg.registration.failed event with the reason.
-    reasons = []
-    for _ in range(30):
-        reasons = [e["payload"]["reason"] for e in events_named(prefect_api,
-                   "dreg.registration.failed")
-                   if e["resource"]["prefect.resource.id"] == f"dreg.registration.{out}"]
-        if reasons:
-            break
-        time.sleep(1)
+    reasons = [e["payload"]["reason"] for e in wait_for_events(
+        prefect_api, "dreg.registration.failed",
+        lambda e: e["resource"]["prefect.resource.id"] == f"dreg.registration.{out}")]
     assert reasons and "no block succeeded" in reasons[0]
 
