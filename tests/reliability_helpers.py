@@ -85,6 +85,28 @@ def start(args: list[str], env: dict, log: Path) -> Started:
     return Started(process, log)
 
 
+def finish(run: Started, timeout: float) -> int:
+    """Wait for `run` to exit; its exit status, or an AssertionError with its output."""
+    try:
+        return run.process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{run.log.name}: not finished within {timeout} s:\n"
+                             f"{run.output()[-3000:]}") from None
+
+
+def run_to_end(args: list, env: dict, log: Path, timeout: float) -> tuple[Started, float]:
+    """Run `args` as `start` does until it exits successfully; the finished run and its
+    seconds. Whatever is left of its process group is killed."""
+    run = start(args, env, log)
+    try:
+        status = finish(run, timeout)
+        seconds = run.elapsed()
+    finally:
+        stop(run)
+    assert status == 0, run.output()[-3000:]
+    return run, seconds
+
+
 def group_members(pgid: int) -> list[psutil.Process]:
     """Live (not zombie) processes of process group `pgid`."""
     members = []

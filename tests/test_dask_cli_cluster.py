@@ -27,8 +27,10 @@ from reliability_helpers import (
     BIN,
     PIPELINE,
     STAGE,
+    finish,
     prefect_server,
     read_field,
+    run_to_end,
     start,
     stop,
     wait_for,
@@ -77,14 +79,6 @@ def register_args(inputs: dict, out: str, *extra: str) -> list:
             "--config", inputs["pipeline"], *extra]
 
 
-def finish(run, timeout: float = RUN_TIMEOUT_S) -> int:
-    try:
-        return run.process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"{run.log.name}: not finished within {timeout} s:\n"
-                             f"{run.output()[-3000:]}") from None
-
-
 def stored_count(out: str) -> int:
     """How many blocks the stage has stored on S3 so far (their records, written last)."""
     from dreg.io import storage
@@ -118,13 +112,8 @@ def local_run(server, inputs, s3, tmp_path_factory):
     _, env = server
     root = tmp_path_factory.mktemp("local")
     out = s3.uri("dask-cli", "out-local")
-    run = start(register_args(inputs, out, "--workers", "2"), env, root / "register.log")
-    try:
-        status = finish(run)
-        seconds = run.elapsed()
-    finally:
-        stop(run)
-    assert status == 0, run.output()[-3000:]
+    run, seconds = run_to_end(register_args(inputs, out, "--workers", "2"), env,
+                              root / "register.log", RUN_TIMEOUT_S)
     line = run.last_json()
     assert line["field"].startswith("s3://")
     assert sum(line["block_counts"]["bspline"].values()) == BLOCKS
@@ -173,14 +162,8 @@ def test_dask_cli_cluster_on_s3_equals_the_local_cluster(server, inputs, s3, loc
     """Scheduler and workers from the Dask CLIs, everything on S3: the same field."""
     _, env = server
     out = s3.uri("dask-cli", "out-cli")
-    run = start(register_args(inputs, out, "--dask-address", cli_cluster), env,
-                tmp_path / "register.log")
-    try:
-        status = finish(run)
-        seconds = run.elapsed()
-    finally:
-        stop(run)
-    assert status == 0, run.output()[-3000:]
+    run, seconds = run_to_end(register_args(inputs, out, "--dask-address", cli_cluster),
+                              env, tmp_path / "register.log", RUN_TIMEOUT_S)
     line = run.last_json()
     report("dask_cli_cluster_run", {"seconds": round(seconds, 1),
                                     "block_counts": line["block_counts"]})
@@ -204,7 +187,7 @@ def test_dask_cli_cluster_survives_a_sigkilled_worker(server, inputs, s3, local_
         at_kill = stored_count(out)
         os.kill(before["worker-0"], signal.SIGKILL)
         killed_at = run.elapsed()
-        status = finish(run)
+        status = finish(run, RUN_TIMEOUT_S)
         seconds = run.elapsed()
     finally:
         stop(run)

@@ -32,12 +32,14 @@ from reliability_helpers import (
     STAGE,
     block_name,
     describe,
+    finish,
     flow_run,
     group_members,
     group_signal_answers,
     prefect_server,
     read_field,
     registration_runs,
+    run_to_end,
     start,
     stop,
     stored_blocks,
@@ -105,27 +107,14 @@ def mid_stage(out: Path, at_least: int):
     return found if len(found) >= at_least else None
 
 
-def finish(run, timeout: float = RUN_TIMEOUT_S) -> int:
-    try:
-        return run.process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"{run.log.name}: not finished within {timeout} s:\n"
-                             f"{run.output()[-3000:]}") from None
-
-
 @pytest.fixture(scope="module")
 def reference(server, inputs, tmp_path_factory):
     """An uninterrupted run of the command: its field, counts and time."""
     _, env = server
     root = tmp_path_factory.mktemp("reference")
     out = root / "out"
-    run = start(register_args(inputs, out), env, root / "register.log")
-    try:
-        status = finish(run)
-        seconds = run.elapsed()
-    finally:
-        stop(run)
-    assert status == 0, run.output()[-3000:]
+    run, seconds = run_to_end(register_args(inputs, out), env, root / "register.log",
+                              RUN_TIMEOUT_S)
     line = run.last_json()
     figures = {"seconds": round(seconds, 1), "flow_seconds": line["seconds"],
                "block_counts": line["block_counts"],
@@ -191,7 +180,7 @@ def test_sigkill_of_the_whole_run_then_resume(server, inputs, tmp_path, request)
 
     second = start(args, env, tmp_path / "second.log")
     try:
-        status = finish(second)
+        status = finish(second, RUN_TIMEOUT_S)
         resume_seconds = second.elapsed()
     finally:
         stop(second)
@@ -281,7 +270,7 @@ def test_a_worker_killed_and_a_new_one_joining_mid_run(server, inputs, reference
         first.process.wait(timeout=30)
         joining = worker("worker-2")
         at_join = len(stored_blocks(out, STAGE))
-        status = finish(run)
+        status = finish(run, RUN_TIMEOUT_S)
         seconds = run.elapsed()
         with Client(address, timeout="20s") as client:
             states = client.run(worker_state)
