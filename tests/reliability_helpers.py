@@ -203,6 +203,8 @@ def child_environment(tmp: Path, api: str) -> dict[str, str]:
         "PREFECT_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PYTHONUNBUFFERED": "1",
+        # A killed run's output can be taken over 25 s later rather than 65 s.
+        "DREG_LEASE_SECONDS": "20",
     })
     return env
 

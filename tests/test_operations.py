@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 
@@ -35,18 +36,25 @@ RUN_TIMEOUT_S = 420
 
 
 @contextmanager
-def background(args: list[str], env: dict, log: Path):
+def background(args: list[str], env: dict, log: Path, grace_s: float = 5):
+    """Run `args` in a process group of its own; on leaving, SIGTERM the group, then
+    SIGKILL what is left after `grace_s`. (`prefect worker start` runs the worker in a
+    child that does not stop on SIGTERM within tens of seconds.)"""
     with open(log, "wb") as out:
         process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   cwd=ROOT)
+                                   cwd=ROOT, start_new_session=True)
         try:
             yield process
         finally:
-            process.terminate()
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
-                process.kill()
+                pass
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -291,3 +291,17 @@ def test_s3_store_without_conditional_writes_is_refused(s3, monkeypatch):
         acquire(out, "run-a")
     assert s3_server.SECRET_ACCESS_KEY not in str(refused.value)
     assert read_owner(out) is None
+
+
+def test_lease_length_comes_from_the_environment(out, monkeypatch):
+    monkeypatch.setenv(ownership.LEASE_VARIABLE, "20")
+    lease = acquire(out, "run-a")
+    assert lease.lease_seconds == 20
+    assert 19 < lease.record["expires"] - time.time() <= 20
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "nan"])
+def test_a_bad_lease_length_is_refused_naming_the_variable(out, monkeypatch, value):
+    monkeypatch.setenv(ownership.LEASE_VARIABLE, value)
+    with pytest.raises(InputError, match=f"DREG_LEASE_SECONDS={value!r}: must be a number"):
+        acquire(out, "run-a")

@@ -51,6 +51,7 @@ from dreg.io import storage
 LEASE_DIR = ".dreg-owner"
 CLOCK_SKEW_S = 5.0
 DEFAULT_LEASE_S = 60.0
+LEASE_VARIABLE = "DREG_LEASE_SECONDS"
 # A record that cannot be parsed (only possible on file systems without hard links, while
 # its writer is between create and write, or after outside damage) counts as held this long
 # after it was last modified.
@@ -130,14 +131,31 @@ def read_owner(out_uri: str) -> dict | None:
     return record
 
 
+def lease_seconds_setting() -> float:
+    """How long a lease lasts unless renewed: DREG_LEASE_SECONDS, else 60 s. A shorter
+    lease lets the next run take over a dead run's output sooner; every run on one
+    output should use the same value."""
+    text = os.environ.get(LEASE_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_LEASE_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 3:
+        raise InputError(f"{LEASE_VARIABLE}={text!r}: must be a number of seconds, at least 3")
+    return value
+
+
 def acquire(
     out_uri: str,
     owner: str,
-    lease_seconds: float = DEFAULT_LEASE_S,
+    lease_seconds: float | None = None,
     *,
     skew_seconds: float = CLOCK_SKEW_S,
 ) -> Lease:
-    """Take ownership of OUT for run `owner`, for `lease_seconds` unless renewed.
+    """Take ownership of OUT for run `owner`, for `lease_seconds` (default:
+    `lease_seconds_setting()`) unless renewed.
 
     Succeeds if OUT has no lease, if its lease was released or is stale (its owner died;
     it is taken over: `Lease.previous` is the stale record), or if it is held by the same
@@ -146,6 +164,8 @@ def acquire(
     """
     if not isinstance(owner, str) or not owner.strip():
         raise InputError(f"invalid run id for the ownership of {out_uri}: {owner!r}")
+    if lease_seconds is None:
+        lease_seconds = lease_seconds_setting()
     if not lease_seconds > 0:
         raise InputError(f"lease_seconds must be positive, got {lease_seconds}")
     uri = storage.normalize_uri(out_uri)
