@@ -178,13 +178,7 @@ def test_sigkill_of_the_whole_run_then_resume(server, inputs, tmp_path, request)
              ownership.DEFAULT_LEASE_S + 2 * ownership.CLOCK_SKEW_S, "the lease runs out")
     lease_wait = time.monotonic() - lease_wait
 
-    second = start(args, env, tmp_path / "second.log")
-    try:
-        status = finish(second, RUN_TIMEOUT_S)
-        resume_seconds = second.elapsed()
-    finally:
-        stop(second)
-    assert status == 0, second.output()[-3000:]
+    second, resume_seconds = run_to_end(args, env, tmp_path / "second.log", RUN_TIMEOUT_S)
     assert (out / "result.json").exists()
     # It says whose stale lease it took over.
     assert f"run {killed_run.id}" in second.output()
