@@ -34,7 +34,7 @@ COMPLETED = "dreg.registration.completed"
 FAILED = "dreg.registration.failed"
 DELIVERY_TIMEOUT_S = 30.0
 # How an interrupt (SIGINT, or SIGTERM as Prefect raises it) shows in a wrapped error.
-INTERRUPT_MARKERS = ("KeyboardInterrupt", "TerminationSignal", "Interrupted")
+INTERRUPT_MARKERS = ("KeyboardInterrupt", "TerminationSignal")
 
 
 def confirm_delivered(api: str, event_id: str, timeout_s: float = DELIVERY_TIMEOUT_S) -> None:

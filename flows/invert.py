@@ -15,7 +15,6 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
-from dreg import interrupts
 from dreg.io import storage
 from dreg.registration import RunOptions
 from dreg.transform import invert
@@ -60,7 +59,6 @@ def invert_field(out: str, options: RunOptions | None = None) -> InvertResult:
                               flow_run_id=str(flow_run.get_id()))
         write_json(plan.report, {**result.model_dump(mode="json"),
                                  "per_chunk": [_without_histogram(c) for c in chunks]})
-        interrupts.check()
         lease.check()
         mark_complete(plan.dest, result.model_dump(mode="json"))
         write_scene(plan.out, plan.fixed, plan.moving, inverse=True)

@@ -8,23 +8,20 @@ from collections.abc import Iterator
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
-from dreg import interrupts
 from dreg.io import ownership
 
 
 @contextlib.contextmanager
 def owning(out_uri: str) -> Iterator[ownership.Lease]:
-    """Hold OUT's lease (renewed in the background) for the block, and watch for
-    interrupts; refuse with the owner's run id when another live run holds it."""
+    """Hold OUT's lease (renewed in the background) for the block; refuse with the
+    owner's run id when another live run holds it."""
     lease = ownership.acquire(out_uri, str(flow_run.get_id()))
     if lease.previous and not lease.previous.get("released"):
         dead = lease.previous.get("owner")
         get_run_logger().warning(f"{out_uri}: took over the stale lease of run {dead}")
         mark_crashed(dead, f"its process stopped renewing the lease on {out_uri}; taken "
                            f"over by run {flow_run.get_id()}")
-    # A signal to a run that owns an output must stop it before it marks anything
-    # complete, even when its first exception is lost: see dreg.interrupts.
-    with lease.keep_alive(), interrupts.watching():
+    with lease.keep_alive():
         yield lease
 
 

@@ -19,7 +19,6 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
-from dreg import interrupts
 from dreg.errors import first_line
 from dreg.qc.measure import BrickMeasure
 from dreg.qc.plan import FOLD_THRESHOLD, QcPlan, brick_regions, plan_qc
@@ -98,7 +97,6 @@ def quality_control(out: str, fold_threshold: float = FOLD_THRESHOLD,
     result = load_result(out)
     with owning(result.output) as lease:
         report = run_quality_control(result, options, fold_threshold)
-        interrupts.check()
         lease.check()  # never rewrite the completion mark of an output another run owns
         record_verdict(result, report)
     artifacts.publish_qc(report)

@@ -25,7 +25,6 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
-from dreg import interrupts
 from dreg.errors import DregError, StorageError, describe, first_line
 from dreg.io import ome_zarr, storage
 from dreg.io.ownership import OwnedElsewhere
@@ -120,9 +119,7 @@ def register_blocks(ctx, blocks, stage: StagePlan, workers: int,
                                                              stage.folder))
     sizes = {id(f): len(b) for f, b in zip(futures, batches, strict=True)}
     for future in as_completed(futures):
-        interrupts.check()
         progress.advance(sizes[id(future)])
-    interrupts.check()
     results: list[BlockResult] = []
     for future, batch in zip(futures, batches, strict=True):
         # wait() takes the final state from the task runner itself; without it, `state`
@@ -174,35 +171,30 @@ def register_stage(
     options: RunOptions,
 ) -> StageSummary:
     """One resolution stage: tile → register blocks → reduce into a field → record."""
-    # Stage flows set signal handlers of their own: watch beneath them too.
-    with interrupts.watching():
-        started = time.perf_counter()
-        logger = get_run_logger()
-        ctx = stage_context(plan, stage, previous.field if previous else None,
-                            previous.identity if previous else "", options.debug,
-                            options.storage_patience)
-        blocks = tile(stage.fixed_grid.shape_zyx, stage.config.block_size, stage.config.overlap,
-                      stage.field_grid.shape_zyx, float(stage.config.field_grid_factor))
-        logger.info(f"stage {stage.number}-{stage.name}: {len(blocks)} blocks "
-                    f"at level {stage.level}")
-        results = register_blocks(ctx, blocks, stage, workers, options)
-        interrupts.check()
-        registered = time.perf_counter()
-        identity = field_identity(json.dumps(asdict(ctx.key_inputs()), default=str), results)
-        destinations = [stage.field_uri(identity), *([final_field] if final_field else [])]
-        voxels = reduce_field(plan, stage, ctx.previous, results, destinations, identity)
-        finished = time.perf_counter()
-        interrupts.check()
+    started = time.perf_counter()
+    logger = get_run_logger()
+    ctx = stage_context(plan, stage, previous.field if previous else None,
+                        previous.identity if previous else "", options.debug,
+                        options.storage_patience)
+    blocks = tile(stage.fixed_grid.shape_zyx, stage.config.block_size, stage.config.overlap,
+                  stage.field_grid.shape_zyx, float(stage.config.field_grid_factor))
+    logger.info(f"stage {stage.number}-{stage.name}: {len(blocks)} blocks at level {stage.level}")
+    results = register_blocks(ctx, blocks, stage, workers, options)
+    registered = time.perf_counter()
+    identity = field_identity(json.dumps(asdict(ctx.key_inputs()), default=str), results)
+    destinations = [stage.field_uri(identity), *([final_field] if final_field else [])]
+    voxels = reduce_field(plan, stage, ctx.previous, results, destinations, identity)
+    finished = time.perf_counter()
 
-        timings = StageTimings(seconds=finished - started, register_seconds=registered - started,
-                               reduce_seconds=finished - registered)
-        summary = summarize_stage(stage, results, identity, voxels, timings,
-                                  str(flow_run.get_id()))
-        write_json(stage.table_uri, [r.row() for r in results])
-        write_json(stage.summary_uri, summary.model_dump(mode="json"))
-        remove_stale_fields(stage, summary.field)
-        logger.info(f"stage {stage.number}-{stage.name}: {summary.counts} "
-                    f"({summary.reused} stored blocks reused) in {summary.seconds} s")
+    timings = StageTimings(seconds=finished - started, register_seconds=registered - started,
+                           reduce_seconds=finished - registered)
+    summary = summarize_stage(stage, results, identity, voxels, timings,
+                              str(flow_run.get_id()))
+    write_json(stage.table_uri, [r.row() for r in results])
+    write_json(stage.summary_uri, summary.model_dump(mode="json"))
+    remove_stale_fields(stage, summary.field)
+    logger.info(f"stage {stage.number}-{stage.name}: {summary.counts} "
+                f"({summary.reused} stored blocks reused) in {summary.seconds} s")
     return summary
 
 
@@ -269,7 +261,6 @@ def register_images(
                                      time.perf_counter() - started)
         if options.qc:
             result = check_registration(result, options)
-        interrupts.check()  # a signal whose exception got lost still ends the run
         write_scene(plan.out_uri, plan.fixed_uri, plan.moving_uri)
         lease.check()  # never mark complete an output another run may have written
         write_result(plan.result_uri, result)

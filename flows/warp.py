@@ -13,7 +13,6 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
-from dreg import interrupts
 from dreg.io import ome_zarr
 from dreg.registration import RunOptions
 from dreg.transform.plan import WarpPlan, WarpResult, plan_warp, warp_chunks
@@ -67,7 +66,6 @@ def warp_image(out: str, image: str | None = None, to: str | None = None,
                             chunks=len(warp_chunks(plan)),
                             seconds=round(time.perf_counter() - started, 3),
                             flow_run_id=str(flow_run.get_id()))
-        interrupts.check()
         lease.check()
         mark_complete(plan.dest, result.model_dump(mode="json"))
     artifacts.publish_output("warped", plan.out, plan.dest, result.model_dump(mode="json"),

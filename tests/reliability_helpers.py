@@ -77,9 +77,25 @@ class Started:
         return json.loads(lines[-1])
 
 
+@contextmanager
+def sigint_not_ignored() -> Iterator[None]:
+    """While children are started: SIGINT not ignored here, so they do not inherit an
+    ignored SIGINT. A test run started in the background by a non-interactive shell
+    (`cmd &`, as CI may do) ignores SIGINT, and so would every process it starts."""
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def start(args: list[str], env: dict, log: Path) -> Started:
-    """Start `args` as the leader of a new process group, output to `log`."""
-    with open(log, "wb") as out:
+    """Start `args` as the leader of a new process group, output to `log`, answering
+    SIGINT as it would from a terminal."""
+    with open(log, "wb") as out, sigint_not_ignored():
         process = subprocess.Popen([str(a) for a in args], env=env, cwd=ROOT, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     return Started(process, log)
