@@ -252,3 +252,12 @@ def test_emit_ingested_to_an_unreachable_api_is_an_error(tmp_path, closed_endpoi
     assert "was not received by" in done.stderr.strip().splitlines()[-1]
     assert done.stdout.strip() == ""
     assert time.monotonic() - started < 90
+
+
+def test_a_bad_lease_length_is_refused_before_a_registration_starts(tmp_path):
+    pair = tmp_path / "pair"
+    assert run_dreg(["synth", str(pair), "--shape", "32"], clean_environment()).returncode == 0
+    result = run_dreg(["register", str(pair / "fixed.ome.zarr"), str(pair / "moving.ome.zarr"),
+                       str(tmp_path / "out")], clean_environment(DREG_LEASE_SECONDS="soon"))
+    assert_one_clear_line(result, "DREG_LEASE_SECONDS='soon'", "must be a number of seconds")
+    assert not (tmp_path / "out").exists()

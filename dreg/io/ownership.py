@@ -648,8 +648,10 @@ class _S3Backend(_Backend):
 
 
 def check_free(out_uri: str) -> None:
-    """Refuse at once, naming the owner, when another run holds a live lease on OUT: the
-    fast check a command makes before it starts a server or a cluster."""
+    """Refuse at once, naming the owner, when another run holds a live lease on OUT, or
+    when the lease length setting is bad: the fast check a command makes before it starts
+    a server or a cluster."""
+    lease_seconds_setting()
     lease = read_owner(out_uri)
     if lease is not None and not is_stale(lease):
         raise OwnedElsewhere(storage.normalize_uri(out_uri), lease)
