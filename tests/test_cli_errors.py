@@ -260,4 +260,4 @@ def test_a_bad_lease_length_is_refused_before_a_registration_starts(tmp_path):
     result = run_dreg(["register", str(pair / "fixed.ome.zarr"), str(pair / "moving.ome.zarr"),
                        str(tmp_path / "out")], clean_environment(DREG_LEASE_SECONDS="soon"))
     assert_one_clear_line(result, "DREG_LEASE_SECONDS='soon'", "must be a number of seconds")
-    assert not (tmp_path / "out").exists()
+    assert not any((tmp_path / "out").rglob("*"))  # nothing written (planning may make OUT)
