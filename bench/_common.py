@@ -70,7 +70,7 @@ def make_pair(out: Path, size: int, seed: int = 1, amplitude: float = 2.0,
               workers: int = 2) -> dict:
     """A `dreg synth` pair of size^3 under `out`, made in a child process (so that its
     memory and threads stay out of the benchmark's process). Returns synth's summary."""
-    command = [sys.executable, "-m", "flows.cli", "synth", str(out),
+    command = [sys.executable, "-m", "cli.main", "synth", str(out),
                "--shape", f"{size},{size},{size}", "--seed", str(seed),
                "--amplitude", str(amplitude), "--workers", str(workers), "--overwrite"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
@@ -120,10 +120,10 @@ def in_flow_with_cluster(workers: int, body: Callable, name: str = "dreg-bench",
 # What the first task on a worker imports (Prefect among it, about a second): imported
 # up front, so that a one-time cost per worker is not counted as per-block time.
 TASK_MODULES = ("tasks.register", "tasks.reduce", "tasks.publish", "dreg.registration.block",
-                "dreg.transform.reduce")
+                "dreg.registration.reduce")
 # The same for the flows that use a finished registration (warp, invert, points).
-APPLY_TASK_MODULES = ("tasks.apply", "tasks.publish", "dreg.transform.warp",
-                      "dreg.transform.invert", "dreg.transform.points", "dreg.io.pyramid")
+APPLY_TASK_MODULES = ("tasks.apply", "tasks.publish", "dreg.apply.warp",
+                      "dreg.apply.invert", "dreg.apply.points", "dreg.io.pyramid")
 
 
 def prepare_workers(address: str, warm: bool = True,
@@ -154,7 +154,7 @@ def worker_peak_rss_mb(address: str) -> list[float]:
 
 def register(pair: dict, out: Path, pipeline, address: str) -> dict:
     """register_images on an existing cluster; returns its result and the wall time."""
-    from dreg.registration import RunOptions
+    from flows.options import RunOptions
     from flows.registration import register_images
 
     started = time.perf_counter()

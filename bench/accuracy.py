@@ -45,9 +45,9 @@ from _common import (  # noqa: E402
 def whole_image(pair: dict, transform: str, overrides: dict, threads: int, grid,
                 out: Path) -> dict:
     """Register the whole level-0 images with elastix; write the field on `grid`."""
+    from dreg import field
     from dreg.io import ome_zarr
     from dreg.registration import elastix
-    from dreg.transform import field
 
     elastix.warm_up(threads)  # elastix's first use in this process, untimed
     started = time.perf_counter()
@@ -105,8 +105,8 @@ def main() -> None:
         lambda cluster: register(pair, work / "blockwise", pipeline, cluster.scheduler_address),
         name="dreg-bench-accuracy")
 
+    from dreg.field.displacement import open_field
     from dreg.qc.accuracy import field_error
-    from dreg.transform.field import open_field
 
     (stage,) = blockwise["result"].stages
     field_uri = blockwise["result"].field

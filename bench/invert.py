@@ -68,8 +68,8 @@ def main() -> None:
         log(f"pair and finished output ready in {time.perf_counter() - started:.1f} s")
 
         def body(cluster) -> dict:
-            from dreg.registration import RunOptions
             from flows.invert import invert_field
+            from flows.options import RunOptions
 
             address = cluster.scheduler_address
             log(f"inverting on {args.workers} worker(s)")

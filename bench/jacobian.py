@@ -36,9 +36,9 @@ def smooth_displacement(points: np.ndarray, extent: float) -> np.ndarray:
 
 
 def make_field(uri: str, size: int, chunk: int):
+    from dreg.field.displacement import create_field
     from dreg.grid import Grid, vectors_to_components
     from dreg.io import ome_zarr
-    from dreg.transform.field import create_field
 
     grid = Grid((size,) * 3, (1.0, 1.0, 1.0))
     image = create_field(uri, grid, chunks=chunk, overwrite=True)

@@ -114,7 +114,7 @@ def main() -> None:
         log(f"{size / 1e6:.1f} MB written in {time.perf_counter() - started:.1f} s")
 
         def body(cluster) -> dict:
-            from dreg.registration import RunOptions
+            from flows.options import RunOptions
             from flows.points import transform_points_file
 
             address = cluster.scheduler_address

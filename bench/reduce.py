@@ -2,9 +2,9 @@
 
 Tiles a cubic image into N blocks, gives every block a random smooth residual (stored as
 .npy, as a registered block's would be), writes a smooth previous field (a raw zarr made
-with dreg.transform.field.create_field, so every chunk is composed with a previous field,
+with dreg.field.displacement.create_field, so every chunk is composed with a previous field,
 not an affine), then reduces every chunk of the stage's field with
-dreg.transform.reduce.reduce_chunk (blend, compose, write) on a pool of worker processes
+dreg.registration.reduce.reduce_chunk (blend, compose, write) on a pool of worker processes
 (or threads), one chunk per task, each task given only the block results that reach its
 chunk (as the flow does). Before the timing starts the workers are set up as
 flows.cluster warms Dask workers (compiled loops loaded, glibc's mmap threshold at
@@ -64,11 +64,11 @@ def smooth_residual(grid, rng, amplitude: float) -> np.ndarray:
 def make_inputs(work: Path, per_axis: int, block: int, overlap: float, factor: float,
                 chunk: int, seed: int):
     """Block results with residual files, a previous field, an empty output field."""
+    from dreg import field
     from dreg.grid import Grid
     from dreg.io import ome_zarr
     from dreg.registration import tiling
     from dreg.registration.outcome import OK, BlockResult, save_residual
-    from dreg.transform import field
 
     rng = np.random.default_rng(seed)
     image = Grid((per_axis * block,) * 3, (1.0, 1.0, 1.0))
@@ -101,7 +101,7 @@ def _ready() -> int:
     # Each worker as flows.cluster warms a Dask worker, before timing: the core imported,
     # its compiled loops loaded, and glibc told to return blocks of 1 MiB and more.
     from dreg.memory import release_freed_memory_promptly
-    from dreg.transform.reduce import warm_up
+    from dreg.registration.reduce import warm_up
 
     release_freed_memory_promptly()
     warm_up()
@@ -110,7 +110,7 @@ def _ready() -> int:
 
 
 def _reduce_one(args) -> dict:
-    from dreg.transform.reduce import reduce_chunk
+    from dreg.registration.reduce import reduce_chunk
 
     started, cpu_started = time.perf_counter(), time.process_time()
     counts = reduce_chunk(*args)
@@ -140,7 +140,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dreg.io import ome_zarr
-    from dreg.transform.reduce import blocks_for_chunk
+    from dreg.registration.reduce import blocks_for_chunk
 
     per_axis = max(1, round(args.blocks ** (1 / 3)))
     owned = args.dir is None
@@ -191,7 +191,7 @@ def main() -> None:
         import cProfile
         import pstats
 
-        from dreg.transform.reduce import warm_up
+        from dreg.registration.reduce import warm_up
 
         warm_up()  # as the workers were: the one-time load of the compiled loops apart
         profiler = cProfile.Profile()

@@ -40,8 +40,9 @@ def main() -> None:
     from dreg import synth
     from dreg.grid import Grid
     from dreg.qc.accuracy import field_error
-    from dreg.registration import PipelineConfig, RunOptions, StageConfig
+    from dreg.registration import PipelineConfig, StageConfig
     from flows.cluster import WORKER_RESOURCES, current_api_url, warm_up
+    from flows.options import RunOptions
     from flows.registration import register_images
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="dreg-bench-"))

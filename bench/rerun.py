@@ -42,7 +42,7 @@ stages:
 
 def register(pair: dict, out: Path, workers: int, *extra: str) -> tuple[float, dict]:
     """One `dreg register` in a fresh process: wall seconds and its last JSON line."""
-    command = [sys.executable, "-m", "flows.cli", "register", pair["fixed"], pair["moving"],
+    command = [sys.executable, "-m", "cli.main", "register", pair["fixed"], pair["moving"],
                str(out), "--workers", str(workers), *extra]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)

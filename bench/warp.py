@@ -70,7 +70,7 @@ def main() -> None:
         log(f"pair and finished output ready in {time.perf_counter() - started:.1f} s")
 
         def body(cluster) -> dict:
-            from dreg.registration import RunOptions
+            from flows.options import RunOptions
             from flows.warp import warp_image
 
             address = cluster.scheduler_address

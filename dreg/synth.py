@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dreg import field
 from dreg.grid import Grid, Region, region_shape, vectors_to_components, zyx_to_xyz
 from dreg.io import ome_zarr, pyramid, storage
-from dreg.transform import field
 
 TEXTURE_WAVES = 24
 COARSE_WAVES = 6

@@ -17,9 +17,10 @@ from prefect.artifacts import (
 )
 
 from dreg.io import storage
+from dreg.layout import QC_FILE
 from dreg.qc.check import load_report
 from dreg.qc.page import data_uri
-from dreg.qc.plan import QC_FILE, qc_folder
+from dreg.qc.plan import qc_folder
 from dreg.qc.report import QcReport, summary_rows
 from dreg.registration import STATUSES, RegistrationResult, StageSummary
 

@@ -14,9 +14,10 @@ from prefect import flow, get_run_logger
 
 from dreg.errors import InputError, first_line
 from dreg.io import storage
-from dreg.registration import PipelineConfig, RunOptions
-from dreg.registration.plan import RESULT_FILE
+from dreg.layout import RESULT_FILE
+from dreg.registration import PipelineConfig
 from flows import artifacts, events
+from flows.options import RunOptions
 from flows.registration import register_images
 from flows.run_names import nightly_run_name
 

@@ -57,8 +57,7 @@ def configure_process(threads: int = THREADS_PER_WORKER, warm: bool = True) -> N
             release_freed_memory_promptly()
             _STATE["configured"] = True
         if warm and not _STATE["warm"]:
-            from dreg.registration import elastix
-            from dreg.transform import reduce
+            from dreg.registration import elastix, reduce
 
             elastix.warm_up(threads)  # also sets ITK's global default thread count
             reduce.warm_up()  # the reduce step's compiled loops

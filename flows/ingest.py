@@ -13,9 +13,10 @@ from prefect.runtime import flow_run
 
 from dreg import trust
 from dreg.io import ome_zarr, storage
-from dreg.registration import PipelineConfig, RegistrationResult, RunOptions, default_pipeline
+from dreg.registration import PipelineConfig, RegistrationResult, default_pipeline
 from dreg.registration.records import finished_with_same_inputs
 from flows import artifacts, events
+from flows.options import RunOptions
 from flows.registration import register_images
 from flows.run_names import ingest_run_name
 from flows.warp import warp_image

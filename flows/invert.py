@@ -15,12 +15,12 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
+from dreg.apply import invert
+from dreg.apply.plan import InvertPlan, InvertResult, inverse_chunks, plan_invert
 from dreg.io import storage
-from dreg.registration import RunOptions
-from dreg.transform import invert
-from dreg.transform.plan import InvertPlan, InvertResult, inverse_chunks, plan_invert
 from flows import artifacts
 from flows.cluster import dask_cluster
+from flows.options import RunOptions
 from flows.ownership import owning
 from flows.registration import result_storage
 from flows.run_names import invert_run_name

@@ -15,11 +15,11 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
-from dreg.registration import RunOptions
-from dreg.transform.plan import PointsPlan, PointsResult, plan_points
+from dreg.apply.plan import PointsPlan, PointsResult, plan_points
 from flows import artifacts
 from flows.cluster import dask_cluster
 from flows.invert import invert_field
+from flows.options import RunOptions
 from flows.registration import result_storage
 from flows.run_names import points_run_name
 from tasks.apply import prepare_points, transform_points, write_points

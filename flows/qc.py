@@ -23,11 +23,12 @@ from dreg.errors import first_line
 from dreg.qc.measure import BrickMeasure
 from dreg.qc.plan import FOLD_THRESHOLD, QcPlan, brick_regions, plan_qc
 from dreg.qc.report import PICTURE_GROUPS, QcReport, build_report
-from dreg.registration import RegistrationResult, RunOptions
+from dreg.registration import RegistrationResult
 from dreg.registration.records import load_result
 from flows import artifacts
 from flows.cluster import dask_cluster
 from flows.events import INTERRUPT_MARKERS
+from flows.options import RunOptions
 from flows.ownership import owning
 from flows.run_names import qc_run_name
 from tasks.qc import (

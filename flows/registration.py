@@ -25,14 +25,16 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
+from dreg import field
+from dreg.apply.plan import derived_outputs
 from dreg.errors import DregError, StorageError, describe, first_line
+from dreg.field import FIELD_CHUNK, fixed_description
 from dreg.io import ome_zarr, storage
 from dreg.io.ownership import OwnedElsewhere
 from dreg.registration import (
     BlockResult,
     RegistrationPlan,
     RegistrationResult,
-    RunOptions,
     StagePlan,
     StageSummary,
     default_pipeline,
@@ -50,13 +52,11 @@ from dreg.registration.records import (
     registration_result,
     summarize_stage,
 )
+from dreg.registration.reduce import blocks_for_chunk, field_identity
 from dreg.registration.store import block_key, load_entry
-from dreg.transform import field
-from dreg.transform.field import FIELD_CHUNK, fixed_description
-from dreg.transform.plan import derived_outputs
-from dreg.transform.reduce import blocks_for_chunk, field_identity
 from flows import artifacts, events
 from flows.cluster import BLOCK_RESOURCE, block_workers, dask_cluster
+from flows.options import RunOptions
 from flows.ownership import owning
 from flows.qc import check_registration
 from flows.run_names import register_run_name

@@ -13,11 +13,11 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
+from dreg.apply.plan import WarpPlan, WarpResult, plan_warp, warp_chunks
 from dreg.io import ome_zarr
-from dreg.registration import RunOptions
-from dreg.transform.plan import WarpPlan, WarpResult, plan_warp, warp_chunks
 from flows import artifacts
 from flows.cluster import dask_cluster
+from flows.options import RunOptions
 from flows.ownership import owning
 from flows.registration import result_storage
 from flows.run_names import warp_run_name

@@ -1,6 +1,6 @@
 """Prefect tasks of the flows that use a finished registration: warp, invert, points.
 
-Thin wrappers over `dreg.transform`: each chunk or batch is one task run with retries;
+Thin wrappers over `dreg.apply`: each chunk or batch is one task run with retries;
 chunk tasks are cached by their inputs, which include the output's token, so a resumed
 run skips the chunks it wrote and a new output never trusts an old cache.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from dreg.apply import invert, outputs, points, warp
+from dreg.apply.plan import InvertPlan, PointsPlan, WarpPlan
 from dreg.grid import Region
 from dreg.io import ome_zarr, pyramid
-from dreg.transform import invert, outputs, points, warp
-from dreg.transform.plan import InvertPlan, PointsPlan, WarpPlan
 
 CHUNK_CACHE = INPUTS + TASK_SOURCE
 

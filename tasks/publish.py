@@ -6,9 +6,9 @@ import json
 
 from prefect import task
 
+from dreg.apply import scene
 from dreg.io import storage
 from dreg.registration import RegistrationResult
-from dreg.transform import scene
 from tasks.names import written_name
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import task
 
+from dreg import field
 from dreg.grid import Grid, Region
-from dreg.registration import BlockResult
-from dreg.transform import field, reduce
+from dreg.registration import BlockResult, reduce
 from tasks.names import written_name
 
 

@@ -272,8 +272,8 @@ def block_name(residual_file: str) -> str:
 
 
 def read_field(uri: str) -> np.ndarray:
+    from dreg import field as field_module
     from dreg.io import ome_zarr
-    from dreg.transform import field as field_module
 
     image = field_module.open_field(uri)
     return ome_zarr.read_region(image, 0, tuple(slice(0, n) for n in

@@ -24,11 +24,11 @@ from scipy import ndimage
 from test_ngff_validity import check_scene
 
 from dreg import synth
+from dreg.field import open_field, sample_field
 from dreg.grid import Grid, components_to_vectors, whole_region
 from dreg.io import ome_zarr, storage
-from dreg.registration import RunOptions
 from dreg.registration.records import InitialRecord, RegistrationResult
-from dreg.transform.field import open_field, sample_field
+from flows.options import RunOptions
 
 pytestmark = [pytest.mark.prefect]
 SHAPE = (40, 44, 48)
@@ -70,7 +70,7 @@ def dreg(*args: str, api: str | None = None, check: bool = True) -> subprocess.C
     """The real CLI; with `api`, reporting to that Prefect API (the one the session's Dask
     workers report to), else to a temporary server of its own."""
     env = {**os.environ, "PREFECT_API_URL": api} if api else None
-    done = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
                           text=True, timeout=600, env=env)
     if check:
         assert done.returncode == 0, done.stderr[-3000:]
@@ -316,7 +316,7 @@ def test_a_second_run_on_one_output_is_refused_naming_the_owner(prefect_api, das
     config.write_text("stages:\n  - name: b\n    level: 0\n    block_size: 16\n"
                       "    transform: translation\n"
                       "    parameters: {MaximumNumberOfIterations: 40}\n")
-    command = [sys.executable, "-m", "flows.cli", "register", pair["fixed"], pair["moving"]]
+    command = [sys.executable, "-m", "cli.main", "register", pair["fixed"], pair["moving"]]
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     first = subprocess.Popen([*command, str(tmp_path / "a"), "--config", str(config),
                               "--dask-address", dask_address], env=env,

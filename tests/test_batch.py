@@ -10,8 +10,9 @@ import yaml
 from dreg import synth
 from dreg.errors import InputError
 from dreg.grid import Grid
-from dreg.registration import PipelineConfig, RunOptions, StageConfig
+from dreg.registration import PipelineConfig, StageConfig
 from flows.batch import pending, read_manifest
+from flows.options import RunOptions
 
 
 def test_manifest_reading_and_pending(tmp_path):

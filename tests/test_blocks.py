@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dreg.field import AffineTransform
 from dreg.grid import Grid
 from dreg.registration import tiling
 from dreg.registration.block import moving_region
-from dreg.transform.field import AffineTransform
-from dreg.transform.reduce import compose
+from dreg.registration.reduce import compose
 
 
 def test_tiles_cover_the_image_with_cropped_padding():

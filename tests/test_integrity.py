@@ -17,7 +17,8 @@ from dreg import synth
 from dreg.errors import RunFailed, StorageError
 from dreg.grid import Grid
 from dreg.io import ome_zarr
-from dreg.registration import PipelineConfig, RunOptions, StageConfig
+from dreg.registration import PipelineConfig, StageConfig
+from flows.options import RunOptions
 
 pytestmark = [pytest.mark.slow, pytest.mark.prefect]
 
@@ -107,9 +108,9 @@ def test_a_previous_field_that_is_not_the_planned_one_is_refused(original, tmp_p
                                                                  dask_address):
     """The next stage reads the previous stage's field only if it carries the identity
     the stage was planned from; a field rewritten under the same name is refused."""
+    from dreg import field
     from dreg.registration.block import open_previous
     from dreg.registration.plan import plan_registration, stage_context
-    from dreg.transform import field
 
     stages = [StageConfig(name="affine", level=-1, transform="affine",
                           parameters={"MaximumNumberOfIterations": 50}), *STAGES]

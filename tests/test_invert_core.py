@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dreg import synth
+from dreg import field, synth
+from dreg.apply import invert
 from dreg.grid import Grid, region_from_bounds, vectors_to_components, whole_region
 from dreg.io import ome_zarr
-from dreg.transform import field, invert
 
 
 def rotation_zx(degrees_z: float, degrees_x: float) -> np.ndarray:

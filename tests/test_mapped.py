@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dreg import field
 from dreg.errors import StorageError
 from dreg.grid import Grid
 from dreg.io import mapped, ome_zarr
-from dreg.transform import field
 
 GRID = Grid((21, 18, 25), (1.0, 1.0, 1.0))
 

@@ -18,7 +18,7 @@ from test_convert import ITK_CASES, sample_array, write_with_itk
 
 from dreg.io import convert
 
-DREG = [sys.executable, "-m", "flows.cli"]
+DREG = [sys.executable, "-m", "cli.main"]
 
 
 def check_valid(uri: str, axes: tuple[str, ...]) -> None:

@@ -279,7 +279,7 @@ def test_a_flipped_byte_in_an_image_chunk_is_an_error_naming_image_level_and_chu
 
 def test_a_flipped_byte_in_an_uncompressed_field_chunk_is_an_error(tmp_path):
     from dreg.errors import StorageError
-    from dreg.transform.field import create_field, open_field, sample_field
+    from dreg.field.displacement import create_field, open_field, sample_field
 
     grid = Grid((16, 24, 32), (2.0, 1.5, 1.0))
     field = create_field(str(tmp_path / "f.ome.zarr"), grid, chunks=8)

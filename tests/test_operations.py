@@ -22,10 +22,9 @@ import pytest
 import s3_server
 from prefect_queries import events_named, wait_for_events
 
-from dreg import synth
+from dreg import field, synth
 from dreg.grid import Grid
 from dreg.io import ome_zarr
-from dreg.transform import field
 
 pytestmark = pytest.mark.ops
 

@@ -1,4 +1,4 @@
-"""Transforming point sets through displacement fields: dreg.transform.points, on real
+"""Transforming point sets through displacement fields: dreg.apply.points, on real
 CSV and Parquet files and real zarr fields."""
 
 from __future__ import annotations
@@ -13,17 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dreg import synth
-from dreg.errors import InputError, StorageError
-from dreg.grid import Grid, region_shape, vectors_to_components
-from dreg.io import ome_zarr, storage
-from dreg.transform.field import (
-    FIXED_TO_MOVING,
-    MOVING_TO_FIXED,
-    create_field,
-    open_field,
-    sample_field,
-)
-from dreg.transform.points import (
+from dreg.apply.points import (
     batch_ranges,
     check_points_file,
     chunk_groups,
@@ -35,6 +25,16 @@ from dreg.transform.points import (
     transform_points_batch,
     transform_xyz,
 )
+from dreg.errors import InputError, StorageError
+from dreg.field import (
+    FIXED_TO_MOVING,
+    MOVING_TO_FIXED,
+    create_field,
+    open_field,
+    sample_field,
+)
+from dreg.grid import Grid, region_shape, vectors_to_components
+from dreg.io import ome_zarr, storage
 
 TRANSLATION = (1.5, -2.25, 0.75)  # exact in float32
 

@@ -23,14 +23,14 @@ from matplotlib import image as mpimage
 from test_apply import finished_registration
 
 from dreg import synth
+from dreg.field import create_field, fixed_description
 from dreg.grid import Grid, components_to_vectors, vectors_to_components, whole_region
 from dreg.io import ome_zarr, storage
 from dreg.qc import check, slices
 from dreg.qc.jacobian import JacobianTally, region_determinant
 from dreg.qc.plan import plan_qc
-from dreg.registration import RunOptions
 from dreg.registration.records import load_result
-from dreg.transform.field import create_field, fixed_description
+from flows.options import RunOptions
 
 ROTATION = ((0.8660254037844387, -0.5, 0.0), (0.5, 0.8660254037844387, 0.0), (0.0, 0.0, 1.0))
 AFFINE = np.array([[1.08, 0.12, -0.05], [-0.07, 0.93, 0.1], [0.04, -0.06, 1.15]])
@@ -261,7 +261,7 @@ def test_qc_command_refuses_bad_input(tmp_path):
     unfinished.mkdir()
     for args, expected in [(["qc", str(unfinished)], "no finished registration"),
                            (["qc", str(tmp_path / "missing")], "missing")]:
-        done = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
                               text=True, timeout=120)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2, done.stderr[-2000:]
@@ -276,7 +276,7 @@ def test_qc_flow_uses_the_warped_image_and_records_its_verdict(pair, tmp_path, p
     out = finished_registration(pair, str(tmp_path / "out"))
     resampled = check.check(plan_qc(load_result(out)))
     warp_image(out, options=RunOptions(dask_address=dask_address))
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "qc", out, "--dask-address",
+    done = subprocess.run([sys.executable, "-m", "cli.main", "qc", out, "--dask-address",
                            dask_address], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PREFECT_API_URL": prefect_api})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -371,7 +371,7 @@ def test_a_registration_shows_its_qc_in_the_prefect_ui(tmp_path):
     with prefect_server(tmp_path / "prefect") as (api, env):
         env = {**env, "DREG_DASK_WORKERS": "1"}
         env.pop("DREG_DASK_ADDRESS", None)
-        done = subprocess.run([sys.executable, "-m", "flows.cli", "register", pair_["fixed"],
+        done = subprocess.run([sys.executable, "-m", "cli.main", "register", pair_["fixed"],
                                pair_["moving"], out, "--config", str(config)], env=env,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]

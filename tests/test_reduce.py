@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from dreg import field
+from dreg.field import AffineTransform, trilinear
 from dreg.grid import (
     Grid,
     components_to_vectors,
@@ -20,9 +22,7 @@ from dreg.grid import (
 from dreg.io import ome_zarr
 from dreg.registration import tiling
 from dreg.registration.outcome import FAILED, OK, BlockResult, load_residual, save_residual
-from dreg.transform import field, trilinear
-from dreg.transform.field import AffineTransform
-from dreg.transform.reduce import (
+from dreg.registration.reduce import (
     blend_residuals,
     blocks_for_chunk,
     compose_on_grid,

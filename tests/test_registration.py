@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from prefect_queries import final_task_runs, wait_for_events
 
-from dreg import synth
+from dreg import field, synth
 from dreg.grid import Grid
 from dreg.io import ome_zarr, pyramid
 from dreg.qc.accuracy import field_error
-from dreg.registration import PipelineConfig, RunOptions, StageConfig
-from dreg.transform import field
+from dreg.registration import PipelineConfig, StageConfig
+from flows.options import RunOptions
 
 pytestmark = [pytest.mark.slow, pytest.mark.prefect]
 

@@ -126,7 +126,7 @@ def test_cli_reports_bad_input_in_one_line_before_any_work(pair, tmp_path):
     far = synth.write_pair(str(tmp_path / "far"),
                            Grid((40, 40, 40), (1.0, 1.0, 1.0), (0.0, 900.0, 0.0)), seed=2)
     done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "register", pair["fixed"], far["moving"],
+        [sys.executable, "-m", "cli.main", "register", pair["fixed"], far["moving"],
          str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
@@ -158,7 +158,7 @@ def test_bspline_grid_spacing_without_loading_elastix():
 
 
 def register_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", "register", *args],
+    return subprocess.run([sys.executable, "-m", "cli.main", "register", *args],
                           capture_output=True, text=True, timeout=120, cwd=cwd)
 
 

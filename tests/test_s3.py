@@ -15,11 +15,10 @@ import pytest
 import s3_server
 import zarr
 
-from dreg import synth
+from dreg import field, synth
 from dreg.errors import InputError
 from dreg.grid import Grid
 from dreg.io import convert, ome_zarr, pyramid, storage
-from dreg.transform import field
 
 pytestmark = pytest.mark.s3
 
@@ -144,7 +143,7 @@ def test_convert_to_s3(s3, tmp_path):
 
 def run_dreg(*args: str) -> subprocess.CompletedProcess:
     """The real command line, with this session's environment (the moto endpoint)."""
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
                           text=True, timeout=120, env=dict(os.environ))
 
 

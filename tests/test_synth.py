@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from dreg import synth
+from cli import main as cli
+from dreg import field, synth
 from dreg.grid import Grid
 from dreg.io import ome_zarr, pyramid
-from dreg.transform import field
-from flows import cli
 
 
 def rotation_zx(degrees_z: float, degrees_x: float) -> tuple:

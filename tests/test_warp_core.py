@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from dreg import field as fields
 from dreg import synth
+from dreg.apply import warp
 from dreg.errors import InputError
 from dreg.grid import (
     Grid,
@@ -21,8 +23,6 @@ from dreg.grid import (
     whole_region,
 )
 from dreg.io import ome_zarr, pyramid
-from dreg.transform import field as fields
-from dreg.transform import warp
 
 
 def rotation(axis, degrees: float) -> tuple:
@@ -315,12 +315,12 @@ def test_unknown_interpolation_is_an_input_error(pair):
 
 def test_check_overlap(pair, tmp_path):
     field = fields.open_field(pair["truth"])
-    warp.check_overlap(ome_zarr.open_image(pair["moving"]), field)
+    warp.check_image_meets_field(ome_zarr.open_image(pair["moving"]), field)
 
     far_grid = Grid(GRID.shape_zyx, GRID.spacing_xyz, origin_xyz=(5000.0, 0.0, 0.0),
                     direction=GRID.direction)
     far_uri = str(tmp_path / "far.ome.zarr")
     write_image(far_uri, [far_grid], [np.ones(far_grid.shape_zyx, np.float32)])
     with pytest.raises(InputError, match="does not meet") as error:
-        warp.check_overlap(ome_zarr.open_image(far_uri), field)
+        warp.check_image_meets_field(ome_zarr.open_image(far_uri), field)
     assert "far.ome.zarr" in str(error.value)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from dreg.field import open_field, sample_field
 from dreg.grid import components_to_vectors
 from dreg.io import ome_zarr
-from dreg.transform.field import open_field, sample_field
 
 
 def field_error(field_uri: str, truth_uri: str, margin: int = 2) -> dict:

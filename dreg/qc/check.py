@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 
 from dreg.io import storage
+from dreg.layout import QC_FILE
 from dreg.qc.measure import BrickMeasure, measure_brick
 from dreg.qc.page import render_page
-from dreg.qc.plan import QC_FILE, QcPlan, brick_regions
+from dreg.qc.plan import QcPlan, brick_regions
 from dreg.qc.report import QcReport, build_report
 from dreg.qc.stages import read_table, stage_numbers
 

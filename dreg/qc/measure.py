@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dreg.field import open_field
 from dreg.grid import Region, region_shape, region_to_list, relative_region
 from dreg.io import ome_zarr
 from dreg.qc.jacobian import JacobianTally, determinant, with_halo
 from dreg.qc.plan import QcPlan
 from dreg.qc.similarity import brick_histograms
-from dreg.transform.field import open_field
 
 FOLD_CHUNKS_LISTED = 20
 

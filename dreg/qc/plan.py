@@ -14,19 +14,16 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from dreg.apply.outputs import output_attributes
 from dreg.errors import InputError
+from dreg.field import AffineTransform, open_field
 from dreg.grid import Grid, Region, region_from_bounds
 from dreg.io import ome_zarr, storage
+from dreg.layout import BLOCK_TABLE, QC_FOLDER, QC_PAGE, WARPED_NAME
 from dreg.qc.sampling import level_for_spacing, mean_spacing
 from dreg.registration.plan import FOREGROUND_FRACTION_OF_P99
 from dreg.registration.records import RegistrationResult
-from dreg.transform.field import AffineTransform, open_field
-from dreg.transform.outputs import output_attributes
-from dreg.transform.plan import QC_NAME, WARPED_NAME
 
-QC_FOLDER = QC_NAME
-QC_FILE = "qc.json"
-PAGE_FILE = "index.html"
 FOLD_THRESHOLD = 0.001  # share of field voxels with det J <= 0 above which QC warns
 LATTICE_POINTS = 2**21  # at most this many field voxels carry the similarity
 HISTOGRAM_BINS = 32
@@ -81,7 +78,7 @@ class QcPlan(BaseModel):
 
     @property
     def page_uri(self) -> str:
-        return storage.join(self.folder, PAGE_FILE)
+        return storage.join(self.folder, QC_PAGE)
 
     def picture_uri(self, name: str) -> str:
         return storage.join(self.folder, f"{name}.png")
@@ -212,7 +209,7 @@ def stage_refs(result: RegistrationResult) -> list[StageRef]:
         refs.append(StageRef(
             number=stage.number, name=stage.name, level=stage.level,
             transform=stage.transform, blocks=stage.blocks, counts=stage.counts,
-            table=storage.join(stage.field.rsplit("/", 1)[0], "blocks.json"),
+            table=storage.join(stage.field.rsplit("/", 1)[0], BLOCK_TABLE),
             block_size=tuple(block_size) if isinstance(block_size, list) else block_size,
             overlap=config.get("overlap", 0.25),
             field_grid_factor=config.get("field_grid_factor", 2)))

@@ -14,10 +14,10 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from dreg.apply.warp import OUTSIDE_TOLERANCE, sample_scattered
+from dreg.field import AffineTransform
 from dreg.grid import Grid, region_from_bounds, region_shape
 from dreg.io import ome_zarr
-from dreg.transform.field import AffineTransform
-from dreg.transform.warp import OUTSIDE_TOLERANCE, sample_scattered
 
 MAX_BOX_VOXELS = 64**3 * 4
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dreg.apply.warp import sample_scattered
+from dreg.field import open_field
 from dreg.grid import Grid, Region, region_from_bounds
 from dreg.io import ome_zarr
 from dreg.qc.jacobian import region_determinant
@@ -28,8 +30,6 @@ from dreg.qc.sampling import (
     through_field,
 )
 from dreg.registration.tiling import tile
-from dreg.transform.field import open_field
-from dreg.transform.warp import sample_scattered
 
 AXIS_NAMES = ("z", "y", "x")
 GRID_AXIS_NAMES = ("k", "j", "i")

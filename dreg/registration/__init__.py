@@ -15,7 +15,7 @@ from dreg.registration.plan import (
     plan_registration,
     stage_context,
 )
-from dreg.registration.records import RegistrationResult, RunOptions, StageSummary
+from dreg.registration.records import RegistrationResult, StageSummary
 from dreg.registration.tiling import Block, tile
 
 __all__ = [
@@ -25,7 +25,6 @@ __all__ = [
     "PipelineConfig",
     "RegistrationPlan",
     "RegistrationResult",
-    "RunOptions",
     "StageConfig",
     "StageContext",
     "StagePlan",

@@ -22,6 +22,12 @@ import numpy as np
 from scipy import ndimage
 
 from dreg.errors import StorageError, first_line
+from dreg.field import (
+    AffineTransform,
+    as_transform,
+    displacement_of,
+    field_identity_mark,
+)
 from dreg.grid import Grid, Region, region_from_bounds, whole_region
 from dreg.io import ome_zarr, storage
 from dreg.registration import elastix
@@ -36,12 +42,6 @@ from dreg.registration.outcome import (
 from dreg.registration.similarity import normalized_mutual_information
 from dreg.registration.store import BlockKeyInputs, block_key, load_entry, save_entry
 from dreg.registration.tiling import Block
-from dreg.transform.field import (
-    AffineTransform,
-    as_transform,
-    displacement_of,
-    field_identity_mark,
-)
 
 LATTICE_POINTS = 9  # per axis, over the padded block, to find the moving region
 MARGIN_VOXELS = 2  # beyond the mapped lattice's bounding box, for interpolation

@@ -121,6 +121,6 @@ class InitialAffine(BaseModel):
     translation: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     def to_transform(self):
-        from dreg.transform.field import AffineTransform
+        from dreg.field.displacement import AffineTransform
 
         return AffineTransform(matrix=self.matrix, translation=self.translation)

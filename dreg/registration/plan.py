@@ -16,17 +16,25 @@ from pathlib import Path
 import numpy as np
 
 from dreg.errors import InputError, RunFailed
+from dreg.field import AffineTransform
 from dreg.grid import Grid
 from dreg.io import locations, ome_zarr, storage
+from dreg.layout import (
+    BLOCK_STORE,
+    BLOCK_TABLE,
+    FIELD_NAME,
+    RESULT_FILE,
+    STAGE_FILE,
+    STAGES_FOLDER,
+    field_name,
+    stage_folder_name,
+)
 from dreg.registration import elastix
 from dreg.registration.block import StageContext
 from dreg.registration.parameters import check_parameters
 from dreg.registration.pipeline import PipelineConfig, StageConfig
 from dreg.registration.tiling import normalize_block_size
-from dreg.transform.field import AffineTransform
 
-RESULT_FILE = "result.json"
-FIELD_NAME = "field.ome.zarr"
 MIN_BSPLINE_CELLS = 3  # a block must span at least this many B-spline grid cells
 FOREGROUND_FRACTION_OF_P99 = 0.1
 # One block is registered in one worker process: bound its size (256^3 voxels, 64 MiB
@@ -55,20 +63,20 @@ class StagePlan:
         """Where the stage's field with this content identity lives. A stage's field is
         never rewritten in place: other content gets another name, and stage.json says
         which one is the stage's result."""
-        return storage.join(self.folder, f"field-{identity[:16]}.ome.zarr")
+        return storage.join(self.folder, field_name(identity[:16]))
 
     @property
     def store_dir(self) -> str:
         """The block store: each block's record and residual (dreg.registration.store)."""
-        return storage.join(self.folder, "blocks")
+        return storage.join(self.folder, BLOCK_STORE)
 
     @property
     def table_uri(self) -> str:
-        return storage.join(self.folder, "blocks.json")
+        return storage.join(self.folder, BLOCK_TABLE)
 
     @property
     def summary_uri(self) -> str:
-        return storage.join(self.folder, "stage.json")
+        return storage.join(self.folder, STAGE_FILE)
 
 
 def remove_stale_fields(stage: StagePlan, keep: str) -> None:
@@ -116,7 +124,7 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def check_overlap(fixed: ome_zarr.OmeZarrImage, moving: ome_zarr.OmeZarrImage,
+def check_inputs_meet(fixed: ome_zarr.OmeZarrImage, moving: ome_zarr.OmeZarrImage,
                   initial: AffineTransform) -> None:
     """The fixed image, mapped through the initial transform, must meet the moving image."""
     f_lo, f_hi = fixed.levels[0].grid.world_bounds()
@@ -157,7 +165,7 @@ def _check_block_size(stage: StageConfig, grid: Grid) -> None:
 
 
 def _stage_folder(out_uri: str, number: int, name: str) -> str:
-    return storage.join(out_uri, "stages", f"{number}-{name}")
+    return storage.join(out_uri, STAGES_FOLDER, stage_folder_name(number, name))
 
 
 def foreground_intensity(fixed: ome_zarr.OmeZarrImage) -> float:
@@ -184,7 +192,7 @@ def plan_registration(
     # Before anything is written under OUT (the writability probe included).
     locations.check_apart(out_uri, "OUT", {"FIXED": fixed.uri, "MOVING": moving.uri})
     initial = initial or AffineTransform.identity()
-    check_overlap(fixed, moving, initial)
+    check_inputs_meet(fixed, moving, initial)
 
     stages = []
     for number, stage in enumerate(pipeline.stages, start=1):

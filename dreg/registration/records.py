@@ -10,38 +10,17 @@ import importlib.metadata
 from collections import Counter
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, Field, computed_field
 
 from dreg.errors import InputError, RunFailed, first_line
 from dreg.io import ome_zarr, storage
+from dreg.layout import RESULT_FILE
 from dreg.registration.outcome import FAILED, OK, BlockResult
 from dreg.registration.pipeline import PipelineConfig
-from dreg.registration.plan import RESULT_FILE, RegistrationPlan, StagePlan, input_versions
+from dreg.registration.plan import RegistrationPlan, StagePlan, input_versions
 
 FAILURES_LISTED = 200  # in a stage summary; every block is in the stage's table
 VERSIONED_PACKAGES = ("dreg", "prefect", "prefect-dask", "itk-elastix", "zarr", "dask")
-
-
-class RunOptions(BaseModel):
-    """How a registration runs, as opposed to what it computes (that is the pipeline)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    overwrite: bool = Field(False, description="replace a finished result in the output")
-    dask_address: str | None = Field(
-        None, description="an existing Dask scheduler; default $DREG_DASK_ADDRESS, else local"
-    )
-    workers: int | None = Field(None, ge=1, description="local cluster workers (default: cores)")
-    debug: bool = Field(False, description="write elastix logs per block")
-    show_progress: bool = Field(False, description="a progress bar of blocks on stderr")
-    block_retries: int = Field(2, ge=0, description="attempts after a batch's first failure")
-    storage_patience: float = Field(
-        300.0, ge=0, description="seconds to keep retrying a storage error before the run fails")
-    max_failed_share: float = Field(
-        0.05, ge=0, le=1, description="a stage with a larger share of failed blocks fails the run")
-    batch_size: int | None = Field(
-        None, ge=1, description="blocks per task run (default: sized from blocks and workers)")
-    qc: bool = Field(True, description="run quality control at the end (OUT/qc/)")
 
 
 class StageTimings(BaseModel):

@@ -9,9 +9,8 @@ from __future__ import annotations
 import zarr
 
 from dreg.io import ome_zarr, storage
+from dreg.layout import FIELD_NAME, INVERSE_NAME
 
-FIELD_PATH = "field.ome.zarr"
-INVERSE_PATH = "inverse.ome.zarr"
 SYSTEM = "physical"
 
 
@@ -32,10 +31,10 @@ def scene_attributes(out_uri: str, fixed_uri: str, moving_uri: str, inverse: boo
     ends = {"input": _reference(out_uri, fixed_uri), "output": _reference(out_uri, moving_uri)}
     if inverse:
         transform = {"type": "bijection", "name": "fixed to moving", **ends,
-                     "forward": _displacements(FIELD_PATH),
-                     "inverse": _displacements(INVERSE_PATH)}
+                     "forward": _displacements(FIELD_NAME),
+                     "inverse": _displacements(INVERSE_NAME)}
     else:
-        transform = {**_displacements(FIELD_PATH), "name": "fixed to moving", **ends}
+        transform = {**_displacements(FIELD_NAME), "name": "fixed to moving", **ends}
     return {"version": ome_zarr.DISPLACEMENT_OME_VERSION,
             "scene": {"coordinateTransformations": [transform]}}
 

@@ -11,18 +11,17 @@ import argparse
 import json
 import os
 
+from cli.arguments import add_cluster_options, run_options
 from dreg.io import ownership
 
 
 def _options(args: argparse.Namespace):
-    from dreg.registration import RunOptions
-
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    return RunOptions(dask_address=args.dask_address, workers=args.workers)
+    return run_options(args)
 
 
 def cmd_warp(args: argparse.Namespace) -> int:
-    from dreg.transform.plan import plan_warp
+    from dreg.apply.plan import plan_warp
 
     ownership.check_free(plan_warp(args.out, args.image, args.to, args.interpolation).out)
     from flows.warp import warp_image
@@ -33,7 +32,7 @@ def cmd_warp(args: argparse.Namespace) -> int:
 
 
 def cmd_invert(args: argparse.Namespace) -> int:
-    from dreg.transform.plan import plan_invert
+    from dreg.apply.plan import plan_invert
 
     ownership.check_free(plan_invert(args.out).out)
     from flows.invert import invert_field
@@ -43,7 +42,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
 
 
 def cmd_transform_points(args: argparse.Namespace) -> int:
-    from dreg.transform.plan import plan_points
+    from dreg.apply.plan import plan_points
 
     if plan_points(args.out, args.input, args.output, args.source).needs_inverse:
         ownership.check_free(args.out)
@@ -53,31 +52,6 @@ def cmd_transform_points(args: argparse.Namespace) -> int:
                                    _options(args))
     print(json.dumps(result.model_dump(mode="json")))
     return 0
-
-
-def cmd_qc(args: argparse.Namespace) -> int:
-    from dreg.qc.plan import FOLD_THRESHOLD, plan_qc
-    from dreg.registration.records import load_result
-
-    threshold = FOLD_THRESHOLD if args.fold_threshold is None else args.fold_threshold
-    # Check first: a finished registration, readable inputs, a sane threshold (exit 2).
-    plan = plan_qc(load_result(args.out), threshold)
-    ownership.check_free(plan.out)
-    from flows.qc import quality_control
-
-    report = quality_control(args.out, threshold, _options(args))
-    print(json.dumps(report.model_dump(mode="json", include={
-        "output", "qc", "reason", "jacobian", "similarity", "page", "folder", "seconds",
-        "flow_run_id"})))
-    return 0
-
-
-def add_cluster_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dask-address", default=None,
-                        help="an existing Dask scheduler (default: $DREG_DASK_ADDRESS, "
-                             "else a local cluster)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="local cluster workers (default: one per core)")
 
 
 def add_commands(sub) -> None:
@@ -117,19 +91,3 @@ def add_commands(sub) -> None:
     points.add_argument("--from", dest="source", choices=("fixed", "moving"), required=True)
     add_cluster_options(points)
     points.set_defaults(run=cmd_transform_points)
-
-    qc = sub.add_parser(
-        "qc", help="quality control of OUT: pictures and numbers in OUT/qc/",
-        description="Measure the finished registration in OUT: the Jacobian determinant of "
-        "x -> x + u(x) over the whole field (folds: det J <= 0), the similarity before and "
-        "after on a coarse level, the stages' block statuses and metric gains; draw slices "
-        "through the centre of the foreground. Writes OUT/qc/qc.json, OUT/qc/index.html "
-        "and PNG pictures, records the verdict (ok or warn) in result.json, and shows it "
-        "all on the flow run in the Prefect UI. Runs at the end of every `dreg register` "
-        "unless --no-qc.")
-    qc.add_argument("out", help="a finished registration's output (holds result.json)")
-    qc.add_argument("--fold-threshold", type=float, default=None,
-                    help="warn when more than this share of the field's voxels fold "
-                         "(default 0.001, i.e. 0.1 %%)")
-    add_cluster_options(qc)
-    qc.set_defaults(run=cmd_qc)

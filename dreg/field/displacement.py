@@ -2,7 +2,7 @@
 
 A field maps fixed points to moving points: moving = x + u(x). It is stored as an
 OME-Zarr image with axes c, z, y, x, float32; c holds u's world components in (z, y, x)
-order. Sampling is trilinear (compiled: dreg.transform.trilinear), reads only the part of
+order. Sampling is trilinear (compiled: dreg.field.trilinear), reads only the part of
 the field around the points, and holds the value of the nearest border voxel outside the
 field's grid.
 """
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from dreg.errors import InputError
+from dreg.field import trilinear
 from dreg.grid import Grid, components_to_vectors, region_from_bounds
 from dreg.io import mapped, ome_zarr
-from dreg.transform import trilinear
 
 COMPONENTS = ["z", "y", "x"]
 FIELD_CHUNK = 64

@@ -37,8 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dreg.errors import InputError, StorageError, describe
+from dreg.field import open_field, sample_field
 from dreg.io import ome_zarr, storage
-from dreg.transform.field import open_field, sample_field
 
 COORDINATES = ("x", "y", "z")
 CSV = "csv"

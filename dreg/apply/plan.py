@@ -14,18 +14,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from dreg.apply import invert, points, warp
+from dreg.apply.outputs import identity_of, output_attributes
 from dreg.errors import InputError
+from dreg.field import FIELD_CHUNK, MOVING_TO_FIXED, open_field
 from dreg.grid import Grid
 from dreg.io import locations, ome_zarr, storage
+from dreg.layout import DERIVED, INVERSE_NAME, INVERSE_REPORT, WARPED_NAME
 from dreg.registration.records import load_result
-from dreg.transform import invert, points, warp
-from dreg.transform.field import FIELD_CHUNK, MOVING_TO_FIXED, open_field
-from dreg.transform.outputs import identity_of, output_attributes
 
-WARPED_NAME = "warped.ome.zarr"
-INVERSE_NAME = "inverse.ome.zarr"
-INVERSE_REPORT = "inverse.json"
-QC_NAME = "qc"
 WARP_CHUNK = 64
 POINTS_BATCH_ROWS = 1_000_000
 Interpolation = Literal["linear", "nearest"]
@@ -129,7 +126,7 @@ def plan_warp(out: str, image: str | None = None, to: str | None = None,
                          f"{', '.join(warp.INTERPOLATIONS)}")
     source = ome_zarr.open_image(image or result.moving)
     field = open_field(result.field)
-    warp.check_overlap(source, field)
+    warp.check_image_meets_field(source, field)
     dest = storage.normalize_uri(to or storage.join(result.output, WARPED_NAME))
     # The warped image is created over whatever is at `dest`: it may neither lie in what
     # the warp reads nor hold it (the field also stands for OUT, which holds it).
@@ -206,7 +203,7 @@ def inverse_is_current(out: str) -> bool:
 def derived_outputs(out: str) -> list[str]:
     """What OUT holds that was computed from its field: stale once the field changes."""
     return [storage.join(out, name)
-            for name in (WARPED_NAME, INVERSE_NAME, INVERSE_REPORT, QC_NAME)]
+            for name in DERIVED]
 
 
 def warp_chunks(plan: WarpPlan) -> list:

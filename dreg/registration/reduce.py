@@ -7,7 +7,7 @@ compose with the previous transform: u(x) = r(x) + u_prev(x + r(x)).
 
 The loops over a chunk's voxels are compiled (Numba): blending accumulates each block's
 residual times its separable weight in place, and composition computes, moves and
-samples each voxel's point in one pass (dreg.transform.trilinear). Both keep the
+samples each voxel's point in one pass (dreg.field.trilinear). Both keep the
 arithmetic of the plain NumPy formulas: float32 blending, float64 points, SciPy's
 trilinear sums.
 """
@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from dreg.compiled import jit
+from dreg.field import AffineTransform, as_transform, displacement_of, trilinear
 from dreg.grid import (
     Grid,
     Region,
@@ -36,8 +37,6 @@ from dreg.grid import (
 from dreg.io import mapped, ome_zarr, storage
 from dreg.registration.outcome import OK, BlockResult, load_residual
 from dreg.registration.tiling import axis_weights, tile
-from dreg.transform import trilinear
-from dreg.transform.field import AffineTransform, as_transform, displacement_of
 
 
 def blocks_for_chunk(results: Sequence[BlockResult], chunk: Region) -> list[BlockResult]:

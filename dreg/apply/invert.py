@@ -30,6 +30,13 @@ import numpy as np
 from scipy import ndimage
 
 from dreg.errors import InputError
+from dreg.field import (
+    FIELD_CHUNK,
+    MOVING_TO_FIXED,
+    create_field,
+    open_field,
+    sample_field,
+)
 from dreg.grid import (
     Grid,
     Region,
@@ -41,13 +48,6 @@ from dreg.grid import (
     xyz_to_zyx,
 )
 from dreg.io import ome_zarr
-from dreg.transform.field import (
-    FIELD_CHUNK,
-    MOVING_TO_FIXED,
-    create_field,
-    open_field,
-    sample_field,
-)
 
 ITERATIONS = 50
 TOLERANCE_VOXELS = 1e-3

@@ -19,9 +19,9 @@ import numpy as np
 from scipy import ndimage
 
 from dreg.errors import InputError
+from dreg.field import open_field, sample_field
 from dreg.grid import Grid, Region, region_from_bounds, region_shape
 from dreg.io import ome_zarr, pyramid
-from dreg.transform.field import open_field, sample_field
 
 LINEAR = "linear"
 NEAREST = "nearest"
@@ -31,7 +31,7 @@ DEFAULT_MAX_SOURCE_VOXELS = 64**3 * 8
 # still count as inside: world -> index round trips and float32 displacements put points
 # that are exactly on the border a hair outside it.
 OUTSIDE_TOLERANCE = 1e-3
-OVERLAP_SAMPLES = 9  # lattice points per axis of the fixed grid for check_overlap
+OVERLAP_SAMPLES = 9  # lattice points per axis of the fixed grid for check_image_meets_field
 
 
 def interpolation_order(interpolation: str) -> int:
@@ -271,7 +271,7 @@ def sample_scattered(field: ome_zarr.OmeZarrImage, points_xyz: np.ndarray) -> np
     return out
 
 
-def check_overlap(image: ome_zarr.OmeZarrImage, field: ome_zarr.OmeZarrImage) -> None:
+def check_image_meets_field(image: ome_zarr.OmeZarrImage, field: ome_zarr.OmeZarrImage) -> None:
     """Raise InputError when the image's physical extent does not meet the region the
     field maps the fixed image into: its warp would be all zeros."""
     image_lo, image_hi = image.levels[0].grid.world_bounds()

@@ -1,5 +1,6 @@
-"""`dreg register` and `dreg demo`: run the registration flow on the embedded defaults
-(no server to start: Prefect's temporary API, a local Dask cluster, local files)."""
+"""`dreg register`, `dreg demo` and `dreg emit-ingested`: run the registration flow on
+the embedded defaults (no server to start: Prefect's temporary API, a local Dask cluster,
+local files), or announce a new volume to the deployments."""
 
 from __future__ import annotations
 
@@ -8,31 +9,19 @@ import json
 import os
 import time
 
+from cli.arguments import add_cluster_options, model_option, run_options
 from dreg.io import ownership, storage
-from flows.apply_commands import add_cluster_options
+from flows.options import RunOptions
 
 DEMO_SHAPE = (64, 80, 96)
 
 
 def _run_registration(args: argparse.Namespace, pipeline):
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from dreg.registration import RunOptions
     from flows.registration import register_images
 
-    options = RunOptions(
-        overwrite=args.overwrite,
-        dask_address=args.dask_address,
-        workers=args.workers,
-        debug=getattr(args, "debug", False),
-        show_progress=True,
-        block_retries=getattr(args, "retries", 2),
-        storage_patience=getattr(args, "storage_patience", 300.0),
-        max_failed_share=getattr(args, "max_failed_share", 0.05),
-        batch_size=getattr(args, "batch_size", None),
-        qc=not getattr(args, "no_qc", False),
-    )
     return register_images(fixed=args.fixed, moving=args.moving, out=args.out,
-                           pipeline=pipeline, options=options)
+                           pipeline=pipeline, options=run_options(args, show_progress=True))
 
 
 def _last_line(result) -> dict:
@@ -54,7 +43,6 @@ def cmd_register(args: argparse.Namespace) -> int:
     result = _run_registration(args, pipeline)
     line = _last_line(result)
     if args.warp:
-        from dreg.registration import RunOptions
         from flows.warp import warp_image
 
         warped = warp_image(result.output, options=RunOptions(
@@ -129,25 +117,20 @@ def add_commands(sub) -> None:
     register.add_argument("moving")
     register.add_argument("out")
     register.add_argument("--config", help="pipeline YAML (default: the built-in pipeline)")
-    register.add_argument("--overwrite", action="store_true",
-                          help="replace a finished result in OUT")
-    register.add_argument("--retries", type=int, default=2,
-                          help="attempts after a block batch's first failure (default 2)")
-    register.add_argument("--storage-patience", type=float, default=300.0, metavar="SECONDS",
-                          help="keep retrying a storage error this long before the run "
-                               "fails (default 300)")
-    register.add_argument("--max-failed-share", type=float, default=0.05, metavar="SHARE",
-                          help="fail the run when a stage has a larger share of failed "
-                               "blocks (default 0.05)")
-    register.add_argument("--batch-size", type=int, default=None, metavar="BLOCKS",
-                          help="blocks per task run (default: sized from blocks and workers)")
-    register.add_argument("--debug", action="store_true",
-                          help="write elastix logs per block under each stage folder")
+    model_option(register, "--overwrite", RunOptions, "overwrite")
+    model_option(register, "--retries", RunOptions, "block_retries", type=int, metavar="N")
+    model_option(register, "--storage-patience", RunOptions, "storage_patience", type=float,
+                 metavar="SECONDS")
+    model_option(register, "--max-failed-share", RunOptions, "max_failed_share", type=float,
+                 metavar="SHARE")
+    model_option(register, "--batch-size", RunOptions, "batch_size", type=int,
+                 metavar="BLOCKS")
+    model_option(register, "--debug", RunOptions, "debug")
     register.add_argument("--warp", action="store_true",
                           help="then warp the moving image onto the fixed grid "
                                "(OUT/warped.ome.zarr)")
-    register.add_argument("--no-qc", action="store_true",
-                          help="skip the quality control at the end (OUT/qc/)")
+    model_option(register, "--no-qc", RunOptions, "qc",
+                 help="skip the quality control at the end (OUT/qc/)")
     add_cluster_options(register)
     register.set_defaults(run=cmd_register)
 
