@@ -17,6 +17,8 @@ import s3_server
 from dreg.errors import InputError, StorageError
 from dreg.io import ownership, storage
 from dreg.io.ownership import LeaseLost, OwnedElsewhere, acquire, is_stale, read_owner
+from dreg.io.ownership import s3 as s3_records
+from dreg.io.ownership.records import record_name
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
@@ -44,7 +46,7 @@ def write_lease(out: str, owner: str, expires: float, generation: int | None = N
         "generation": generation,
         "released": None,
     }
-    name = ownership._generation_name(generation)
+    name = record_name(generation)
     storage.write_text(storage.join(out, ownership.LEASE_DIR, name), json.dumps(record))
 
 
@@ -121,7 +123,7 @@ def test_old_generations_are_pruned(out):
         lease.renew()
     fs, path = storage.filesystem(storage.join(out, ownership.LEASE_DIR))
     names = sorted(name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False, refresh=True))
-    assert names == [ownership._generation_name(g) for g in (5, 6)]
+    assert names == [record_name(g) for g in (5, 6)]
     lease.release()
 
 
@@ -258,11 +260,11 @@ def test_invalid_arguments(out):
 
 def test_unreadable_record_is_held_then_stale(tmp_path):
     out = str(tmp_path / "out")
-    storage.write_text(storage.join(out, ownership.LEASE_DIR, ownership._generation_name(1)), "")
+    storage.write_text(storage.join(out, ownership.LEASE_DIR, record_name(1)), "")
     with pytest.raises(OwnedElsewhere, match="being written or is damaged"):
         acquire(out, "run-a")
     old = time.time() - ownership.UNREADABLE_GRACE_S - ownership.CLOCK_SKEW_S - 1
-    path = tmp_path / "out" / ownership.LEASE_DIR / ownership._generation_name(1)
+    path = tmp_path / "out" / ownership.LEASE_DIR / record_name(1)
     os.utime(path, (old, old))
     assert acquire(out, "run-a").generation == 2
 
@@ -283,9 +285,9 @@ class _IgnoresConditions:
 
 @pytest.mark.s3
 def test_s3_store_without_conditional_writes_is_refused(s3, monkeypatch):
-    client = ownership._s3_client()
-    monkeypatch.setattr(ownership, "_s3_client", lambda: _IgnoresConditions(client))
-    monkeypatch.setattr(ownership, "_atomic_checked", set())
+    client = s3_records._s3_client()
+    monkeypatch.setattr(s3_records, "_s3_client", lambda: _IgnoresConditions(client))
+    monkeypatch.setattr(s3_records, "_atomic_checked", set())
     out = s3.uri("no-conditions")
     with pytest.raises(StorageError, match="does not honour conditional writes") as refused:
         acquire(out, "run-a")
