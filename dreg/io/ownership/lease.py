@@ -3,7 +3,9 @@ and judged stale, and the errors a run sees.
 
 Clocks: ``expires`` is written with the owner's clock; another run treats the lease as
 stale only ``skew`` seconds after that (CLOCK_SKEW_S), and the owner treats it as lost as
-soon as ``expires`` passes without a renewal.
+soon as ``expires`` passes without a renewal. The lease reads the time, and waits
+between renewals, through a `Clock`: this machine's unless a test passes its own. (An
+unreadable record's age comes from its modification time: storage's clock.)
 """
 
 from __future__ import annotations
@@ -35,13 +37,30 @@ DEFAULT_LEASE_S = 60.0
 LEASE_VARIABLE = "DREG_LEASE_SECONDS"
 
 
+class Clock:
+    """Where the lease reads the time and waits between renewals: this machine's clock.
+    Tests pass a clock they move by hand, so that expiry and renewal are exact and
+    instant."""
+
+    def now(self) -> float:
+        """Seconds since the epoch, the unit of a record's times."""
+        return time.time()
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        """Wait `seconds`, or less if `stop` is set; whether it is set."""
+        return stop.wait(seconds)
+
+
+SYSTEM_CLOCK = Clock()
+
+
 class OwnedElsewhere(InputError):
     """OUT is owned by another run whose lease is live."""
 
     def __init__(self, uri: str, lease: dict, now: float | None = None):
         self.uri = uri
         self.lease = lease
-        self.now = time.time() if now is None else now
+        self.now = SYSTEM_CLOCK.now() if now is None else now
         super().__init__(describe_owner(uri, lease, self.now))
 
     def __reduce__(self):  # picklable (Prefect and Dask ship exceptions between processes)
@@ -55,7 +74,7 @@ class LeaseLost(DregError):
 def describe_owner(uri: str, lease: dict, now: float | None = None) -> str:
     """'<OUT>: in use by run <id> (host h, pid p; lease renewed n s ago, expires in m s);
     wait for it to finish or stop it'."""
-    now = time.time() if now is None else now
+    now = SYSTEM_CLOCK.now() if now is None else now
     if lease.get("unreadable"):
         return (
             f"{uri}: in use (its ownership record {LEASE_DIR}/"
@@ -84,7 +103,7 @@ def is_stale(lease: dict, now: float | None = None, skew: float = CLOCK_SKEW_S) 
     more than `skew` seconds past the lease's expiry. A released lease is stale too."""
     if lease.get("released"):
         return True
-    now = time.time() if now is None else now
+    now = SYSTEM_CLOCK.now() if now is None else now
     return now > float(lease.get("expires") or 0.0) + skew
 
 
@@ -120,9 +139,11 @@ def acquire(
     lease_seconds: float | None = None,
     *,
     skew_seconds: float = CLOCK_SKEW_S,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Lease:
     """Take ownership of OUT for run `owner`, for `lease_seconds` (default:
-    `lease_seconds_setting()`) unless renewed.
+    `lease_seconds_setting()`) unless renewed. `clock` gives the times written in the
+    record and judges other runs' leases stale; the Lease keeps it for its renewals.
 
     Succeeds if OUT has no lease, if its lease was released or is stale (its owner died;
     it is taken over: `Lease.previous` is the stale record), or if it is held by the same
@@ -141,7 +162,7 @@ def acquire(
     token = uuid.uuid4().hex
     for _ in range(MAX_ROUNDS):
         generations, generation, record = latest(backend, uri)
-        now = time.time()
+        now = clock.now()
         if (
             record is not None
             and record.get("owner") != owner
@@ -163,7 +184,7 @@ def acquire(
         }
         if create(backend, uri, generation + 1, new):
             prune(backend, generations, generation + 1)
-            return Lease(uri, new, lease_seconds, previous)
+            return Lease(uri, new, lease_seconds, previous, clock)
     raise StorageError(f"{uri}: could not take ownership: the ownership record keeps changing")
 
 
@@ -172,13 +193,21 @@ class Lease:
     committing results, release it when done. It stays in the process that took it
     (the flow), and is not pickled."""
 
-    def __init__(self, uri: str, record: dict, lease_seconds: float, previous: dict | None):
+    def __init__(
+        self,
+        uri: str,
+        record: dict,
+        lease_seconds: float,
+        previous: dict | None,
+        clock: Clock = SYSTEM_CLOCK,
+    ):
         self.uri = uri
         self.owner: str = record["owner"]
         self.token: str = record["token"]
         self.lease_seconds = lease_seconds
         self.record = dict(record)
         self.previous = previous
+        self.clock = clock
         self._lock = threading.Lock()
         self._released = False
         self._failure: BaseException | None = None
@@ -224,7 +253,7 @@ class Lease:
             generations, generation, record = latest(backend, self.uri)
             if not self._is_mine(generation, record):
                 raise self._lost(record, "renewal refused")
-            now = time.time()
+            now = self.clock.now()
             new = dict(self.record, renewed=now, expires=now + self.lease_seconds)
             new["generation"] = generation + 1
             if not create(backend, self.uri, generation + 1, new):
@@ -243,7 +272,7 @@ class Lease:
             generations, generation, record = latest(backend, self.uri)
             if not self._is_mine(generation, record):
                 return
-            now = time.time()
+            now = self.clock.now()
             tombstone = dict(self.record, released=now, expires=now)
             tombstone["generation"] = generation + 1
             if create(backend, self.uri, generation + 1, tombstone):
@@ -257,7 +286,7 @@ class Lease:
             raise self._failure
         if self._released:
             raise LeaseLost(f"{self.uri}: run {self.owner} already released OUT")
-        if time.time() > self.expires:
+        if self.clock.now() > self.expires:
             cause = f" ({storage.describe_storage_failure(self.uri, self.last_error)})"
             raise LeaseLost(
                 f"{self.uri}: the ownership lease of run {self.owner} expired without "
@@ -265,7 +294,7 @@ class Lease:
             )
 
     def _renew_loop(self, stop: threading.Event, interval: float) -> None:
-        while not stop.wait(interval):
+        while not self.clock.wait(stop, interval):
             try:
                 self.renew()
                 self.last_error = None
@@ -275,7 +304,7 @@ class Lease:
                 return
             except Exception as exc:  # noqa: BLE001 - a transient failure: retried
                 self.last_error = exc
-                if time.time() > self.expires:
+                if self.clock.now() > self.expires:
                     self._failure = LeaseLost(
                         f"{self.uri}: could not renew the ownership lease of run "
                         f"{self.owner} before it expired: "
@@ -316,11 +345,12 @@ def _backend(uri: str) -> Backend:
     return S3Backend(uri) if storage.is_s3(uri) else LocalBackend(uri)
 
 
-def check_free(out_uri: str) -> None:
+def check_free(out_uri: str, *, clock: Clock = SYSTEM_CLOCK) -> None:
     """Refuse at once, naming the owner, when another run holds a live lease on OUT, or
     when the lease length setting is bad: the fast check a command makes before it starts
     a server or a cluster."""
     lease_seconds_setting()
     lease = read_owner(out_uri)
-    if lease is not None and not is_stale(lease):
-        raise OwnedElsewhere(storage.normalize_uri(out_uri), lease)
+    now = clock.now()
+    if lease is not None and not is_stale(lease, now):
+        raise OwnedElsewhere(storage.normalize_uri(out_uri), lease, now)
