@@ -1,4 +1,7 @@
-"""Ownership of OUT: one run at a time, stale owners taken over, on local disk and S3."""
+"""Ownership of OUT: one run at a time, stale owners taken over, on local disk and S3.
+
+Time is a ManualClock that the tests move by hand: expiry, staleness and renewal are
+exact to the second and take no time; storage is real (a directory, or S3 on moto)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,60 @@ import s3_server
 from dreg.errors import InputError, StorageError
 from dreg.io import ownership, storage
 from dreg.io.ownership import LeaseLost, OwnedElsewhere, acquire, is_stale, read_owner
+from dreg.io.ownership import s3 as s3_records
+from dreg.io.ownership.records import record_name
+
+START = 1_000_000.0  # when a ManualClock starts: long ago, so no real time passes for it
+
+
+class ManualClock(ownership.Clock):
+    """A clock the test moves by hand. A thread waiting on it (a lease's renewer) sleeps
+    until the test moves the time to its deadline."""
+
+    def __init__(self, now: float = START):
+        self._now = now
+        self._changed = threading.Condition()
+        self._deadlines: dict[threading.Thread, float] = {}
+
+    def now(self) -> float:
+        with self._changed:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._changed:
+            self._now += seconds
+            self._changed.notify_all()
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        me = threading.current_thread()
+        with self._changed:
+            self._deadlines[me] = self._now + seconds
+            self._changed.notify_all()
+            try:
+                # `stop` is set without notifying this condition: look at it now and then.
+                while not stop.is_set() and self._now < self._deadlines[me]:
+                    self._changed.wait(0.01)
+            finally:
+                del self._deadlines[me]
+                self._changed.notify_all()
+            return stop.is_set()
+
+    def wake_renewer(self) -> float:
+        """Move the time to the deadline of the one thread waiting on this clock, and
+        return the new time once that thread has done its work (it waits again, or has
+        ended)."""
+        limit = time.monotonic() + 30  # against a hang only: nothing depends on it
+        with self._changed:
+            assert self._changed.wait_for(lambda: self._deadlines, timeout=30), "no renewer"
+            [(thread, deadline)] = self._deadlines.items()
+            self._now = max(self._now, deadline)
+            self._changed.notify_all()
+            # Busy until it waits again with a later deadline; an ending thread does not
+            # notify, so look now and then.
+            while thread.is_alive() and self._deadlines.get(thread, self._now) <= self._now:
+                assert time.monotonic() < limit, "the renewer did not finish"
+                self._changed.wait(0.01)
+            return self._now
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
@@ -44,7 +101,7 @@ def write_lease(out: str, owner: str, expires: float, generation: int | None = N
         "generation": generation,
         "released": None,
     }
-    name = ownership._generation_name(generation)
+    name = record_name(generation)
     storage.write_text(storage.join(out, ownership.LEASE_DIR, name), json.dumps(record))
 
 
@@ -82,11 +139,12 @@ def test_release_lets_another_owner_in(out):
 
 
 def test_expired_lease_is_taken_over_and_old_owner_loses_it(out):
-    old = acquire(out, "run-a", lease_seconds=0.3)
-    time.sleep(0.4)
+    clock = ManualClock()
+    old = acquire(out, "run-a", lease_seconds=30, clock=clock)
+    clock.advance(31)
     with pytest.raises(OwnedElsewhere):  # expired, but within the clock-skew margin
-        acquire(out, "run-b", lease_seconds=5)
-    new = acquire(out, "run-b", lease_seconds=5, skew_seconds=0)
+        acquire(out, "run-b", lease_seconds=60, clock=clock)
+    new = acquire(out, "run-b", lease_seconds=60, skew_seconds=0, clock=clock)
     assert new.previous["owner"] == "run-a"
     assert read_owner(out)["took_over_from"] == "run-a"
     with pytest.raises(LeaseLost, match="run-b took it over"):
@@ -95,24 +153,44 @@ def test_expired_lease_is_taken_over_and_old_owner_loses_it(out):
         old.check()
     old.release()  # not the owner any more: does nothing
     assert read_owner(out)["owner"] == "run-b"
+    clock.advance(59)
     new.renew()
+    assert read_owner(out)["expires"] == new.expires == START + 31 + 59 + 60
     new.check()
 
 
+def test_a_lease_is_stale_exactly_skew_seconds_after_it_expires(out):
+    clock = ManualClock()
+    acquire(out, "run-a", lease_seconds=30, clock=clock)
+    clock.advance(30 + ownership.CLOCK_SKEW_S)
+    assert not is_stale(read_owner(out), clock.now())
+    with pytest.raises(OwnedElsewhere, match=r"lease renewed 35 s ago, expires in 0 s\)"):
+        acquire(out, "run-b", lease_seconds=60, clock=clock)
+    clock.advance(0.5)
+    assert is_stale(read_owner(out), clock.now())
+    assert acquire(out, "run-b", lease_seconds=60, clock=clock).previous["owner"] == "run-a"
+
+
 def test_dead_owner_from_another_machine_is_stale(out):
-    write_lease(out, "run-dead", expires=time.time() - 3600)
+    clock = ManualClock()
+    write_lease(out, "run-dead", expires=clock.now() - 3600)
     lease = read_owner(out)
-    assert lease["owner"] == "run-dead" and is_stale(lease)
-    assert not is_stale(dict(lease, expires=time.time() + 1))
-    taken = acquire(out, "run-b")
+    assert lease["owner"] == "run-dead" and is_stale(lease, clock.now())
+    assert not is_stale(dict(lease, expires=clock.now() + 1), clock.now())
+    taken = acquire(out, "run-b", clock=clock)
     assert taken.previous["owner"] == "run-dead"
     assert read_owner(out)["owner"] == "run-b"
 
 
 def test_live_owner_from_another_machine_is_respected(out):
-    write_lease(out, "run-live", expires=time.time() + 60)
-    with pytest.raises(OwnedElsewhere, match="run run-live .*host elsewhere, pid 4242"):
-        acquire(out, "run-b")
+    clock = ManualClock()
+    write_lease(out, "run-live", expires=clock.now() + 60)
+    expected = r"run run-live \(host elsewhere, pid 4242; lease renewed 0 s ago, expires in 60 s\)"
+    with pytest.raises(OwnedElsewhere, match=expected):
+        acquire(out, "run-b", clock=clock)
+    clock.advance(59)
+    with pytest.raises(OwnedElsewhere, match="lease renewed 59 s ago, expires in 1 s"):
+        ownership.check_free(out, clock=clock)
 
 
 def test_old_generations_are_pruned(out):
@@ -121,7 +199,7 @@ def test_old_generations_are_pruned(out):
         lease.renew()
     fs, path = storage.filesystem(storage.join(out, ownership.LEASE_DIR))
     names = sorted(name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False, refresh=True))
-    assert names == [ownership._generation_name(g) for g in (5, 6)]
+    assert names == [record_name(g) for g in (5, 6)]
     lease.release()
 
 
@@ -198,39 +276,80 @@ def test_process_race_on_local_disk_has_one_winner(tmp_path):
 
 
 def test_keep_alive_renews_and_releases(out):
-    lease = acquire(out, "run-a", lease_seconds=1.0)
+    clock = ManualClock()
+    lease = acquire(out, "run-a", lease_seconds=30, clock=clock)
     first_expiry = read_owner(out)["expires"]
-    with lease.keep_alive() as kept:
-        time.sleep(0.8)  # renewed every 0.33 s
-        kept.check()
+    assert first_expiry == START + 30
+    with lease.keep_alive() as kept:  # renewed every 10 s
+        for renewal in (1, 2, 3, 4):
+            assert clock.wake_renewer() == START + 10 * renewal
+            assert read_owner(out)["expires"] == START + 10 * renewal + 30
+        kept.check()  # 40 s on: past the first expiry, owned thanks to the renewals
         current = read_owner(out)
-        assert current["token"] == lease.token and current["expires"] > first_expiry + 0.2
+        assert current["token"] == lease.token and current["expires"] == first_expiry + 40
         with pytest.raises(OwnedElsewhere):
-            acquire(out, "run-b", skew_seconds=0)
+            acquire(out, "run-b", skew_seconds=0, clock=clock)
     assert read_owner(out) is None
     acquire(out, "run-b").release()
 
 
 def test_keep_alive_fails_loudly_when_taken_over(out):
-    lease = acquire(out, "run-a", lease_seconds=0.6)
+    clock = ManualClock()
+    lease = acquire(out, "run-a", lease_seconds=30, clock=clock)
     with pytest.raises(LeaseLost, match="run-b took it over"):
         with lease.keep_alive():
-            # Taken over elsewhere (a generation far ahead: no race with the renewals).
-            write_lease(out, "run-b", expires=time.time() + 60, generation=999)
-            deadline = time.monotonic() + 10
-            while lease._failure is None and time.monotonic() < deadline:
-                time.sleep(0.05)
+            lease.check()
+            # Taken over elsewhere (between two renewals: the renewer sleeps meanwhile).
+            write_lease(out, "run-b", expires=clock.now() + 60)
+            clock.wake_renewer()  # its renewal is refused: it stops
             with pytest.raises(LeaseLost, match="run-b took it over"):
                 lease.check()
     assert read_owner(out)["owner"] == "run-b"  # not released by the run that lost it
 
 
 def test_release_inside_keep_alive_is_not_a_failure(out):
-    lease = acquire(out, "run-a", lease_seconds=0.3)
+    clock = ManualClock()
+    lease = acquire(out, "run-a", lease_seconds=30, clock=clock)
     with lease.keep_alive():
         lease.release()
-        time.sleep(0.2)
+        clock.wake_renewer()  # its renewal finds the lease released, and stops quietly
     assert read_owner(out) is None
+
+
+def test_keep_alive_rides_out_storage_failures_until_the_lease_expires(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    clock = ManualClock()
+    lease = acquire(out, "run-a", lease_seconds=30, clock=clock)
+    backend_of = ownership.lease._backend
+    answers = {"store": False}
+
+    class Unanswered:  # a store that does not answer for now
+        def generations(self):
+            raise StorageError("the store does not answer")
+
+    monkeypatch.setattr(ownership.lease, "_backend",
+                        lambda uri: backend_of(uri) if answers["store"] else Unanswered())
+    with pytest.raises(LeaseLost, match="could not renew the ownership lease of run run-a "
+                                        "before it expired: .*the store does not answer"):
+        with lease.keep_alive():
+            clock.wake_renewer()  # 10 s: the renewal fails, and is tried again
+            assert isinstance(lease.last_error, StorageError)
+            lease.check()
+            answers["store"] = True
+            clock.wake_renewer()  # 20 s: renewed until 50 s
+            assert lease.last_error is None and lease.expires == START + 50
+            answers["store"] = False
+            for _ in range(3):  # 30, 40, 50 s: failures while the lease is still valid
+                clock.wake_renewer()
+            lease.check()  # at 50 s: its last second
+            clock.advance(0.5)
+            with pytest.raises(LeaseLost, match="expired without renewal .*does not answer"):
+                lease.check()
+            clock.wake_renewer()  # 60 s: too late; the renewer gives up
+            with pytest.raises(LeaseLost, match="before it expired"):
+                lease.check()
+    answers["store"] = True
+    assert read_owner(out)["owner"] == "run-a"  # expired, not released: stale for others
 
 
 def test_keep_alive_releases_when_the_block_fails(out):
@@ -242,9 +361,12 @@ def test_keep_alive_releases_when_the_block_fails(out):
 
 
 def test_lease_expired_without_renewal_fails_check(out):
-    lease = acquire(out, "run-a", lease_seconds=0.2)
+    clock = ManualClock()
+    lease = acquire(out, "run-a", lease_seconds=30, clock=clock)
     lease.check()
-    time.sleep(0.3)
+    clock.advance(30)
+    lease.check()  # its last second
+    clock.advance(0.5)
     with pytest.raises(LeaseLost, match="expired without renewal"):
         lease.check()
 
@@ -258,13 +380,18 @@ def test_invalid_arguments(out):
 
 def test_unreadable_record_is_held_then_stale(tmp_path):
     out = str(tmp_path / "out")
-    storage.write_text(storage.join(out, ownership.LEASE_DIR, ownership._generation_name(1)), "")
+    storage.write_text(storage.join(out, ownership.LEASE_DIR, record_name(1)), "")
     with pytest.raises(OwnedElsewhere, match="being written or is damaged"):
         acquire(out, "run-a")
-    old = time.time() - ownership.UNREADABLE_GRACE_S - ownership.CLOCK_SKEW_S - 1
-    path = tmp_path / "out" / ownership.LEASE_DIR / ownership._generation_name(1)
-    os.utime(path, (old, old))
-    assert acquire(out, "run-a").generation == 2
+    # Its age is told by its modification time (storage's clock), not by its contents.
+    written = START - 3600
+    path = tmp_path / "out" / ownership.LEASE_DIR / record_name(1)
+    os.utime(path, (written, written))
+    clock = ManualClock(written + ownership.UNREADABLE_GRACE_S + ownership.CLOCK_SKEW_S)
+    with pytest.raises(OwnedElsewhere, match="being written or is damaged"):
+        acquire(out, "run-a", clock=clock)
+    clock.advance(0.5)
+    assert acquire(out, "run-a", clock=clock).generation == 2
 
 
 class _IgnoresConditions:
@@ -283,9 +410,9 @@ class _IgnoresConditions:
 
 @pytest.mark.s3
 def test_s3_store_without_conditional_writes_is_refused(s3, monkeypatch):
-    client = ownership._s3_client()
-    monkeypatch.setattr(ownership, "_s3_client", lambda: _IgnoresConditions(client))
-    monkeypatch.setattr(ownership, "_atomic_checked", set())
+    client = s3_records._s3_client()
+    monkeypatch.setattr(s3_records, "_s3_client", lambda: _IgnoresConditions(client))
+    monkeypatch.setattr(s3_records, "_atomic_checked", set())
     out = s3.uri("no-conditions")
     with pytest.raises(StorageError, match="does not honour conditional writes") as refused:
         acquire(out, "run-a")
@@ -295,9 +422,10 @@ def test_s3_store_without_conditional_writes_is_refused(s3, monkeypatch):
 
 def test_lease_length_comes_from_the_environment(out, monkeypatch):
     monkeypatch.setenv(ownership.LEASE_VARIABLE, "20")
-    lease = acquire(out, "run-a")
+    clock = ManualClock()
+    lease = acquire(out, "run-a", clock=clock)
     assert lease.lease_seconds == 20
-    assert 19 < lease.record["expires"] - time.time() <= 20
+    assert read_owner(out)["expires"] == lease.record["expires"] == START + 20
 
 
 @pytest.mark.parametrize("value", ["soon", "0", "-5", "nan"])
