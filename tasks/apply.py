@@ -1,8 +1,9 @@
 """Prefect tasks of the flows that use a finished registration: warp, invert, points.
 
-Thin wrappers over `dreg.apply`: each chunk or batch is one task run with retries;
-chunk tasks are cached by their inputs, which include the output's token, so a resumed
-run skips the chunks it wrote and a new output never trusts an old cache.
+Thin wrappers over `dreg.apply` (and `dreg.io.tables`, which writes the points' parts):
+each chunk or batch is one task run with retries; chunk tasks are cached by their
+inputs, which include the output's token, so a resumed run skips the chunks it wrote
+and a new output never trusts an old cache.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from dreg.apply import invert, outputs, points, warp
 from dreg.apply.plan import InvertPlan, PointsPlan, WarpPlan
 from dreg.grid import Region
-from dreg.io import ome_zarr, pyramid
+from dreg.io import ome_zarr, pyramid, tables
 
 CHUNK_CACHE = INPUTS + TASK_SOURCE
 
@@ -65,7 +66,7 @@ def invert_chunk(plan: InvertPlan, region: Region, index: int, token: str) -> di
 
 @task(name="prepare-points", retries=2, retry_delay_seconds=1)
 def prepare_points(plan: PointsPlan) -> str:
-    return outputs.prepare_parts(points.parts_folder(plan.dest), plan.identity)
+    return outputs.prepare_parts(tables.parts_folder(plan.dest), plan.identity)
 
 
 @task(name="transform-points", retries=2, retry_delay_seconds=1, cache_policy=CHUNK_CACHE,
@@ -73,13 +74,13 @@ def prepare_points(plan: PointsPlan) -> str:
 def transform_points(plan: PointsPlan, start: int, stop: int, index: int,
                      token: str) -> dict:
     return points.transform_points_batch(plan.field, plan.mapping, plan.points, start, stop,
-                                         points.part_uri(plan.dest, index))
+                                         tables.part_uri(plan.dest, index))
 
 
 @task(name="write-points", retries=2, retry_delay_seconds=1)
 def write_points(plan: PointsPlan, batches: int) -> str:
     """Concatenate the batches' parts in order into the output file."""
-    points.concatenate_parts([points.part_uri(plan.dest, i) for i in range(batches)], plan.dest)
+    tables.concatenate_parts([tables.part_uri(plan.dest, i) for i in range(batches)], plan.dest)
     return plan.dest
 
 

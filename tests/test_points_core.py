@@ -1,5 +1,6 @@
-"""Transforming point sets through displacement fields: dreg.apply.points, on real
-CSV and Parquet files and real zarr fields."""
+"""Transforming point sets through displacement fields: dreg.apply.points and the
+tables it reads and writes (dreg.io.tables), on real CSV and Parquet files and real zarr
+fields."""
 
 from __future__ import annotations
 
@@ -14,13 +15,7 @@ import pytest
 
 from dreg import synth
 from dreg.apply.points import (
-    batch_ranges,
-    check_points_file,
     chunk_groups,
-    concatenate_parts,
-    part_uri,
-    parts_folder,
-    read_batch,
     transform_batch,
     transform_points_batch,
     transform_xyz,
@@ -35,6 +30,14 @@ from dreg.field import (
 )
 from dreg.grid import Grid, region_shape, vectors_to_components
 from dreg.io import ome_zarr, storage
+from dreg.io.tables import (
+    batch_ranges,
+    check_points_file,
+    concatenate_parts,
+    part_uri,
+    parts_folder,
+    read_batch,
+)
 
 TRANSLATION = (1.5, -2.25, 0.75)  # exact in float32
 

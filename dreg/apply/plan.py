@@ -14,12 +14,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from dreg.apply import invert, points, warp
+from dreg.apply import invert, warp
 from dreg.apply.outputs import identity_of, output_attributes
 from dreg.errors import InputError
 from dreg.field import FIELD_CHUNK, MOVING_TO_FIXED, open_field
 from dreg.grid import Grid
-from dreg.io import locations, ome_zarr, storage
+from dreg.io import locations, ome_zarr, storage, tables
 from dreg.layout import DERIVED, INVERSE_NAME, INVERSE_REPORT, WARPED_NAME
 from dreg.registration.records import load_result
 
@@ -76,7 +76,7 @@ class PointsPlan(Plan):
 
     @property
     def batches(self) -> list[tuple[int, int]]:
-        return points.batch_ranges(self.rows, self.batch_rows)
+        return tables.batch_ranges(self.rows, self.batch_rows)
 
 
 class WarpResult(BaseModel):
@@ -169,9 +169,9 @@ def plan_points(out: str, points_uri: str, dest: str, source: str,
     if source not in ("fixed", "moving"):
         raise InputError(f"--from {source!r}: choose fixed or moving")
     result = load_result(out)
-    info = points.check_points_file(points_uri)
+    info = tables.check_points_file(points_uri)
     dest = storage.normalize_uri(dest)
-    points.points_format(dest)
+    tables.points_format(dest)
     if dest == info.uri:
         raise InputError(f"{dest}: the output would overwrite the input points")
     locations.check_apart(dest, "the output points", {
