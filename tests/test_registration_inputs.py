@@ -103,6 +103,7 @@ def test_pipeline_yaml(tmp_path):
         load_pipeline(path)
 
 
+@pytest.mark.elastix
 def test_elastix_rejects_a_parameter():
     pmap = elastix.parameter_map("bspline", {"Metric": "NoSuchMetric"})
     with pytest.raises(InputError, match="^stage b: parameter Metric: elastix rejected it: "
@@ -146,6 +147,7 @@ def test_a_whole_image_stage_on_a_large_level_is_refused(tmp_path):
     plan_module._check_block_size(stage.model_copy(update={"block_size": 128}), big)
 
 
+@pytest.mark.elastix
 def test_bspline_grid_spacing_without_loading_elastix():
     assert elastix.bspline_grid_spacing_voxels({}) == 8
     assert elastix.bspline_grid_spacing_voxels({"FinalGridSpacingInVoxels": [4, 6, 6]}) == 6
@@ -292,6 +294,7 @@ def test_parameter_values_elastix_can_use_pass(pair, tmp_path, transform, overri
                                               transform=transform, parameters=overrides))
 
 
+@pytest.mark.elastix
 @pytest.mark.parametrize("preset", elastix.PRESETS)
 def test_elastix_own_default_maps_pass_the_check(preset):
     """Every value of elastix's default maps (as this project sets them) is one the check
@@ -303,6 +306,7 @@ def test_elastix_own_default_maps_pass_the_check(preset):
         check_parameters(preset, pmap, "s")
 
 
+@pytest.mark.elastix
 def test_the_worker_check_names_what_only_elastix_knows():
     """A misspelt name elastix ignores, and a component combination it refuses."""
     misspelt = elastix.parameter_map("affine", {"NumberOfSamplesPerBlock": 10})
