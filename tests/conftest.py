@@ -24,6 +24,7 @@ HEAVY_MARKERS = {"slow", "prefect", "ops", "s3", "elastix"}
 FULL_MODULES = {
     "test_bench.py": "runs every bench script",
     "test_out_of_core.py": "writes and converts volumes of hundreds of MiB",
+    "test_qc.py": "renders the QC pictures and page (matplotlib) in nearly every test",
 }
 
 

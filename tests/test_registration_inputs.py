@@ -123,6 +123,7 @@ def test_an_output_that_is_not_writable(pair, tmp_path):
         plan(pair, blocker / "out")
 
 
+@pytest.mark.full  # runs dreg as a process
 def test_cli_reports_bad_input_in_one_line_before_any_work(pair, tmp_path):
     far = synth.write_pair(str(tmp_path / "far"),
                            Grid((40, 40, 40), (1.0, 1.0, 1.0), (0.0, 900.0, 0.0)), seed=2)
@@ -180,6 +181,7 @@ def listing(folder) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
 
 
+@pytest.mark.full  # runs dreg as a process
 def test_an_output_in_or_over_an_input_is_refused_naming_both(tmp_path):
     """OUT inside FIXED or MOVING, OUT equal to one however spelled (relative, `..`,
     trailing slash), and an input inside OUT: exit 2, one line naming both, nothing
@@ -329,6 +331,7 @@ def test_the_worker_check_names_what_only_elastix_knows():
         "ImagePyramidSchedule": [4, 4, 4, 2, 2, 2, 1, 1, 1]}), "stage b")
 
 
+@pytest.mark.full  # runs dreg as a process
 @pytest.mark.parametrize("parameters, named", [
     ("{NumberOfResolutions: 0}", "parameter NumberOfResolutions must be a positive whole"),
     ("{MaximumNumberOfIterations: [100, 50, 25]}", "parameter MaximumNumberOfIterations needs"),
