@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Quick start: `bash scripts/dev.sh demo` runs the main job on demo data;
-# `bash scripts/dev.sh test` runs the test suite. Both set up .venv first.
+# `bash scripts/dev.sh test` runs the whole test suite, `test-fast` its fast tier (no
+# Prefect server, Dask cluster, S3 server or elastix: tests not marked `full`). All set
+# up .venv first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
@@ -28,11 +30,15 @@ case "$cmd" in
     setup
     exec .venv/bin/python -m pytest "$@"
     ;;
+  test-fast)
+    setup
+    exec .venv/bin/python -m pytest -m "not full" "$@"
+    ;;
   setup)
     setup
     ;;
   *)
-    echo "usage: bash scripts/dev.sh {demo [DIR]|test [PYTEST ARGS]|setup}" >&2
+    echo "usage: bash scripts/dev.sh {demo [DIR]|test [PYTEST ARGS]|test-fast [PYTEST ARGS]|setup}" >&2
     exit 2
     ;;
 esac

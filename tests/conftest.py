@@ -13,3 +13,24 @@ def s3():
 
 # Prefect's test harness and a warm LocalCluster, entered once per session.
 from fixtures_prefect import dask_address, dask_client, prefect_api  # noqa: E402, F401
+
+# ----------------------------------------------------------------------------- tiers
+# The fast tier (`bash scripts/dev.sh test-fast`, i.e. `-m "not full"`) is the core, the
+# CLI's bad-input lines and the layout rule. A test is in the full tier only when it needs
+# one of these servers, carries one of these markers, lives in one of these modules, or is
+# marked `full` by hand.
+SERVER_FIXTURES = {"prefect_api", "dask_address", "dask_client", "s3"}
+HEAVY_MARKERS = {"slow", "prefect", "ops", "s3", "elastix"}
+FULL_MODULES = {
+    "test_bench.py": "runs every bench script",
+    "test_out_of_core.py": "writes and converts volumes of hundreds of MiB",
+    "test_qc.py": "renders the QC pictures and page (matplotlib) in nearly every test",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        markers = {mark.name for mark in item.iter_markers()}
+        if (SERVER_FIXTURES & set(item.fixturenames) or HEAVY_MARKERS & markers
+                or item.path.name in FULL_MODULES):
+            item.add_marker(pytest.mark.full)

@@ -31,6 +31,7 @@ def check_valid(uri: str, axes: tuple[str, ...]) -> None:
         assert group[dataset.path].metadata.dimension_names == axes
 
 
+@pytest.mark.full  # runs dreg convert as a process
 @pytest.mark.parametrize("name", ["image.mha", "image.nii.gz", "image.nrrd"])
 def test_converted_images_are_valid_ome_zarr_05(tmp_path, name):
     case = next(c for c in ITK_CASES if c[0] == name)

@@ -244,6 +244,7 @@ def _contend_in_process(out: str, index: int, barrier, queue) -> None:
         barrier.wait()  # round over; the test prepares the next one
 
 
+@pytest.mark.full  # starts processes that race
 def test_process_race_on_local_disk_has_one_winner(tmp_path):
     """4 spawned processes race to create, then to take over, the same OUT (one set of
     processes for both rounds: each spends a second or two importing dreg)."""

@@ -103,6 +103,7 @@ def test_pipeline_yaml(tmp_path):
         load_pipeline(path)
 
 
+@pytest.mark.elastix
 def test_elastix_rejects_a_parameter():
     pmap = elastix.parameter_map("bspline", {"Metric": "NoSuchMetric"})
     with pytest.raises(InputError, match="^stage b: parameter Metric: elastix rejected it: "
@@ -122,6 +123,7 @@ def test_an_output_that_is_not_writable(pair, tmp_path):
         plan(pair, blocker / "out")
 
 
+@pytest.mark.full  # runs dreg as a process
 def test_cli_reports_bad_input_in_one_line_before_any_work(pair, tmp_path):
     far = synth.write_pair(str(tmp_path / "far"),
                            Grid((40, 40, 40), (1.0, 1.0, 1.0), (0.0, 900.0, 0.0)), seed=2)
@@ -146,6 +148,7 @@ def test_a_whole_image_stage_on_a_large_level_is_refused(tmp_path):
     plan_module._check_block_size(stage.model_copy(update={"block_size": 128}), big)
 
 
+@pytest.mark.elastix
 def test_bspline_grid_spacing_without_loading_elastix():
     assert elastix.bspline_grid_spacing_voxels({}) == 8
     assert elastix.bspline_grid_spacing_voxels({"FinalGridSpacingInVoxels": [4, 6, 6]}) == 6
@@ -178,6 +181,7 @@ def listing(folder) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
 
 
+@pytest.mark.full  # runs dreg as a process
 def test_an_output_in_or_over_an_input_is_refused_naming_both(tmp_path):
     """OUT inside FIXED or MOVING, OUT equal to one however spelled (relative, `..`,
     trailing slash), and an input inside OUT: exit 2, one line naming both, nothing
@@ -292,6 +296,7 @@ def test_parameter_values_elastix_can_use_pass(pair, tmp_path, transform, overri
                                               transform=transform, parameters=overrides))
 
 
+@pytest.mark.elastix
 @pytest.mark.parametrize("preset", elastix.PRESETS)
 def test_elastix_own_default_maps_pass_the_check(preset):
     """Every value of elastix's default maps (as this project sets them) is one the check
@@ -303,6 +308,7 @@ def test_elastix_own_default_maps_pass_the_check(preset):
         check_parameters(preset, pmap, "s")
 
 
+@pytest.mark.elastix
 def test_the_worker_check_names_what_only_elastix_knows():
     """A misspelt name elastix ignores, and a component combination it refuses."""
     misspelt = elastix.parameter_map("affine", {"NumberOfSamplesPerBlock": 10})
@@ -325,6 +331,7 @@ def test_the_worker_check_names_what_only_elastix_knows():
         "ImagePyramidSchedule": [4, 4, 4, 2, 2, 2, 1, 1, 1]}), "stage b")
 
 
+@pytest.mark.full  # runs dreg as a process
 @pytest.mark.parametrize("parameters, named", [
     ("{NumberOfResolutions: 0}", "parameter NumberOfResolutions must be a positive whole"),
     ("{MaximumNumberOfIterations: [100, 50, 25]}", "parameter MaximumNumberOfIterations needs"),

@@ -12,14 +12,15 @@ from dreg.trust import check_size, output_name, validate_uri, validate_version
 ALLOWED = ["s3://landing/volumes/", "/data/incoming"]
 
 
-@pytest.mark.parametrize("uri", [
-    "s3://landing/volumes/a.ome.zarr",
-    "s3://landing/volumes/sub/b.ome.zarr/",
-    "/data/incoming/c.ome.zarr",
-    "/data/incoming/x/../d.ome.zarr",
+@pytest.mark.parametrize("uri, normalised", [
+    ("s3://landing/volumes/a.ome.zarr", "s3://landing/volumes/a.ome.zarr"),
+    ("s3://landing/volumes/sub/b.ome.zarr/", "s3://landing/volumes/sub/b.ome.zarr"),
+    (" s3://landing/volumes/e.ome.zarr ", "s3://landing/volumes/e.ome.zarr"),
+    ("/data/incoming/c.ome.zarr", "/data/incoming/c.ome.zarr"),
+    ("/data/incoming/x/../d.ome.zarr", "/data/incoming/d.ome.zarr"),
 ])
-def test_accepted(uri):
-    assert validate_uri(uri, ALLOWED, "moving")
+def test_accepted_and_normalised(uri, normalised):
+    assert validate_uri(uri, ALLOWED, "moving") == normalised
 
 
 @pytest.mark.parametrize("uri, message", [
