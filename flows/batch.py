@@ -13,7 +13,7 @@ import yaml
 from prefect import flow, get_run_logger
 
 from dreg.errors import InputError, first_line
-from dreg.io import storage
+from dreg.io import completion, storage
 from dreg.layout import RESULT_FILE
 from dreg.registration import PipelineConfig
 from flows import artifacts, events
@@ -43,7 +43,8 @@ def announce_batch_failure(flow, run, state) -> None:
 
 
 def pending(entries: list[dict]) -> list[dict]:
-    return [e for e in entries if not storage.exists(storage.join(e["out"], RESULT_FILE))]
+    return [e for e in entries
+            if not completion.file_is_complete(storage.join(e["out"], RESULT_FILE))]
 
 
 @flow(name="dreg-register-scheduled", flow_run_name=nightly_run_name,

@@ -60,7 +60,7 @@ def invert_field(out: str, options: RunOptions | None = None) -> InvertResult:
         write_json(plan.report, {**result.model_dump(mode="json"),
                                  "per_chunk": [_without_histogram(c) for c in chunks]})
         lease.check()
-        mark_complete(plan.dest, result.model_dump(mode="json"))
+        mark_complete(plan.dest, plan.identity, result.model_dump(mode="json"))
         write_scene(plan.out, plan.fixed, plan.moving, inverse=True)
     artifacts.publish_output("inverse", plan.out, plan.dest, result.model_dump(mode="json"),
                              "Inverse displacement field (moving to fixed)")

@@ -25,11 +25,10 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
-from dreg import field
 from dreg.apply.plan import derived_outputs
 from dreg.errors import DregError, StorageError, describe, first_line
 from dreg.field import FIELD_CHUNK, fixed_description
-from dreg.io import ome_zarr, storage
+from dreg.io import completion, ome_zarr, storage
 from dreg.io.ownership import OwnedElsewhere
 from dreg.registration import (
     BlockResult,
@@ -139,7 +138,7 @@ def reduce_field(plan: RegistrationPlan, stage: StagePlan, previous, results,
     complete, fill it chunk by chunk (each chunk from the blocks that reach it), then
     mark it complete; returns the field's voxel count."""
     voxels = int(np.prod(stage.field_grid.shape_zyx))
-    destinations = [uri for uri in destinations if not field.is_complete(uri, identity)]
+    destinations = [uri for uri in destinations if not completion.is_complete(uri, identity)]
     if not destinations:
         return voxels  # every block was stored and the field was already made from them
     fixed_info = fixed_description(ome_zarr.open_image(plan.fixed_uri))
@@ -157,7 +156,7 @@ def reduce_field(plan: RegistrationPlan, stage: StagePlan, previous, results,
     for future in futures:
         future.result()  # a failed chunk fails the stage
     for uri in destinations:
-        field.mark_complete(uri, identity)
+        completion.mark_complete(uri, identity)
     return voxels
 
 

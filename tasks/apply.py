@@ -11,10 +11,10 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from dreg.apply import invert, outputs, points, warp
+from dreg.apply import invert, points, warp
 from dreg.apply.plan import InvertPlan, PointsPlan, WarpPlan
 from dreg.grid import Region
-from dreg.io import ome_zarr, pyramid, tables
+from dreg.io import completion, ome_zarr, pyramid, tables
 
 CHUNK_CACHE = INPUTS + TASK_SOURCE
 
@@ -28,7 +28,7 @@ def prepare_warped(plan: WarpPlan) -> str:
                            attributes={**attributes, "image": plan.image, "field": plan.field,
                                        "interpolation": plan.interpolation})
 
-    return outputs.prepare_output(plan.dest, plan.identity, create)
+    return completion.start(plan.dest, plan.identity, create)
 
 
 @task(name="warp-chunk", retries=2, retry_delay_seconds=1, cache_policy=CHUNK_CACHE,
@@ -55,7 +55,7 @@ def prepare_inverse(plan: InvertPlan) -> str:
                                       plan.moving_grid, plan.moving, overwrite=True)
         ome_zarr.update_attributes(image.uri, attributes)
 
-    return outputs.prepare_output(plan.dest, plan.identity, create)
+    return completion.start(plan.dest, plan.identity, create)
 
 
 @task(name="invert-chunk", retries=2, retry_delay_seconds=1, cache_policy=CHUNK_CACHE,
@@ -66,7 +66,7 @@ def invert_chunk(plan: InvertPlan, region: Region, index: int, token: str) -> di
 
 @task(name="prepare-points", retries=2, retry_delay_seconds=1)
 def prepare_points(plan: PointsPlan) -> str:
-    return outputs.prepare_parts(tables.parts_folder(plan.dest), plan.identity)
+    return completion.start_parts(tables.parts_folder(plan.dest), plan.identity)
 
 
 @task(name="transform-points", retries=2, retry_delay_seconds=1, cache_policy=CHUNK_CACHE,
@@ -85,5 +85,6 @@ def write_points(plan: PointsPlan, batches: int) -> str:
 
 
 @task(name="mark-complete", retries=2, retry_delay_seconds=1)
-def mark_complete(uri: str, summary: dict) -> None:
-    outputs.mark_complete(uri, summary)
+def mark_complete(uri: str, identity: str, summary: dict) -> None:
+    """The last write of a chunk-wise output: whole, made from `identity`."""
+    completion.mark_complete(uri, identity, {"summary": summary})

@@ -7,7 +7,7 @@ import json
 from prefect import task
 
 from dreg.apply import scene
-from dreg.io import storage
+from dreg.io import completion, storage
 from dreg.registration import RegistrationResult
 from tasks.names import written_name
 
@@ -21,8 +21,8 @@ def write_json(uri: str, document: dict | list) -> str:
 
 @task(name="write-result", retries=2, retry_delay_seconds=1)
 def write_result(uri: str, result: RegistrationResult) -> str:
-    """Write result.json: the last write of a registration, marking it complete."""
-    storage.write_text(uri, result.document())
+    """Write result.json: the last write of a registration, its completion mark."""
+    completion.write_whole(uri, result.document())
     return uri
 
 

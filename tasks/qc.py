@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dreg.grid import Region
-from dreg.io import storage
+from dreg.io import completion
 from dreg.qc import check, measure
 from dreg.qc.plan import QcPlan
 from dreg.qc.report import Picture, QcReport
@@ -55,5 +55,5 @@ def record_verdict(result: RegistrationResult, report: QcReport) -> Registration
     """result.json again, now carrying the QC verdict: replaced in one piece, so that it
     never reads as anything but a whole finished result."""
     updated = result.model_copy(update={"qc": report.qc, "qc_reason": report.reason})
-    storage.replace_text(updated.result, updated.document())
+    completion.write_whole(updated.result, updated.document(), replace=True)
     return updated

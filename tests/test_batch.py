@@ -1,4 +1,4 @@
-"""The scheduled batch flow: every pending pair of a manifest, and the serve script."""
+"""The scheduled batch flow: every pending pair of a manifest."""
 
 from __future__ import annotations
 
@@ -53,15 +53,3 @@ def test_scheduled_run_registers_only_pending_pairs(tmp_path, dask_address):
                          "field": str(tmp_path / "new" / "field.ome.zarr")}]
     assert (tmp_path / "new" / "result.json").exists()
     assert (finished / "result.json").read_text() == "{}"
-
-
-def test_serve_script_defines_both_deployments(monkeypatch):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "deployments" / "serve.py"
-    spec = importlib.util.spec_from_file_location("dreg_serve", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.INGEST_TRIGGER.expect == {"dreg.volume.ingested"}
-    assert module.INGEST_TRIGGER.parameters["moving"] == "{{ event.payload.uri }}"

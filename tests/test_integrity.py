@@ -108,7 +108,7 @@ def test_a_previous_field_that_is_not_the_planned_one_is_refused(original, tmp_p
                                                                  dask_address):
     """The next stage reads the previous stage's field only if it carries the identity
     the stage was planned from; a field rewritten under the same name is refused."""
-    from dreg import field
+    from dreg.io import completion
     from dreg.registration.block import open_previous
     from dreg.registration.plan import plan_registration, stage_context
 
@@ -124,7 +124,7 @@ def test_a_previous_field_that_is_not_the_planned_one_is_refused(original, tmp_p
                              PipelineConfig(stages=stages), overwrite=True)
     ctx = stage_context(plan, plan.stages[1], first.field, first.identity)
     open_previous(ctx)  # the planned field opens
-    field.mark_complete(first.field, "another-identity")
+    completion.mark_complete(first.field, "another-identity")
     with pytest.raises(StorageError, match="not the complete field this stage was planned"):
         open_previous(ctx)
     stage_json = json.loads((tmp_path / "out/stages/1-affine/stage.json").read_text())

@@ -15,11 +15,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from dreg.apply import invert, warp
-from dreg.apply.outputs import identity_of, output_attributes
 from dreg.errors import InputError
 from dreg.field import FIELD_CHUNK, MOVING_TO_FIXED, open_field
 from dreg.grid import Grid
-from dreg.io import locations, ome_zarr, storage, tables
+from dreg.io import completion, locations, ome_zarr, storage, tables
+from dreg.io.completion import identity_of
 from dreg.layout import DERIVED, INVERSE_NAME, INVERSE_REPORT, WARPED_NAME
 from dreg.registration.records import load_result
 
@@ -195,9 +195,7 @@ def plan_points(out: str, points_uri: str, dest: str, source: str,
 def inverse_is_current(out: str) -> bool:
     """Whether OUT holds a complete inverse of its current field."""
     plan = plan_invert(out)
-    attributes = output_attributes(plan.dest)
-    return bool(attributes and attributes.get("complete")
-                and attributes.get("inputs") == plan.identity)
+    return completion.is_complete(plan.dest, plan.identity)
 
 
 def derived_outputs(out: str) -> list[str]:

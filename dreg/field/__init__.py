@@ -1,6 +1,7 @@
 """The displacement-field contract: a field maps fixed points to moving points
 (x ↦ x + u(x)), is stored as c, z, y, x with world components, and is opened, created,
-sampled, composed and marked complete here. The compiled trilinear kernels live beside it.
+sampled and composed here (its completion mark is `dreg.io.completion`'s, as every
+output's). The compiled trilinear kernels live beside it.
 """
 
 from dreg.field.displacement import (
@@ -14,10 +15,7 @@ from dreg.field.displacement import (
     create_field,
     displacement_of,
     field_attributes,
-    field_identity_mark,
     fixed_description,
-    is_complete,
-    mark_complete,
     open_field,
     sample_field,
 )
@@ -33,10 +31,7 @@ __all__ = [
     "create_field",
     "displacement_of",
     "field_attributes",
-    "field_identity_mark",
     "fixed_description",
-    "is_complete",
-    "mark_complete",
     "open_field",
     "sample_field",
 ]

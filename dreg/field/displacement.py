@@ -92,29 +92,6 @@ def open_field(uri: str, mapping: str = FIXED_TO_MOVING) -> ome_zarr.OmeZarrImag
     return image
 
 
-IDENTITY_MARK = "identity"
-
-
-def mark_complete(uri: str, identity: str) -> None:
-    """Mark a field whose every chunk is written with the identity of its content. The
-    mark is written last: a field without it is incomplete and is never read as a
-    stage's result."""
-    ome_zarr.update_attributes(uri, {IDENTITY_MARK: identity})
-
-
-def field_identity_mark(image: ome_zarr.OmeZarrImage) -> str | None:
-    """The identity a complete field was marked with, or None for an incomplete one."""
-    return image.attributes.get(IDENTITY_MARK)
-
-
-def is_complete(uri: str, identity: str) -> bool:
-    """Whether `uri` holds a complete field with this identity."""
-    try:
-        return field_identity_mark(open_field(uri)) == identity
-    except Exception:  # noqa: BLE001 - absent or unreadable: not complete
-        return False
-
-
 @dataclass(frozen=True)
 class AffineTransform:
     """moving = matrix @ fixed + translation, in world (x, y, z) coordinates."""

@@ -14,11 +14,10 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from dreg.apply.outputs import output_attributes
 from dreg.errors import InputError
 from dreg.field import AffineTransform, open_field
 from dreg.grid import Grid, Region, region_from_bounds
-from dreg.io import ome_zarr, storage
+from dreg.io import completion, ome_zarr, storage
 from dreg.layout import BLOCK_TABLE, QC_FOLDER, QC_PAGE, WARPED_NAME
 from dreg.qc.sampling import level_for_spacing, mean_spacing
 from dreg.registration.plan import FOREGROUND_FRACTION_OF_P99
@@ -130,8 +129,8 @@ def current_warped(result: RegistrationResult) -> ome_zarr.OmeZarrImage | None:
     """OUT's warped moving image, when it is complete and was made from this very field
     with linear interpolation; else None (QC then resamples what it needs itself)."""
     uri = storage.join(result.output, WARPED_NAME)
-    attributes = output_attributes(uri)
-    if not attributes or not attributes.get("complete"):
+    attributes = completion.record(uri)
+    if completion.completed_identity(attributes) is None:
         return None
     made_from = (attributes.get("image"), attributes.get("field"), attributes.get("interpolation"))
     if made_from != (result.moving, result.field, "linear"):

@@ -26,10 +26,9 @@ from dreg.field import (
     AffineTransform,
     as_transform,
     displacement_of,
-    field_identity_mark,
 )
 from dreg.grid import Grid, Region, region_from_bounds, whole_region
-from dreg.io import ome_zarr, storage
+from dreg.io import completion, ome_zarr, storage
 from dreg.registration import elastix
 from dreg.registration.outcome import (
     FAILED,
@@ -170,7 +169,7 @@ def open_previous(ctx: StageContext):
     as if it were the right one."""
     previous = as_transform(ctx.previous)
     if isinstance(ctx.previous, str):
-        found = field_identity_mark(previous)
+        found = completion.completed_identity(previous.attributes)
         if found != ctx.previous_identity:
             raise StorageError(
                 f"{ctx.previous}: the previous stage's field is not the complete field this "

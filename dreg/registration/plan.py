@@ -18,7 +18,7 @@ import numpy as np
 from dreg.errors import InputError, RunFailed
 from dreg.field import AffineTransform
 from dreg.grid import Grid
-from dreg.io import locations, ome_zarr, storage
+from dreg.io import completion, locations, ome_zarr, storage
 from dreg.layout import (
     BLOCK_STORE,
     BLOCK_TABLE,
@@ -225,7 +225,7 @@ def plan_registration(
         foreground_intensity=foreground_intensity(fixed),
         input_versions=input_versions(fixed, moving),
     )
-    if storage.exists(plan.result_uri) and not overwrite:
+    if completion.file_is_complete(plan.result_uri) and not overwrite:
         raise InputError(
             f"{out_uri}: already holds a finished registration (result.json); "
             "pass --overwrite to replace it"

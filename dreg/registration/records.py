@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, Field, computed_field
 
 from dreg.errors import InputError, RunFailed, first_line
-from dreg.io import ome_zarr, storage
+from dreg.io import completion, ome_zarr, storage
 from dreg.layout import RESULT_FILE
 from dreg.registration.outcome import FAILED, OK, BlockResult
 from dreg.registration.pipeline import PipelineConfig
@@ -219,7 +219,7 @@ def load_result(out_uri: str) -> RegistrationResult:
     output at all)."""
     out_uri = storage.normalize_uri(out_uri)
     uri = storage.join(out_uri, RESULT_FILE)
-    if not storage.exists(uri):
+    if not completion.file_is_complete(uri):
         raise InputError(f"{out_uri}: no finished registration here (no {RESULT_FILE})")
     try:
         return RegistrationResult.model_validate_json(storage.read_text(uri))

@@ -1,0 +1,142 @@
+"""When an output is complete: one convention for every output dreg writes.
+
+An output is complete when it carries a *completion mark*, written last, after all of
+its content: the identity of what the output was computed from. A reader asks whether
+an output is complete *for the identity it expects*; an output without the mark, or
+marked for other inputs, is never read as a result. Starting an output over clears the
+mark first, so that a partial output never passes for a finished one.
+
+Where the mark lives depends on the kind of output:
+
+- **OME-Zarr outputs** (each stage's field, the final field, the warped image, the
+  inverse): the root ``dreg`` attributes hold ``inputs`` (the identity) and
+  ``complete`` (true once whole). A chunk-wise output that a resumed run picks up also
+  holds a ``token`` naming this incarnation of the output (`start`): its chunk tasks are
+  cached by it, so a resumed run skips the chunks it wrote, and a new incarnation (other
+  inputs, or the output was removed) gets a new token and trusts no old cache.
+- **File outputs written in one piece** (a registration's result.json, a points table):
+  the file itself is the mark (`write_whole`, `file_is_complete`): it is written whole
+  and last, so its presence means the output is complete; what it was computed from is
+  in its content (result.json) or in the run that wrote it. While such a file is built
+  from parts (the points' batches), its parts folder holds the same record as a Zarr
+  output in progress, ``parts.json`` with ``inputs`` and ``token`` (`start_parts`).
+
+Fields written before this convention carry ``identity`` alone; they read as complete
+for that identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Callable
+
+from dreg.errors import InputError
+from dreg.io import ome_zarr, storage
+
+INPUTS = "inputs"
+COMPLETE = "complete"
+TOKEN = "token"
+PARTS_RECORD = "parts.json"
+# The mark of fields written before this convention: the identity, written last.
+_OLD_FIELD_MARK = "identity"
+
+
+def identity_of(*parts: object) -> str:
+    """A short, stable hash of what an output is computed from."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+# ----------------------------------------------------------------------------- OME-Zarr outputs
+
+
+def record(uri: str) -> dict | None:
+    """The ``dreg`` root attributes of the OME-Zarr output at `uri`, or None when there is
+    no readable output there."""
+    if not storage.exists(uri):
+        return None
+    try:
+        return ome_zarr.open_image(uri).attributes
+    except InputError:
+        return None
+
+
+def completed_identity(attributes: dict | None) -> str | None:
+    """The identity an output with these ``dreg`` attributes was completed for, or None
+    when it is not complete."""
+    if not attributes:
+        return None
+    if attributes.get(COMPLETE) is True:
+        return attributes.get(INPUTS)
+    if COMPLETE not in attributes:
+        return attributes.get(_OLD_FIELD_MARK)
+    return None
+
+
+def is_complete(uri: str, identity: str | None = None) -> bool:
+    """Whether the OME-Zarr output at `uri` is complete, for `identity` when given (for
+    any inputs when None)."""
+    found = completed_identity(record(uri))
+    return found is not None and (identity is None or found == identity)
+
+
+def mark_complete(uri: str, identity: str, details: dict | None = None) -> None:
+    """The last write of an OME-Zarr output, once every chunk is written: the output is
+    whole and was computed from `identity`. `details` (a summary) go in with the mark."""
+    ome_zarr.update_attributes(uri, {**(details or {}), INPUTS: identity, COMPLETE: True})
+
+
+def clear(uri: str) -> None:
+    """Mark the OME-Zarr output at `uri` incomplete: it is being written again."""
+    # `complete` present and false also voids an old field's mark.
+    ome_zarr.update_attributes(uri, {COMPLETE: False})
+
+
+def start(uri: str, identity: str, create: Callable[[dict], object]) -> str:
+    """Begin (or resume) writing a chunk-wise OME-Zarr output; returns its token.
+
+    An output at `uri` made from `identity` is reused with its token and marked
+    incomplete; otherwise ``create(attributes)`` makes it anew, with a new token and
+    the given attributes (inputs, token, not complete) in its ``dreg`` attributes."""
+    attributes = record(uri)
+    if attributes and attributes.get(INPUTS) == identity and attributes.get(TOKEN):
+        clear(uri)
+        return attributes[TOKEN]
+    token = uuid.uuid4().hex
+    create({INPUTS: identity, TOKEN: token, COMPLETE: False})
+    return token
+
+
+# ----------------------------------------------------------------------------- file outputs
+
+
+def write_whole(uri: str, text: str, replace: bool = False) -> None:
+    """Write a file output in one piece, as its last write: its presence is its mark.
+    `replace` rewrites an existing one so that it never reads as anything but whole."""
+    if replace:
+        storage.replace_text(uri, text)
+    else:
+        storage.write_text(uri, text)
+
+
+def file_is_complete(uri: str) -> bool:
+    """Whether the file output at `uri` was written (whole, since it is written last)."""
+    return storage.exists(uri)
+
+
+def start_parts(folder: str, identity: str) -> str:
+    """Begin (or resume) a file output built from parts (one file per batch) in
+    `folder`; returns its token. The folder is reused, with its token, when it was started
+    for the same inputs; emptied and given a new token otherwise. The token keys the
+    batches' cache, so a part is never assumed written after its folder was removed."""
+    marker = storage.join(folder, PARTS_RECORD)
+    if storage.exists(marker):
+        recorded = json.loads(storage.read_text(marker))
+        if recorded.get(INPUTS) == identity:
+            return recorded[TOKEN]
+    storage.remove_tree(folder)
+    token = uuid.uuid4().hex
+    storage.write_text(marker, json.dumps({INPUTS: identity, TOKEN: token}))
+    return token
