@@ -17,10 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import zarr
-from ome_zarr_models.common.coordinate_transformations import VectorScale, VectorTranslation
-from ome_zarr_models.v05.axes import Axis
-from ome_zarr_models.v05.image import ImageAttrs
-from ome_zarr_models.v05.multiscales import Dataset, Multiscale
 
 from dreg.errors import InputError
 from dreg.grid import Grid, xyz_to_zyx
@@ -181,9 +177,18 @@ def _level_transforms(grid: Grid, lead: int) -> list[dict]:
 
 
 def _image_multiscale(grids: Sequence[Grid], components: int | None, name: str,
-                      unit: str | None) -> Multiscale:
+                      unit: str | None):
     """The multiscale of an OME-Zarr 0.5 image, built and validated by ome-zarr-models:
     axes (c, z, y, x) or (z, y, x), and per level one scale then one translation."""
+    # Imported here: loading the models takes a second or two, which a command that only
+    # reads images (and the CLI's first checks) should not pay.
+    from ome_zarr_models.common.coordinate_transformations import (
+        VectorScale,
+        VectorTranslation,
+    )
+    from ome_zarr_models.v05.axes import Axis
+    from ome_zarr_models.v05.multiscales import Dataset, Multiscale
+
     axes = [Axis(name=a, type="space", unit=unit) for a in SPATIAL_AXES]
     if components is not None:
         axes = [Axis(name="c", type="channel"), *axes]
@@ -205,6 +210,8 @@ def _ngff_attrs(grids: Sequence[Grid], components: int | None, name: str,
 
     Raises ValueError (pydantic's ValidationError) when the levels do not make valid
     OME-Zarr 0.5, for example a level finer than the one before it."""
+    from ome_zarr_models.v05.image import ImageAttrs
+
     attrs = ImageAttrs(version=IMAGE_OME_VERSION,
                        multiscales=[_image_multiscale(grids, components, name, unit)])
     return {"ome": attrs.model_dump(mode="json", exclude_none=True)}
