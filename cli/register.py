@@ -37,8 +37,9 @@ def cmd_register(args: argparse.Namespace) -> int:
 
     pipeline = load_pipeline(args.config) if args.config else default_pipeline()
     # Validate here first: bad input fails in a second, before a server or cluster starts.
+    # No chunk is listed here: the flow fingerprints the inputs where the run starts.
     plan = plan_registration(args.fixed, args.moving, args.out, pipeline,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, versions=False)
     ownership.check_free(plan.out_uri)
     result = _run_registration(args, pipeline)
     line = _last_line(result)

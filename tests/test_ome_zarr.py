@@ -221,6 +221,18 @@ def test_create_refuses_to_replace_without_overwrite(tmp_path):
     assert ome_zarr.open_image(uri).levels[0].dtype == "uint8"
 
 
+def test_levels_that_are_not_valid_ome_zarr_05_are_refused_before_anything_is_written(
+        tmp_path):
+    """ome-zarr-models validates the metadata as it is built: here a second level finer
+    than the first."""
+    fine, coarse = Grid((8, 8, 8), (1.0, 1.0, 1.0)), Grid((4, 4, 4), (2.0, 2.0, 2.0))
+    uri = tmp_path / "i.ome.zarr"
+    with pytest.raises(InputError, match=r"i\.ome\.zarr: the levels do not make a valid "
+                       r"OME-Zarr image \(.*lower resolution"):
+        ome_zarr.create_image(str(uri), [coarse, fine], "float32")
+    assert not uri.exists()
+
+
 def test_an_undecodable_chunk_is_named_by_image_level_and_chunk(tmp_path):
     from pathlib import Path
 

@@ -351,3 +351,100 @@ def test_cli_refuses_a_bad_parameter_in_seconds(pair, tmp_path, parameters, name
     assert_refused(done, f"dreg: error: stage fine: {named}")
     assert not (tmp_path / "out").exists()
     print(json.dumps({"refused_in_s": round(seconds, 2), "parameters": parameters}))
+
+
+@pytest.fixture(scope="module")
+def pyramid_pair(tmp_path_factory):
+    """A pair with two levels (the longest axis over pyramid.COARSEST_LONGEST_AXIS)."""
+    return synth.write_pair(str(tmp_path_factory.mktemp("p") / "pair"),
+                            Grid((24, 32, 80), (1.0, 1.0, 1.0)), seed=1)
+
+
+class CountedListings:
+    """Counts the chunk listings of the fingerprints (one per level of an image)."""
+
+    def __init__(self, monkeypatch):
+        from dreg.io.ome_zarr import fingerprints
+
+        self.paths: list[str] = []
+        listing = fingerprints._listing
+
+        def counted(image, fs, path):
+            self.paths.append(path)
+            return listing(image, fs, path)
+
+        monkeypatch.setattr(fingerprints, "_listing", counted)
+
+    def take(self) -> list[str]:
+        taken, self.paths = self.paths, []
+        return taken
+
+
+def test_a_registration_lists_each_level_of_each_input_once_at_its_start_and_once_at_its_end(
+        pyramid_pair, tmp_path, monkeypatch):
+    """The steps of `dreg register` without the flow around them: the CLI's check, the
+    run's plan, every stage's context, the final check."""
+    from dreg.registration.plan import check_inputs_unchanged, stage_context
+
+    pair = pyramid_pair
+    listings = CountedListings(monkeypatch)
+    levels = {role: len(ome_zarr.open_image(pair[role]).levels) for role in ("fixed", "moving")}
+    assert levels == {"fixed": 2, "moving": 2}
+    stages = [StageConfig(name="a", level=-1, transform="affine"), BSPLINE]
+    pipeline = PipelineConfig(stages=stages)
+
+    checked = plan_registration(pair["fixed"], pair["moving"], str(tmp_path / "out"), pipeline,
+                                versions=False)
+    assert listings.take() == []
+    assert checked.input_versions == {} and checked.level_versions == {}
+    with pytest.raises(ValueError, match="cannot run"):
+        stage_context(checked, checked.stages[0], None, "")
+
+    planned = plan_registration(pair["fixed"], pair["moving"], str(tmp_path / "out"), pipeline)
+    listed = listings.take()
+    assert len(listed) == len(set(listed)) == levels["fixed"] + levels["moving"]
+    for stage in planned.stages:
+        stage_context(planned, stage, None, "")
+    assert listings.take() == []
+    check_inputs_unchanged(planned)
+    assert sorted(listings.take()) == sorted(listed)
+
+
+def test_the_planned_versions_are_the_fingerprints_of_the_images_and_their_levels(
+        pyramid_pair, tmp_path):
+    from dreg.registration.plan import stage_context
+
+    pair = pyramid_pair
+    planned = plan(pair, tmp_path / "out", StageConfig(name="a", level=-1, transform="affine"))
+    for role in ("fixed", "moving"):
+        image = ome_zarr.open_image(pair[role])
+        assert planned.input_versions[role] == ome_zarr.fingerprint(image)
+        assert planned.level_versions[role] == tuple(
+            ome_zarr.fingerprint(image, [k]) for k in range(len(image.levels)))
+    ctx = stage_context(planned, planned.stages[0], None, "")
+    assert ctx.fixed_version == planned.level_versions["fixed"][planned.stages[0].level]
+    assert ctx.moving_version == planned.level_versions["moving"][planned.stages[0].level]
+
+
+def test_the_cli_checks_a_registration_without_listing_a_chunk(pair, tmp_path, monkeypatch):
+    """`dreg register` validates before a server or cluster starts, listing nothing: the
+    flow fingerprints the inputs where the run starts."""
+    from cli import main, register
+
+    listings = CountedListings(monkeypatch)
+    listed_before_the_run = []
+
+    def run(args, pipeline):
+        listed_before_the_run.extend(listings.take())
+        raise InputError("the flow is not run here")
+
+    monkeypatch.setattr(register, "_run_registration", run)
+    assert main.main(["register", pair["fixed"], pair["moving"], str(tmp_path / "out")]) == 2
+    assert listed_before_the_run == []
+
+
+def test_the_cli_still_refuses_bad_input_before_the_run(pair, tmp_path, monkeypatch):
+    from cli import main, register
+
+    monkeypatch.setattr(register, "_run_registration", lambda *a: pytest.fail("ran"))
+    assert main.main(["register", pair["fixed"], pair["truth"], str(tmp_path / "out")]) == 2

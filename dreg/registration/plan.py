@@ -10,7 +10,7 @@ input, and elastix parameters whose values elastix would reject or misuse.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +104,11 @@ class RegistrationPlan:
     stages: tuple[StagePlan, ...]
     initial: AffineTransform
     foreground_intensity: float
+    # The content version of each input (result.json records it), and of each of its
+    # levels (the block store's keys), from one listing of its chunks. Empty in a plan
+    # made without versions, which only validates the request (the CLI's first check).
     input_versions: dict[str, str]
+    level_versions: dict[str, tuple[str, ...]]
 
     @property
     def field_uri(self) -> str:
@@ -184,8 +188,14 @@ def plan_registration(
     pipeline: PipelineConfig,
     initial: AffineTransform | None = None,
     overwrite: bool = False,
+    versions: bool = True,
 ) -> RegistrationPlan:
-    """Validate inputs and lay out the stages. Raises InputError/StorageError on bad input."""
+    """Validate inputs and lay out the stages. Raises InputError/StorageError on bad input.
+
+    With `versions` (a run starts), both inputs are fingerprinted: every chunk of every
+    level is listed once. Without (a check before the run), nothing is listed: the plan
+    only says that the request is valid, and cannot run.
+    """
     fixed = ome_zarr.open_image(fixed_uri, require_scalar=True)
     moving = ome_zarr.open_image(moving_uri, require_scalar=True)
     out_uri = storage.normalize_uri(out_uri)
@@ -223,7 +233,8 @@ def plan_registration(
         stages=tuple(stages),
         initial=initial,
         foreground_intensity=foreground_intensity(fixed),
-        input_versions=input_versions(fixed, moving),
+        input_versions={},
+        level_versions={},
     )
     if completion.file_is_complete(plan.result_uri) and not overwrite:
         raise InputError(
@@ -231,7 +242,30 @@ def plan_registration(
             "pass --overwrite to replace it"
         )
     storage.check_writable(out_uri)
-    return plan
+    if not versions:
+        return plan
+    # Last: on a large input in object storage, listing every chunk takes the longest.
+    found = _versions(fixed, moving)
+    return replace(plan, input_versions=found[0], level_versions=found[1])
+
+
+def _versions(fixed: ome_zarr.OmeZarrImage, moving: ome_zarr.OmeZarrImage
+              ) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """The plan's input_versions and level_versions, each image listed once."""
+    found = {"fixed": ome_zarr.image_version(fixed), "moving": ome_zarr.image_version(moving)}
+    return ({role: v.whole for role, v in found.items()},
+            {role: v.levels for role, v in found.items()})
+
+
+def _level_version(plan: RegistrationPlan, role: str, level: int) -> str:
+    """One input's version at a level, as planned (the error of OmeZarrImage.level when
+    the image has no such level)."""
+    versions = plan.level_versions[role]
+    if not 0 <= level < len(versions):
+        uri = plan.fixed_uri if role == "fixed" else plan.moving_uri
+        raise InputError(f"{uri}: level {level} does not exist (the image has levels "
+                         f"0..{len(versions) - 1})")
+    return versions[level]
 
 
 def input_versions(fixed: ome_zarr.OmeZarrImage, moving: ome_zarr.OmeZarrImage) -> dict[str, str]:
@@ -262,10 +296,11 @@ def stage_context(
     storage_patience: float = 300.0,
 ) -> StageContext:
     """What every block of a stage shares, with the content versions of both images at
-    the stage's level (for the block store). `previous_field` is the field of the stage
-    before, or None for the first stage (which starts from the plan's initial affine)."""
-    fixed = ome_zarr.open_image(plan.fixed_uri)
-    moving = ome_zarr.open_image(plan.moving_uri)
+    the stage's level (for the block store), taken from the plan: nothing is listed
+    again. `previous_field` is the field of the stage before, or None for the first stage
+    (which starts from the plan's initial affine)."""
+    if not plan.level_versions:
+        raise ValueError("a plan made without input versions only validates; it cannot run")
     return StageContext(
         fixed_uri=plan.fixed_uri,
         moving_uri=plan.moving_uri,
@@ -280,8 +315,8 @@ def stage_context(
         foreground_fraction=stage.config.foreground_threshold,
         metric_guard=stage.config.metric_guard,
         store_dir=stage.store_dir,
-        fixed_version=ome_zarr.fingerprint(fixed, [stage.level]),
-        moving_version=ome_zarr.fingerprint(moving, [stage.level]),
+        fixed_version=_level_version(plan, "fixed", stage.level),
+        moving_version=_level_version(plan, "moving", stage.level),
         previous_identity=previous_identity,
         code_version=code_version(),
         storage_patience=storage_patience,
