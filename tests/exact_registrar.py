@@ -8,15 +8,19 @@ u(x); a fixed-point iteration finds it (p is smooth and small). Fast and determi
 flow tests of batching, resume, failure handling, QC and the CLI use it where elastix is
 not what they test.
 
-Stages select it with ``method=METHOD``. Dask worker processes import it by that path:
-LocalCluster workers started by a test get the test process's sys.path (which holds
-tests/); for a `dreg` command run as a subprocess, `subprocess_env` puts tests/ on
-PYTHONPATH.
+Stages select it with ``method=METHOD``. Its one parameter, ``seconds``, makes each
+block take at least that long (a stand-in for a registration's work), for tests that
+interrupt a run mid-stage; the residual does not depend on it.
+
+Dask worker processes import it by that path: LocalCluster workers started by a test
+get the test process's sys.path (which holds tests/); for a `dreg` command run as a
+subprocess, `subprocess_env` puts tests/ on PYTHONPATH.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +65,9 @@ def residual_on(grid: Grid, truth, previous) -> np.ndarray:
 
 
 class ExactRegistrar:
-    """The `BlockMethod` that knows the answer. The transform and parameters are ignored;
-    a pair without a truth field fails the block (RuntimeError), as elastix may."""
+    """The `BlockMethod` that knows the answer. The transform is ignored, and every
+    parameter but ``seconds``; a pair without a truth field fails the block
+    (RuntimeError), as elastix may."""
 
     name = "exact"
 
@@ -76,6 +81,7 @@ class ExactRegistrar:
         return None
 
     def register(self, pair: BlockPair) -> BlockRegistration:
+        time.sleep(float(pair.parameters.get("seconds", 0)))
         uri = truth_uri(pair.fixed_uri)
         if not storage.exists(uri):
             raise RuntimeError(f"no truth field next to the fixed image ({uri})")
