@@ -286,13 +286,13 @@ def test_a_second_run_on_one_output_is_refused_naming_the_owner(prefect_api, das
                                                                tmp_path):
     """Two runs on one OUT: exactly one owner; the other is refused at once (exit 2)
     naming the owner's flow run id. Two runs on different OUTs both succeed. The exact
-    registrar, with blocks of 3 s: the first run still holds OUT when the second asks."""
+    registrar, with blocks of 1 s: the first run still holds OUT when the second asks."""
     pair = synth.write_pair(str(tmp_path / "pair"), Grid((32, 32, 32), (1.0, 1.0, 1.0)),
                             seed=2, amplitude_voxels=1.0, chunks=16, overwrite=True)
     config = tmp_path / "pipeline.yaml"
     config.write_text("stages:\n  - name: b\n    level: 0\n    block_size: 16\n"
                       f"    transform: translation\n    method: {METHOD}\n"
-                      "    parameters: {seconds: 3}\n")
+                      "    parameters: {seconds: 1}\n")
     command = [sys.executable, "-m", "cli.main", "register", pair["fixed"], pair["moving"]]
     env = subprocess_env({**os.environ, "PREFECT_API_URL": prefect_api})
     first = subprocess.Popen([*command, str(tmp_path / "a"), "--config", str(config),
