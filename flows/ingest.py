@@ -2,7 +2,9 @@
 
 Prefect entrypoint: ``flows/ingest.py:register_on_ingest``. The event supplies `moving`,
 `version` and optionally `event_fixed`; these are untrusted and validated (scheme,
-allowed prefixes, size) before anything is read or written. The reference volume, the
+allowed prefixes, size) before anything is read or written. The pipeline of a run
+started this way may use only the built-in registration methods (an import path would
+load code named by whoever set the run's parameters). The reference volume, the
 output prefix, the allowed prefixes and the pipeline are the deployment's parameters.
 """
 
@@ -14,6 +16,7 @@ from prefect.runtime import flow_run
 from dreg import trust
 from dreg.io import ome_zarr, storage
 from dreg.registration import PipelineConfig, RegistrationResult, default_pipeline
+from dreg.registration.method import check_built_in
 from dreg.registration.records import finished_with_same_inputs
 from flows import artifacts, events
 from flows.options import RunOptions
@@ -67,6 +70,7 @@ def register_on_ingest(
     (unless `warp` is off) warp the volume onto the reference's grid for viewing."""
     logger = get_run_logger()
     try:
+        check_built_in([s.method for s in (pipeline or default_pipeline()).stages], "pipeline")
         request = validated_request(moving, version, event_fixed, reference, out_prefix,
                                     split_prefixes(allowed_prefixes), max_voxels)
     except Exception as exc:

@@ -1,5 +1,5 @@
 """Session fixtures for flow tests: Prefect's test harness (a real temporary server,
-entered once) and one warm LocalCluster whose workers report to it."""
+entered once) and one LocalCluster whose workers report to it."""
 
 from __future__ import annotations
 
@@ -17,16 +17,18 @@ def prefect_api():
 
     from flows.cluster import current_api_url
 
-    with prefect_test_harness(server_startup_timeout=90):
+    with prefect_test_harness(server_startup_timeout=240):  # a loaded machine is slow
         yield current_api_url()
 
 
 @pytest.fixture(scope="session")
 def dask_address(prefect_api):
-    """A LocalCluster of two single-threaded worker processes, warmed once."""
+    """A LocalCluster of two single-threaded worker processes, set up as a run sets them
+    up. Not warmed: most flow tests use the exact registrar, and a worker loads elastix
+    when its first elastix block needs it (as in a registration run)."""
     from distributed import LocalCluster
 
-    from flows.cluster import WORKER_RESOURCES, warm_up
+    from flows.cluster import WORKER_RESOURCES, configure_workers
 
     with LocalCluster(
         n_workers=2,
@@ -37,7 +39,7 @@ def dask_address(prefect_api):
         env={"PREFECT_API_URL": prefect_api},
         resources=WORKER_RESOURCES,
     ) as cluster:
-        warm_up(cluster.scheduler_address)
+        configure_workers(cluster.scheduler_address, warm=False)
         yield cluster.scheduler_address
 
 

@@ -24,14 +24,29 @@ from uuid import UUID
 import numpy as np
 import psutil
 import s3_server
+from exact_registrar import METHOD, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # Variables of the caller that would change what a child does (another cluster, a
 # fault injected on purpose, another API).
-# The pipeline of the process-level tests: one cheap B-spline stage of 16^3 blocks.
+# The pipeline of the process-level tests: one stage of 16^3 blocks, registered by the
+# exact registrar (tests/exact_registrar.py) at about a quarter of a second per block,
+# so that a run can be interrupted mid-stage without loading elastix. ELASTIX_PIPELINE:
+# the same stage, cheap B-splines by elastix, for the test that checks elastix's threads.
 STAGE = "1-bspline"
-PIPELINE = """\
+PIPELINE = f"""\
+stages:
+  - name: bspline
+    level: 0
+    block_size: 16
+    overlap: 0.25
+    method: {METHOD}
+    transform: bspline
+    parameters:
+      seconds: 0.25
+"""
+ELASTIX_PIPELINE = """\
 stages:
   - name: bspline
     level: 0
@@ -213,7 +228,9 @@ def wait_for_port(port: int, timeout: float, watched: Started) -> None:
 
 
 def child_environment(tmp: Path, api: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in DROPPED_VARIABLES}
+    """The environment of a child process: tests/ on its path (for the exact registrar),
+    reporting to `api`."""
+    env = {k: v for k, v in subprocess_env().items() if k not in DROPPED_VARIABLES}
     env.update({
         "PREFECT_HOME": str(tmp / "prefect-home"),
         "PREFECT_API_URL": api,

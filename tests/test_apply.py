@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from exact_registrar import METHOD, subprocess_env
+from helpers import DEFAULT_PAIR, finished_registration
 from ome_zarr_models import open_ome_zarr
 from ome_zarr_models.v05.image import Image
 from prefect_queries import final_task_runs
@@ -27,38 +29,12 @@ from dreg import synth
 from dreg.field import open_field, sample_field
 from dreg.grid import Grid, components_to_vectors, whole_region
 from dreg.io import ome_zarr, storage
-from dreg.registration.records import InitialRecord, RegistrationResult
 from flows.options import RunOptions
 
 pytestmark = [pytest.mark.prefect]
 SHAPE = (40, 44, 48)
+PAIR = {**DEFAULT_PAIR, "grid": Grid(SHAPE, (1.0, 1.2, 0.9), origin_xyz=(3.0, -2.0, 5.0))}
 INTERIOR = 6  # voxels from the border where the truth's preimages stay inside
-
-
-def finished_registration(pair: dict, out: str) -> str:
-    """OUT as a registration leaves it, with the pair's exact field as its field."""
-    fs, _ = storage.filesystem(pair["truth"])
-    field_uri = storage.join(out, "field.ome.zarr")
-    if storage.is_s3(out):
-        fs.copy(pair["truth"].removeprefix("s3://"), field_uri.removeprefix("s3://"),
-                recursive=True)
-    else:
-        shutil.copytree(pair["truth"], field_uri)
-    result = RegistrationResult(
-        output=out, field=field_uri, result=storage.join(out, "result.json"),
-        fixed=pair["fixed"], moving=pair["moving"], flow_run_id="made-by-the-test",
-        initial=InitialRecord(matrix=np.eye(3).tolist(), translation=[0.0] * 3),
-        stages=[], seconds=0.0)
-    storage.write_text(result.result, result.document())
-    return out
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pair")
-    grid = Grid(SHAPE, (1.0, 1.2, 0.9), origin_xyz=(3.0, -2.0, 5.0))
-    return synth.write_pair(str(folder), grid, seed=4, amplitude_voxels=1.5,
-                            shift_voxels=(1.0, -1.5, 2.0), chunks=16, overwrite=True)
 
 
 @pytest.fixture
@@ -69,7 +45,7 @@ def out(pair, tmp_path):
 def dreg(*args: str, api: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """The real CLI; with `api`, reporting to that Prefect API (the one the session's Dask
     workers report to), else to a temporary server of its own."""
-    env = {**os.environ, "PREFECT_API_URL": api} if api else None
+    env = subprocess_env({**os.environ, "PREFECT_API_URL": api} if api else None)
     done = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
                           text=True, timeout=600, env=env)
     if check:
@@ -309,15 +285,16 @@ def test_register_with_warp_leaves_a_scene_and_a_warped_image(prefect_api, dask_
 def test_a_second_run_on_one_output_is_refused_naming_the_owner(prefect_api, dask_address,
                                                                tmp_path):
     """Two runs on one OUT: exactly one owner; the other is refused at once (exit 2)
-    naming the owner's flow run id. Two runs on different OUTs both succeed."""
+    naming the owner's flow run id. Two runs on different OUTs both succeed. The exact
+    registrar, with blocks of 1 s: the first run still holds OUT when the second asks."""
     pair = synth.write_pair(str(tmp_path / "pair"), Grid((32, 32, 32), (1.0, 1.0, 1.0)),
                             seed=2, amplitude_voxels=1.0, chunks=16, overwrite=True)
     config = tmp_path / "pipeline.yaml"
     config.write_text("stages:\n  - name: b\n    level: 0\n    block_size: 16\n"
-                      "    transform: translation\n"
-                      "    parameters: {MaximumNumberOfIterations: 40}\n")
+                      f"    transform: translation\n    method: {METHOD}\n"
+                      "    parameters: {seconds: 1}\n")
     command = [sys.executable, "-m", "cli.main", "register", pair["fixed"], pair["moving"]]
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    env = subprocess_env({**os.environ, "PREFECT_API_URL": prefect_api})
     first = subprocess.Popen([*command, str(tmp_path / "a"), "--config", str(config),
                               "--dask-address", dask_address], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -371,6 +348,11 @@ def test_a_repeated_ingest_event_with_the_same_inputs_is_a_no_op(prefect_api, da
         update={"parameters": {"MaximumNumberOfIterations": 21}})]})
     with pytest.raises(Exception, match="already holds a finished registration"):
         register_on_ingest(**{**request, "pipeline": other})
+    # A run started by an event may not load code named by its parameters.
+    untrusted = pipeline.model_copy(update={"stages": [pipeline.stages[0].model_copy(
+        update={"method": METHOD})]})
+    with pytest.raises(Exception, match=f"pipeline: method '{METHOD}' is not allowed here"):
+        register_on_ingest(**{**request, "pipeline": untrusted})
 
 
 @pytest.mark.s3

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import yaml
+from exact_registrar import METHOD
 
 from dreg import synth
 from dreg.errors import InputError
@@ -45,7 +46,7 @@ def test_scheduled_run_registers_only_pending_pairs(tmp_path, dask_address):
         {"fixed": pair["fixed"], "moving": pair["moving"], "out": str(tmp_path / "new")},
     ]))
     pipeline = PipelineConfig(stages=[StageConfig(
-        name="t", level=0, transform="translation",
+        name="t", level=0, transform="translation", method=METHOD,
         parameters={"MaximumNumberOfIterations": 20})])
     outcomes = register_scheduled(manifest=str(manifest), pipeline=pipeline,
                                   options=RunOptions(dask_address=dask_address))

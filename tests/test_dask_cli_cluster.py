@@ -9,8 +9,9 @@ their environment, nothing else. The field must equal, bit for bit, that of the 
 registration on a LocalCluster; and again after one worker process is SIGKILLed
 mid-stage (its nanny starts a new one; Dask reruns the lost tasks).
 
-The pair is small (40³, blocks of 16: 27 blocks) so that the module runs in a few
-minutes on two cores.
+The pair is small (40³, blocks of 16: 27 blocks) and registered by the exact registrar
+(reliability_helpers.PIPELINE; the workers import it from tests/, which their
+environment puts on PYTHONPATH), so that the module runs in a few minutes on two cores.
 """
 
 from __future__ import annotations

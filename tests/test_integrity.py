@@ -1,6 +1,7 @@
 """Faults that used to end in a green run over a wrong field: damaged input chunks, an
-input changed mid-run, a previous field that is not the one planned from. Real elastix,
-Prefect's test harness and the session's LocalCluster."""
+input changed mid-run, a previous field that is not the one planned from. The exact
+registrar (these are about the data, not the registration), Prefect's test harness and
+the session's LocalCluster."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from exact_registrar import METHOD
 
-from dreg import synth
 from dreg.errors import RunFailed, StorageError
 from dreg.grid import Grid
 from dreg.io import ome_zarr
@@ -23,7 +24,8 @@ from flows.options import RunOptions
 pytestmark = [pytest.mark.slow, pytest.mark.prefect]
 
 STAGES = [StageConfig(name="bspline", level=0, block_size=24, overlap=0.25,
-                      transform="bspline", parameters={"MaximumNumberOfIterations": 30})]
+                      transform="bspline", method=METHOD,
+                      parameters={"MaximumNumberOfIterations": 30})]
 
 
 def run(pair: dict, out: Path, dask_address: str, **options):
@@ -34,19 +36,16 @@ def run(pair: dict, out: Path, dask_address: str, **options):
                            options=RunOptions(dask_address=dask_address, **options))
 
 
-@pytest.fixture(scope="module")
-def original(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pair")
-    return synth.write_pair(str(root / "pair"), Grid((48, 48, 48), (1.0, 1.0, 1.0)),
-                            seed=7, amplitude_voxels=1.5, chunks=16)
+PAIR = {"grid": Grid((48, 48, 48), (1.0, 1.0, 1.0)), "seed": 7, "amplitude_voxels": 1.5,
+        "chunks": 16}
 
 
 @pytest.fixture
-def pair(original, tmp_path):
-    """A copy of the pair that a test may damage."""
+def own_pair(pair, tmp_path):
+    """A copy of the module's pair that a test may damage."""
     copy = tmp_path / "pair"
-    shutil.copytree(Path(original["fixed"]).parent, copy)
-    return {role: str(copy / Path(original[role]).name) for role in ("fixed", "moving")}
+    shutil.copytree(Path(pair["fixed"]).parent, copy)
+    return {role: str(copy / Path(pair[role]).name) for role in ("fixed", "moving")}
 
 
 def chunk_file(image_uri: str, level: int, index: tuple[int, int, int]) -> Path:
@@ -55,7 +54,9 @@ def chunk_file(image_uri: str, level: int, index: tuple[int, int, int]) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["garbage", "directory"])
-def test_a_damaged_input_chunk_fails_the_run_naming_it(pair, tmp_path, dask_address, damage):
+def test_a_damaged_input_chunk_fails_the_run_naming_it(own_pair, tmp_path, dask_address,
+                                                         damage):
+    pair = own_pair
     chunk = chunk_file(pair["moving"], 0, (1, 1, 1))
     chunk.unlink()
     if damage == "garbage":
@@ -74,7 +75,8 @@ def test_a_damaged_input_chunk_fails_the_run_naming_it(pair, tmp_path, dask_addr
     assert not (tmp_path / "out/result.json").exists()
 
 
-def test_an_input_chunk_deleted_mid_run_fails_the_run(pair, tmp_path, dask_address):
+def test_an_input_chunk_deleted_mid_run_fails_the_run(own_pair, tmp_path, dask_address):
+    pair = own_pair
     out = tmp_path / "out"
     store = out / "stages/1-bspline/blocks"
     deleted = threading.Event()
@@ -97,14 +99,16 @@ def test_an_input_chunk_deleted_mid_run_fails_the_run(pair, tmp_path, dask_addre
     assert not (out / "result.json").exists()
 
 
-def test_chunks_absent_from_the_start_keep_their_fill_value(pair, tmp_path, dask_address):
+def test_chunks_absent_from_the_start_keep_their_fill_value(own_pair, tmp_path,
+                                                             dask_address):
+    pair = own_pair
     chunk_file(pair["moving"], 0, (2, 2, 2)).unlink()
     result = run(pair, tmp_path / "out", dask_address)
     assert (tmp_path / "out/result.json").exists()
     assert result.block_counts["bspline"].get("ok", 0) > 0
 
 
-def test_a_previous_field_that_is_not_the_planned_one_is_refused(original, tmp_path,
+def test_a_previous_field_that_is_not_the_planned_one_is_refused(pair, tmp_path,
                                                                  dask_address):
     """The next stage reads the previous stage's field only if it carries the identity
     the stage was planned from; a field rewritten under the same name is refused."""
@@ -112,15 +116,15 @@ def test_a_previous_field_that_is_not_the_planned_one_is_refused(original, tmp_p
     from dreg.registration.block import open_previous
     from dreg.registration.plan import plan_registration, stage_context
 
-    stages = [StageConfig(name="affine", level=-1, transform="affine",
+    stages = [StageConfig(name="affine", level=-1, transform="affine", method=METHOD,
                           parameters={"MaximumNumberOfIterations": 50}), *STAGES]
     from flows.registration import register_images
 
-    result = register_images(fixed=original["fixed"], moving=original["moving"],
+    result = register_images(fixed=pair["fixed"], moving=pair["moving"],
                              out=str(tmp_path / "out"), pipeline=PipelineConfig(stages=stages),
                              options=RunOptions(dask_address=dask_address))
     first = result.stages[0]
-    plan = plan_registration(original["fixed"], original["moving"], str(tmp_path / "out"),
+    plan = plan_registration(pair["fixed"], pair["moving"], str(tmp_path / "out"),
                              PipelineConfig(stages=stages), overwrite=True)
     ctx = stage_context(plan, plan.stages[1], first.field, first.identity)
     open_previous(ctx)  # the planned field opens

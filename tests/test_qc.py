@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from chromium import CHROMIUM, LOADED_IMAGES, browser
+from exact_registrar import METHOD
+from helpers import finished_registration
 from matplotlib import image as mpimage
-from test_apply import finished_registration
 
 from dreg import synth
 from dreg.field import create_field, fixed_description
@@ -38,14 +39,6 @@ PICTURES = {"fixed", "moving_before", "moving_after", "checkerboard_before",
             "checkerboard_after", "deformation_grid", "displacement", "jacobian", "blocks",
             "metric_gain"}
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    grid = Grid((24, 26, 28), (1.0, 1.2, 0.9), origin_xyz=(3.0, -2.0, 5.0))
-    return synth.write_pair(str(tmp_path_factory.mktemp("pair")), grid, seed=4,
-                            amplitude_voxels=1.5, shift_voxels=(1.0, -1.5, 2.0), chunks=16,
-                            overwrite=True)
 
 
 def with_field(pair: dict, out: Path, grid: Grid, u_xyz: np.ndarray, chunks: int = 8) -> str:
@@ -330,6 +323,7 @@ def test_registration_without_qc_leaves_none(prefect_api, dask_address, tmp_path
     result = register_images(small["fixed"], small["moving"], str(tmp_path / "out"),
                              pipeline=PipelineConfig(stages=[StageConfig(
                                  name="t", level=0, transform="translation",
+                                 method=METHOD,
                                  parameters={"MaximumNumberOfIterations": 20})]),
                              options=RunOptions(dask_address=dask_address, qc=False))
     assert result.qc is None and not Path(tmp_path, "out", "qc").exists()
@@ -364,7 +358,7 @@ def test_a_registration_shows_its_qc_in_the_prefect_ui(tmp_path):
                              chunks=16)
     config = tmp_path / "pipeline.yaml"
     config.write_text("stages:\n  - name: blocks\n    level: 0\n    block_size: 16\n"
-                      "    transform: translation\n"
+                      f"    transform: translation\n    method: {METHOD}\n"
                       "    parameters: {MaximumNumberOfIterations: 40}\n")
     out = str(tmp_path / "out")
     (tmp_path / "prefect").mkdir()

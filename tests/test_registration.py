@@ -1,5 +1,7 @@
-"""The registration flow end to end: real elastix, Prefect's test harness (a real
-temporary server) entered once per session, and a real LocalCluster."""
+"""The registration flow end to end: Prefect's test harness (a real temporary server)
+entered once per session, and a real LocalCluster. Real elastix where the test is about
+the registration's result; the exact registrar (exact_registrar.py) where it is about
+the orchestration: the block store, retries, failed blocks, batches."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from uuid import UUID
 
 import numpy as np
 import pytest
+from exact_registrar import METHOD
 from prefect_queries import final_task_runs, wait_for_events
 
 from dreg import field, synth
@@ -29,6 +32,14 @@ def bspline(block_size=32, iterations=100, **extra) -> StageConfig:
     return StageConfig(name="bspline", level=0, block_size=block_size, overlap=0.25,
                        transform="bspline",
                        parameters={"MaximumNumberOfIterations": iterations}, **extra)
+
+
+def exact(block_size=24, iterations=30) -> StageConfig:
+    """A blocked stage registered by the exact registrar; `iterations` is a parameter
+    like any other: it is part of the block key."""
+    return StageConfig(name="bspline", level=0, block_size=block_size, overlap=0.25,
+                       transform="bspline", method=METHOD,
+                       parameters={"MaximumNumberOfIterations": iterations})
 
 
 def run(pair: dict, out: Path, stages: list[StageConfig], dask_address: str, **options):
@@ -128,7 +139,7 @@ def test_affine_then_bspline_beats_either_alone(tmp_path, dask_address):
 def test_rerun_reuses_stored_blocks_and_changes_invalidate(pairs, tmp_path, dask_address):
     pair = pairs["small"]
     out = tmp_path / "out"
-    stages = [bspline(block_size=24, iterations=30)]
+    stages = [exact()]
 
     first = run(pair, out, stages, dask_address)
     assert first.blocks_reused == {"bspline": 0}
@@ -142,7 +153,7 @@ def test_rerun_reuses_stored_blocks_and_changes_invalidate(pairs, tmp_path, dask
     # The same blocks give the same stage field, which is not rewritten.
     assert second.stages[0].field == first.stages[0].field
 
-    changed = run(pair, out, [bspline(block_size=24, iterations=31)], dask_address,
+    changed = run(pair, out, [exact(iterations=31)], dask_address,
                   overwrite=True)
     assert changed.blocks_reused == {"bspline": 0}
     assert changed.stages[0].field != first.stages[0].field
@@ -155,7 +166,7 @@ def test_rerun_reuses_stored_blocks_and_changes_invalidate(pairs, tmp_path, dask
     level0 = tuple(slice(0, n) for n in moving.levels[0].grid.shape_zyx)
     ome_zarr.write_region(moving, 0, level0, ome_zarr.read_region(moving, 0, level0) * 1.01)
     pyramid.build_pyramid(moving)
-    rewritten = run(pair, out, [bspline(block_size=24, iterations=31)], dask_address,
+    rewritten = run(pair, out, [exact(iterations=31)], dask_address,
                     overwrite=True)
     assert rewritten.blocks_reused == {"bspline": 0}
 
@@ -163,7 +174,7 @@ def test_rerun_reuses_stored_blocks_and_changes_invalidate(pairs, tmp_path, dask
 def test_a_moved_output_keeps_its_stored_blocks(pairs, tmp_path, dask_address):
     import shutil
 
-    stages = [bspline(block_size=24, iterations=30)]
+    stages = [exact()]
     first = run(pairs["small"], tmp_path / "out", stages, dask_address)
     shutil.move(tmp_path / "out", tmp_path / "moved")
     again = run(pairs["small"], tmp_path / "moved", stages, dask_address, overwrite=True)
@@ -174,7 +185,7 @@ def test_a_moved_output_keeps_its_stored_blocks(pairs, tmp_path, dask_address):
 
 def test_a_lost_or_damaged_residual_is_registered_again(pairs, tmp_path, dask_address):
     out = tmp_path / "out"
-    stages = [bspline(block_size=24, iterations=30)]
+    stages = [exact()]
     first = run(pairs["small"], out, stages, dask_address)
     residuals = sorted((out / "stages/1-bspline/blocks").glob("*.npy"))
     residuals[0].unlink()
@@ -201,7 +212,7 @@ def test_retries_and_failed_blocks(pairs, tmp_path, dask_client, dask_address):
     spec = "0-0-0:1,1-1-1:99"
     dask_client.run(lambda: os.environ.__setitem__("DREG_FAULT_INJECT", spec))
     try:
-        result = run(pairs["small"], tmp_path / "out", [bspline(block_size=24, iterations=30)],
+        result = run(pairs["small"], tmp_path / "out", [exact()],
                      dask_address, batch_size=1, max_failed_share=0.2)
     finally:
         dask_client.run(lambda: os.environ.pop("DREG_FAULT_INJECT", None))
@@ -233,7 +244,7 @@ def test_too_many_failed_blocks_fail_the_run(pairs, tmp_path, dask_client, dask_
     try:
         with pytest.raises(RunFailed, match=r"1 of 8 blocks failed \(12.5%, more than the "
                                             r"5.0% allowed"):
-            run(pairs["small"], tmp_path / "out", [bspline(block_size=24, iterations=30)],
+            run(pairs["small"], tmp_path / "out", [exact()],
                 dask_address, batch_size=1, block_retries=0)
     finally:
         dask_client.run(lambda: os.environ.pop("DREG_FAULT_INJECT", None))
@@ -242,7 +253,7 @@ def test_too_many_failed_blocks_fail_the_run(pairs, tmp_path, dask_client, dask_
 
 
 def test_batches_count_blocks(pairs, tmp_path, dask_address):
-    result = run(pairs["small"], tmp_path / "out", [bspline(block_size=24, iterations=30)],
+    result = run(pairs["small"], tmp_path / "out", [exact()],
                  dask_address, batch_size=3)
     (stage,) = result.stages
     names = sorted(r.name for r in task_runs(stage.flow_run_id, "register-blocks"))
@@ -283,7 +294,7 @@ def test_a_last_stage_without_a_successful_block_fails_the_run(pairs, tmp_path, 
                                                               dask_address, prefect_api):
     from dreg.errors import RunFailed
 
-    stage = StageConfig(name="whole", level=0, transform="translation",
+    stage = StageConfig(name="whole", level=0, transform="translation", method=METHOD,
                         parameters={"MaximumNumberOfIterations": 10})
     dask_client.run(lambda: os.environ.__setitem__("DREG_FAULT_INJECT", "0-0-0:99"))
     try:

@@ -18,10 +18,7 @@ from dreg.registration.plan import plan_registration
 BSPLINE = StageConfig(name="b", level=0, block_size=32, transform="bspline")
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return synth.write_pair(str(tmp_path_factory.mktemp("p") / "pair"),
-                            Grid((40, 40, 40), (1.0, 1.0, 1.0)), seed=1)
+PAIR = {"grid": Grid((40, 40, 40), (1.0, 1.0, 1.0)), "seed": 1}
 
 
 def plan(pair, out, *stages, moving=None):

@@ -12,7 +12,6 @@ import pytest
 from scipy import ndimage
 
 from dreg import field as fields
-from dreg import synth
 from dreg.apply import warp
 from dreg.errors import InputError
 from dreg.grid import (
@@ -41,13 +40,8 @@ GRID = Grid(
     direction=rotation((1, 2, 3), 12),
 )
 CHUNK = 16
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("pair")
-    return synth.write_pair(str(out), GRID, seed=3, amplitude_voxels=2.0,
-                            shift_voxels=(1, -1.5, 2), chunks=CHUNK, overwrite=True)
+PAIR = {"grid": GRID, "seed": 3, "amplitude_voxels": 2.0, "shift_voxels": (1, -1.5, 2),
+        "chunks": CHUNK}
 
 
 def write_image(uri: str, grids: list[Grid], levels: list[np.ndarray],

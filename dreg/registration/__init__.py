@@ -1,5 +1,6 @@
 """Block-wise registration: the pipeline model, the plan that validates and lays out a
-run, the block grid, the elastix boundary, and one block's registration."""
+run, the block grid, the block-registration seam (`method`; elastix is the built-in
+method, `elastix` its ITK boundary), and one block's registration."""
 
 from dreg.registration.block import StageContext, register_block
 from dreg.registration.outcome import STATUSES, BlockResult

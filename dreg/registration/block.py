@@ -3,17 +3,16 @@
 Read the padded fixed block; skip it when it has too little foreground; find the moving
 region that the previous transform maps it into (sampled on a lattice over the block,
 plus a margin) and read only that; resample it onto the block's grid through the
-previous transform; register the block to it with elastix; reject a result whose
-similarity is worse than before; sample the residual on the block's share of the
-stage's field grid and store it next to the stage. Every outcome is a `BlockResult`.
+previous transform; register the block to it with the stage's method (elastix by
+default; dreg.registration.method); reject a result whose similarity is worse than
+before; sample the residual on the block's share of the stage's field grid and store it
+next to the stage. Every outcome is a `BlockResult`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ from dreg.field import (
 )
 from dreg.grid import Grid, Region, region_from_bounds, whole_region
 from dreg.io import completion, ome_zarr, storage
-from dreg.registration import elastix
+from dreg.registration.method import DEFAULT_METHOD, BlockPair, resolve
 from dreg.registration.outcome import (
     FAILED,
     OK,
@@ -51,9 +50,10 @@ class StageContext:
 
     `previous` is the transform handed to the stage: an affine, or the URI of the
     previous stage's field, whose identity (the mark it carries once complete) is
-    `previous_identity`. The versions identify the images' content. The elastix
-    parameter map is built from `transform` and `parameters` in the worker that needs
-    it, so that a stage whose blocks are all stored never loads elastix.
+    `previous_identity`. The versions identify the images' content. `method` names the
+    block-registration method; it is resolved in the worker that needs it, and elastix's
+    parameter map is built there from `transform` and `parameters`, so that a stage whose
+    blocks are all stored never loads elastix.
     """
 
     fixed_uri: str
@@ -76,6 +76,7 @@ class StageContext:
     threads: int = 1
     storage_patience: float = 300.0
     log_dir: str | None = None
+    method: str = DEFAULT_METHOD
 
     def key_inputs(self) -> BlockKeyInputs:
         """What a block's stored outcome depends on besides the block (none of it a
@@ -89,8 +90,9 @@ class StageContext:
             grids={"fixed": self.fixed_grid.to_dict(), "moving": self.moving_grid.to_dict(),
                    "field": self.field_grid.to_dict()},
             previous=previous,
-            elastix={"transform": self.transform, "parameters": self.parameters,
-                     "threads": self.threads, "version": elastix.version()},
+            method={"name": self.method, "version": resolve(self.method).version(),
+                    "transform": self.transform, "parameters": self.parameters,
+                    "threads": self.threads},
             foreground=(self.foreground_intensity, self.foreground_fraction),
             metric_guard=self.metric_guard,
             code_version=self.code_version,
@@ -146,23 +148,6 @@ def resample_moving(
     return warped.reshape(block_grid.shape_zyx).astype(np.float32)
 
 
-def _run_elastix(ctx: StageContext, block: Block, fixed, warped, block_grid: Grid):
-    """Run elastix; with a log folder, its log goes there (elastix writes a local file,
-    which is then copied, so the folder may be on S3)."""
-    pmap = elastix.cached_parameter_map(ctx.transform, ctx.parameters, ctx.threads)
-    if not ctx.log_dir:
-        return elastix.register(fixed, warped, block_grid, pmap)
-    with tempfile.TemporaryDirectory(prefix="dreg-elastix-") as local:
-        log_file = os.path.join(local, f"elastix-{block.name}.log")
-        try:
-            return elastix.register(fixed, warped, block_grid, pmap, log_file)
-        finally:
-            if os.path.exists(log_file):
-                with open(log_file, "rb") as handle:
-                    storage.write_bytes(storage.join(ctx.log_dir, os.path.basename(log_file)),
-                                        handle.read())
-
-
 def open_previous(ctx: StageContext):
     """The transform handed to the stage. A previous field must carry the identity this
     stage was planned from: a field that is incomplete, or another run's, is never read
@@ -184,7 +169,7 @@ Outcome = tuple[BlockResult, "np.ndarray | None"]
 def _registered_block(
     ctx: StageContext, block: Block, fixed: np.ndarray, started: float
 ) -> Outcome:
-    """Steps after the foreground check: moving region, resample, elastix, guard."""
+    """Steps after the foreground check: moving region, resample, the method, guard."""
     previous = open_previous(ctx)
     region = moving_region(block.padded, ctx.fixed_grid, ctx.moving_grid, previous)
     if region is None:
@@ -196,10 +181,16 @@ def _registered_block(
     warped = resample_moving(moving, region, ctx.moving_grid, block_grid, previous)
     before = normalized_mutual_information(fixed, warped)
 
+    registrar = resolve(ctx.method)
+    pair = BlockPair(name=block.name, fixed=fixed, warped=warped, block_grid=block_grid,
+                     field_grid=ctx.field_grid.subgrid(block.field_box),
+                     transform=ctx.transform, parameters=ctx.parameters, previous=previous,
+                     fixed_uri=ctx.fixed_uri, moving_uri=ctx.moving_uri, threads=ctx.threads,
+                     log_dir=ctx.log_dir)
     try:
-        result = _run_elastix(ctx, block, fixed, warped, block_grid)
+        result = registrar.register(pair)
     except RuntimeError as exc:
-        return BlockResult(block, FAILED, f"elastix: {first_line(exc)}",
+        return BlockResult(block, FAILED, f"{registrar.name}: {first_line(exc)}",
                            metric_before=before, seconds=time.perf_counter() - started), None
     after = normalized_mutual_information(fixed, result.result_image)
     if ctx.metric_guard and after < before:
@@ -208,16 +199,14 @@ def _registered_block(
             f"similarity fell from {before:.4f} to {after:.4f} (normalized mutual information)",
             metric_before=before, metric_after=after, seconds=time.perf_counter() - started,
         ), None
-    residual = elastix.displacement_on_grid(
-        result.transform, ctx.field_grid.subgrid(block.field_box)
-    )
-    return BlockResult(block, OK, "", before, after, time.perf_counter() - started), residual
+    return (BlockResult(block, OK, "", before, after, time.perf_counter() - started),
+            result.residual)
 
 
 def register_block(ctx: StageContext, block: Block) -> Outcome:
     """Register one block; returns its result and, when it succeeded, its residual on
-    the block's share of the field grid. Storage errors propagate; only elastix's own
-    failures come back as a FAILED result, with elastix's reason."""
+    the block's share of the field grid. Storage errors propagate; only the method's own
+    failures come back as a FAILED result, with the method's reason."""
     started = time.perf_counter()
     fixed_image = ome_zarr.open_image(ctx.fixed_uri)
     fixed = ome_zarr.read_region(fixed_image, ctx.level, block.padded)

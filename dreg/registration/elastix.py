@@ -1,4 +1,5 @@
-"""The ITK-Elastix boundary: parameter maps, registering two arrays, sampling the result.
+"""The ITK-Elastix boundary: parameter maps, registering two arrays, sampling the result,
+and `ElastixMethod`, the built-in block-registration method (dreg.registration.method).
 
 Everything of ITK stays inside this module: callers pass NumPy arrays in (z, y, x) order
 with a `Grid`, and parameter maps as dicts of lists of strings (which pickle, unlike an
@@ -21,9 +22,18 @@ import numpy as np
 
 from dreg.errors import InputError, first_line
 from dreg.grid import Grid, vectors_to_components, zyx_to_xyz
-from dreg.registration.parameters import DEFAULT_RESOLUTIONS, as_values, is_known
+from dreg.io import storage
+from dreg.registration.method import BlockPair, BlockRegistration
+from dreg.registration.parameters import (
+    DEFAULT_RESOLUTIONS,
+    as_values,
+    check_parameters,
+    is_known,
+)
+from dreg.registration.pipeline import StageConfig
 
 PRESETS = ("translation", "rigid", "affine", "bspline")
+MIN_BSPLINE_CELLS = 3  # a block must span at least this many B-spline grid cells
 SCHEDULE = re.compile(r"^(GridSpacing|(Fixed|Moving)?ImagePyramid(Rescale|Smoothing)?)Schedule$")
 ParameterMap = dict[str, list[str]]
 
@@ -252,3 +262,49 @@ def version() -> str:
         return importlib.metadata.version("itk-elastix")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+class ElastixMethod:
+    """Elastix as a block-registration method: the stage's transform preset with its
+    parameter overrides; the parameter map is built and tried once per process, when a
+    block first needs it (so a process that only reuses stored blocks never loads ITK)."""
+
+    name = "elastix"
+
+    def version(self) -> str:
+        return version()
+
+    def check_parameters(self, stage: StageConfig) -> None:
+        check_parameters(stage.transform, stage.parameters, stage.name)
+
+    def check_block_size(self, stage: StageConfig, size_zyx: tuple[int, ...]) -> None:
+        spacing = (bspline_grid_spacing_voxels(stage.parameters)
+                   if stage.transform == "bspline" else None)
+        if spacing and min(size_zyx) < MIN_BSPLINE_CELLS * spacing:
+            raise InputError(
+                f"stage {stage.name}: block_size {stage.block_size} is too small for a "
+                f"B-spline grid spacing of {spacing:g} voxels (needs at least "
+                f"{int(MIN_BSPLINE_CELLS * spacing)} voxels per axis)"
+            )
+
+    def register(self, pair: BlockPair) -> BlockRegistration:
+        """Run elastix; with a log folder, its log goes there (elastix writes a local
+        file, which is then copied, so the folder may be on S3)."""
+        pmap = cached_parameter_map(pair.transform, pair.parameters, pair.threads)
+        if not pair.log_dir:
+            result = register(pair.fixed, pair.warped, pair.block_grid, pmap)
+        else:
+            with tempfile.TemporaryDirectory(prefix="dreg-elastix-") as local:
+                log_file = os.path.join(local, f"elastix-{pair.name}.log")
+                try:
+                    result = register(pair.fixed, pair.warped, pair.block_grid, pmap,
+                                      log_file)
+                finally:
+                    if os.path.exists(log_file):
+                        with open(log_file, "rb") as handle:
+                            storage.write_bytes(
+                                storage.join(pair.log_dir, os.path.basename(log_file)),
+                                handle.read())
+        return BlockRegistration(
+            residual=displacement_on_grid(result.transform, pair.field_grid),
+            result_image=result.result_image)

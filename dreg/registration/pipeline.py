@@ -1,7 +1,7 @@
 """The pipeline configuration: one typed model, loaded from YAML or given as a dict.
 
 It renders as a form in the Prefect UI (it is a flow parameter) and loads from YAML with
-the keys ``stages: [{name, level, block_size, overlap, transform, parameters,
+the keys ``stages: [{name, level, block_size, overlap, method, transform, parameters,
 field_grid_factor, foreground_threshold, metric_guard}]``. Unknown keys and values are
 errors that name them.
 """
@@ -30,15 +30,25 @@ class StageConfig(BaseModel):
         None, description="block size in voxels (one number, or z, y, x); none: whole image"
     )
     overlap: float = Field(0.25, ge=0, lt=1, description="padding, a fraction of the block")
+    method: str = Field(
+        "elastix", description="how each block is registered: elastix, or a "
+        "module:attribute import path (dreg.registration.method)")
     transform: Literal["translation", "rigid", "affine", "bspline"] = "bspline"
     parameters: dict[str, ParameterValue] = Field(
-        default_factory=dict, description="elastix parameter overrides"
+        default_factory=dict, description="the method's parameter overrides (elastix's)"
     )
     field_grid_factor: int = Field(2, ge=1, le=16, description="field spacing / image spacing")
     foreground_threshold: float = Field(
         0.05, ge=0, le=1, description="skip a block with a smaller foreground fraction"
     )
     metric_guard: bool = Field(True, description="reject a block whose similarity worsens")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value):
+        from dreg.registration.method import check_name  # it imports this module
+
+        return check_name(value)
 
     @field_validator("block_size")
     @classmethod

@@ -4,7 +4,8 @@ Every check that can fail on bad input runs here, so a bad run stops in seconds 
 message naming the input: images that are not 3D or do not overlap in physical space,
 levels that do not exist, block sizes too small for the B-spline grid, an output that
 is not writable or already holds a finished result, an output inside (or holding) an
-input, and elastix parameters whose values elastix would reject or misuse.
+input, and parameters that the stage's registration method (elastix by default) would
+reject or misuse.
 """
 
 from __future__ import annotations
@@ -29,13 +30,11 @@ from dreg.layout import (
     field_name,
     stage_folder_name,
 )
-from dreg.registration import elastix
 from dreg.registration.block import StageContext
-from dreg.registration.parameters import check_parameters
+from dreg.registration.method import resolve as resolve_method
 from dreg.registration.pipeline import PipelineConfig, StageConfig
 from dreg.registration.tiling import normalize_block_size
 
-MIN_BSPLINE_CELLS = 3  # a block must span at least this many B-spline grid cells
 FOREGROUND_FRACTION_OF_P99 = 0.1
 # One block is registered in one worker process: bound its size (256^3 voxels, 64 MiB
 # of float32 per image) so that no step loads a large level whole.
@@ -158,14 +157,7 @@ def _check_block_size(stage: StageConfig, grid: Grid) -> None:
         )
     if stage.block_size is None:
         return
-    spacing = (elastix.bspline_grid_spacing_voxels(stage.parameters)
-               if stage.transform == "bspline" else None)
-    if spacing and min(size) < MIN_BSPLINE_CELLS * spacing:
-        raise InputError(
-            f"stage {stage.name}: block_size {stage.block_size} is too small for a B-spline "
-            f"grid spacing of {spacing:g} voxels (needs at least "
-            f"{int(MIN_BSPLINE_CELLS * spacing)} voxels per axis)"
-        )
+    resolve_method(stage.method).check_block_size(stage, size)
 
 
 def _stage_folder(out_uri: str, number: int, name: str) -> str:
@@ -206,7 +198,7 @@ def plan_registration(
 
     stages = []
     for number, stage in enumerate(pipeline.stages, start=1):
-        check_parameters(stage.transform, stage.parameters, stage.name)
+        resolve_method(stage.method).check_parameters(stage)
         level = fixed.level_number(stage.level)
         try:
             moving_level = moving.level(stage.level)
@@ -309,6 +301,7 @@ def stage_context(
         moving_grid=stage.moving_grid,
         field_grid=stage.field_grid,
         previous=previous_field if previous_field is not None else plan.initial,
+        method=stage.config.method,
         transform=stage.config.transform,
         parameters=dict(stage.config.parameters),
         foreground_intensity=plan.foreground_intensity,

@@ -207,7 +207,11 @@ def finished_with_same_inputs(out_uri: str, fixed_uri: str, moving_uri: str,
     fixed, moving = (storage.normalize_uri(u) for u in (fixed_uri, moving_uri))
     if (result.fixed, result.moving) != (fixed, moving):
         return None
-    if result.pipeline != pipeline.model_dump(mode="json"):
+    try:  # read as the model, so that a field added since (at its default) still matches
+        recorded = PipelineConfig.model_validate(result.pipeline)
+    except ValueError:
+        return None
+    if recorded.model_dump(mode="json") != pipeline.model_dump(mode="json"):
         return None
     current = input_versions(ome_zarr.open_image(fixed), ome_zarr.open_image(moving))
     return result if result.input_versions == current else None

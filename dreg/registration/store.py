@@ -1,9 +1,10 @@
 """The block store: every block's outcome kept on its own, next to its stage.
 
 A block's entry is named by the hash of everything its outcome depends on (the block
-key): both images' content versions, the level and grids, the stage's elastix settings,
-the identity of the previous field, the code version and the block's regions. Nothing
-in the key names where OUT is, so a finished OUT that is moved keeps its cache.
+key): both images' content versions, the level and grids, the stage's registration
+method (its name and version) and settings, the identity of the previous field, the code
+version and the block's regions. Nothing in the key names where OUT is, so a finished
+OUT that is moved keeps its cache.
 
 An entry is a residual (``<block>-<key>.npy``, when the block succeeded) and a record
 (``<block>-<key>.json``), written in that order: the record commits the entry and holds
@@ -41,7 +42,7 @@ class BlockKeyInputs:
     level: int
     grids: dict
     previous: str
-    elastix: dict
+    method: dict
     foreground: tuple[float, float]
     metric_guard: bool
     code_version: str

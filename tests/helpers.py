@@ -1,0 +1,35 @@
+"""Helpers shared by test modules (test modules never import each other)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+
+from dreg.grid import Grid
+from dreg.io import storage
+from dreg.registration.records import InitialRecord, RegistrationResult
+
+# The synthetic pair of a module that sets no PAIR (conftest.pair): small, anisotropic,
+# offset, with a smooth deformation and a shift (all of write_pair's features).
+DEFAULT_PAIR = {"grid": Grid((24, 26, 28), (1.0, 1.2, 0.9), origin_xyz=(3.0, -2.0, 5.0)),
+                "seed": 4, "amplitude_voxels": 1.5, "shift_voxels": (1.0, -1.5, 2.0),
+                "chunks": 16}
+
+
+def finished_registration(pair: dict, out: str) -> str:
+    """OUT as a registration leaves it, with the pair's exact field as its field."""
+    fs, _ = storage.filesystem(pair["truth"])
+    field_uri = storage.join(out, "field.ome.zarr")
+    if storage.is_s3(out):
+        fs.copy(pair["truth"].removeprefix("s3://"), field_uri.removeprefix("s3://"),
+                recursive=True)
+    else:
+        shutil.copytree(pair["truth"], field_uri)
+    result = RegistrationResult(
+        output=out, field=field_uri, result=storage.join(out, "result.json"),
+        fixed=pair["fixed"], moving=pair["moving"], flow_run_id="made-by-the-test",
+        initial=InitialRecord(matrix=np.eye(3).tolist(), translation=[0.0] * 3),
+        stages=[], seconds=0.0)
+    storage.write_text(result.result, result.document())
+    return out

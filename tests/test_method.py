@@ -1,0 +1,116 @@
+"""The block-registration seam (dreg.registration.method) and the exact registrar that
+tests use in its place: no elastix, no Prefect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from exact_registrar import METHOD
+
+from dreg import synth
+from dreg.errors import InputError
+from dreg.field import AffineTransform
+from dreg.grid import Grid
+from dreg.registration import PipelineConfig, StageConfig
+from dreg.registration.block import register_block
+from dreg.registration.method import BlockMethod, check_built_in, resolve
+from dreg.registration.outcome import OK
+from dreg.registration.plan import plan_registration, stage_context
+from dreg.registration.tiling import tile
+
+
+@pytest.fixture(scope="module")
+def small_pair(tmp_path_factory):
+    return synth.write_pair(str(tmp_path_factory.mktemp("pair")),
+                            Grid((32, 32, 32), (1.0, 1.0, 1.0)), seed=4, amplitude_voxels=1.5)
+
+
+def test_elastix_is_the_default_and_a_block_method():
+    assert StageConfig(name="s").method == "elastix"
+    method = resolve("elastix")
+    assert isinstance(method, BlockMethod)
+    assert method.name == "elastix" and method.version()
+
+
+@pytest.mark.parametrize("name", ["os.system('x')", "a b:c", "module", ":attr", ""])
+def test_a_method_is_a_built_in_name_or_an_import_path(name):
+    from dreg.registration.pipeline import parse_pipeline
+
+    with pytest.raises(InputError, match="stages.0.method: Value error, method must be one"):
+        parse_pipeline({"stages": [{"name": "s", "method": name}]})
+
+
+def test_a_method_that_cannot_be_loaded_is_named():
+    with pytest.raises(InputError, match="no_such_module:Method"):
+        resolve("no_such_module:Method")
+    with pytest.raises(InputError, match="does not provide"):
+        resolve("dreg.errors:first_line")
+
+
+def test_untrusted_pipelines_get_built_in_methods_only():
+    check_built_in(["elastix"], "pipeline")
+    with pytest.raises(InputError, match=r"pipeline: method 'exact_registrar:ExactRegistrar' "
+                                         r"is not allowed here \(only elastix\)"):
+        check_built_in(["elastix", METHOD], "pipeline")
+
+
+def test_the_method_is_part_of_the_block_key(small_pair, tmp_path):
+    stages = [StageConfig(name="s", block_size=16, transform="translation"),
+              StageConfig(name="t", block_size=16, transform="translation", method=METHOD)]
+    plan = plan_registration(small_pair["fixed"], small_pair["moving"], str(tmp_path / "o"),
+                             PipelineConfig(stages=stages))
+    keys = [stage_context(plan, stage, None, "").key_inputs() for stage in plan.stages]
+    assert keys[0].method["name"] == "elastix" and keys[1].method["name"] == METHOD
+    assert keys[1].method["version"] == "1"
+    assert keys[0].grids == keys[1].grids and keys[0].method != keys[1].method
+
+
+def exact_block_residual(pair: dict, out: Path, previous):
+    """Every block of a one-stage plan registered by the exact registrar from
+    `previous`: the residuals and the truth and previous sampled on the field grid."""
+    stage = StageConfig(name="s", block_size=16, method=METHOD)
+    plan = plan_registration(pair["fixed"], pair["moving"], str(out),
+                             PipelineConfig(stages=[stage]), initial=previous)
+    (stage_plan,) = plan.stages
+    ctx = stage_context(plan, stage_plan, None, "")
+    blocks = tile(stage_plan.fixed_grid.shape_zyx, 16, 0.25, stage_plan.field_grid.shape_zyx,
+                  2.0)
+    return ctx, stage_plan, blocks
+
+
+def test_the_exact_registrar_maps_each_block_exactly(small_pair, tmp_path):
+    from exact_registrar import residual_on, truth_uri
+
+    from dreg.field import as_transform, displacement_of
+    from dreg.grid import components_to_vectors, whole_region
+
+    shift = AffineTransform(translation=(0.5, -0.25, 0.3))
+    ctx, stage, blocks = exact_block_residual(small_pair, tmp_path / "out", shift)
+    truth = as_transform(truth_uri(small_pair["fixed"]))
+    assert truth_uri(small_pair["fixed"]) == small_pair["truth"]
+    for block in blocks:
+        result, residual = register_block(ctx, block)
+        assert result.status == OK, result.reason
+        assert result.metric_after > result.metric_before
+        grid = stage.field_grid.subgrid(block.field_box)
+        np.testing.assert_array_equal(residual, residual_on(grid, truth, shift))
+        # Composed with the previous transform, the residual is the truth.
+        points = grid.region_points(whole_region(grid.shape_zyx))
+        r = components_to_vectors(residual)
+        total = r + displacement_of(shift, points + r)
+        np.testing.assert_allclose(total, displacement_of(truth, points), atol=1e-4)
+
+
+def test_a_pair_without_truth_fails_its_blocks(small_pair, tmp_path):
+    import shutil
+
+    copy = tmp_path / "pair"
+    shutil.copytree(Path(small_pair["fixed"]).parent, copy)
+    shutil.rmtree(copy / "truth.ome.zarr")
+    pair = {role: str(copy / f"{role}.ome.zarr") for role in ("fixed", "moving")}
+    ctx, _, blocks = exact_block_residual(pair, tmp_path / "out", None)
+    result, residual = register_block(ctx, blocks[0])
+    assert (result.status, residual) == ("failed", None)
+    assert result.reason.startswith("exact: no truth field next to the fixed image")
