@@ -19,11 +19,11 @@ import pytest
 import zarr
 from exact_registrar import METHOD, subprocess_env
 from helpers import DEFAULT_PAIR, finished_registration
+from ngff_checks import check_scene
 from ome_zarr_models import open_ome_zarr
 from ome_zarr_models.v05.image import Image
 from prefect_queries import final_task_runs
 from scipy import ndimage
-from test_ngff_validity import check_scene
 
 from dreg import synth
 from dreg.field import open_field, sample_field

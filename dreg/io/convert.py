@@ -96,7 +96,9 @@ def boxes(
 def _write_level0(image: ome_zarr.OmeZarrImage, source: Source, workers: int) -> None:
     """Copy the source into level 0, box by box; a box's chunks are written in parallel."""
     level = image.level(0)
-    for box in boxes(level.grid.shape_zyx, level.chunks_zyx, source.read_bytes_per_voxel):
+    # BOX_BYTES is read here, at call time, so that tests can make every box one chunk.
+    for box in boxes(level.grid.shape_zyx, level.chunks_zyx, source.read_bytes_per_voxel,
+                     BOX_BYTES):
         data = source.read(box)
         chunks = [
             tuple(slice(c.start + b.start, c.stop + b.start)
