@@ -131,3 +131,11 @@ def test_flow_functions_are_short():
             if is_flow and lines > MAX_FLOW_LINES:
                 long_flows.append(f"{path.name}:{node.name} has {lines} lines")
     assert not long_flows, long_flows
+
+
+def test_test_modules_do_not_import_each_other():
+    """Shared test code lives in conftest.py and the helper modules (helpers.py, …)."""
+    offences = [f"{path.name} imports {name}"
+                for path in python_files("tests")
+                for name in imported_modules(path) if name.split(".")[0].startswith("test_")]
+    assert not offences, offences
