@@ -20,6 +20,7 @@ from dreg import field, synth
 from dreg.grid import Grid
 from dreg.io import ome_zarr, pyramid
 from dreg.qc.accuracy import field_error
+from dreg.qc.jacobian import determinant
 from dreg.registration import PipelineConfig, StageConfig
 from flows.options import RunOptions
 
@@ -71,7 +72,7 @@ def pairs(tmp_path_factory):
                                 seed=3, amplitude_voxels=2.0),
         "aniso": synth.write_pair(
             str(root / "aniso"),
-            Grid((40, 64, 64), (1.0, 1.0, 2.0), (10.0, -20.0, 5.0), ROTATION_30),
+            Grid((40, 58, 70), (1.0, 1.0, 2.0), (10.0, -20.0, 5.0), ROTATION_30),
             seed=5, amplitude_voxels=2.0),
         "small": synth.write_pair(str(root / "small"), Grid((48, 48, 48), (1.0, 1.0, 1.0)),
                                   seed=7, amplitude_voxels=1.5),
@@ -96,10 +97,35 @@ def test_anisotropic_rotated_offset_pair(pairs, tmp_path, dask_address):
     error = field_error(result.field, pairs["aniso"]["truth"])
     assert error["rms_after"] <= 0.25
     assert error["rms_after"] < 0.15 * error["rms_before"]
+    check_border_like_interior(result.field)
     grid = field.open_field(result.field).levels[0].grid
     assert grid.direction == ROTATION_30
     assert grid.origin_xyz == (10.0, -20.0, 5.0)
     assert grid.spacing_xyz == (2.0, 2.0, 4.0)
+
+
+def check_border_like_interior(field_uri: str) -> None:
+    """Issue 20 item 1: the field's outermost layer (past the image's last voxel centre
+    along axes whose size is not 1 + a multiple of the field factor) does not fold: its
+    det J lies within the interior's range, widened by a tenth of that range."""
+    image = field.open_field(field_uri)
+    grid = image.levels[0].grid
+    det = determinant(read_field(field_uri), grid)
+    interior = det[1:-1, 1:-1, 1:-1]
+    border = np.ones(det.shape, bool)
+    border[1:-1, 1:-1, 1:-1] = False
+    low, high = interior.min(), interior.max()
+    slack = 0.1 * (high - low)
+    assert det[border].min() >= low - slack, (det[border].min(), low)
+    assert det[border].max() <= high + slack, (det[border].max(), high)
+    assert det.min() > 0
+
+
+def test_the_field_is_smooth_to_the_edges_of_its_grid(iso_result):
+    # 64 voxels, field factor 2: the field's last voxel (j = 32) sits at index 64, one
+    # voxel past the image, where no block registered anything.
+    assert field.open_field(iso_result.field).levels[0].grid.shape_zyx == (33, 33, 33)
+    check_border_like_interior(iso_result.field)
 
 
 def test_field_is_continuous_across_block_borders(iso_result):
