@@ -114,3 +114,28 @@ def test_a_pair_without_truth_fails_its_blocks(small_pair, tmp_path):
     result, residual = register_block(ctx, blocks[0])
     assert (result.status, residual) == ("failed", None)
     assert result.reason.startswith("exact: no truth field next to the fixed image")
+
+
+def test_elastix_residuals_hold_their_last_value_past_the_block():
+    """Issue 20 item 1: field voxels past the block's last voxel centre take the value of
+    the last one before it (elastix's B-spline is zero past its image, so the field's
+    outer layer fell back to the previous stage and folded). A plain function: no
+    elastix runs here."""
+    from dreg.registration.elastix import hold_past_block
+
+    rotation = ((0.8660254037844387, -0.5, 0.0), (0.5, 0.8660254037844387, 0.0),
+                (0.0, 0.0, 1.0))
+    # A border block of 9 x 10 x 12 voxels, anisotropic and rotated, and its share of a
+    # field grid at factor 2: field voxel j sits at block index 2j, so along z (9
+    # voxels) and y (10) the last field voxel is inside or on the last centre, along x
+    # (12 voxels) j = 6 sits at index 12, past the last centre (11).
+    block_grid = Grid((9, 10, 12), (0.5, 1.0, 2.0), (3.0, -1.0, 2.0), rotation)
+    field_grid = block_grid.coarsened(2.0, (5, 5, 7))
+    residual = np.random.default_rng(0).normal(size=(3, 5, 5, 7)).astype(np.float32)
+    held = hold_past_block(residual.copy(), field_grid, block_grid)
+    np.testing.assert_array_equal(held[..., :6], residual[..., :6])
+    np.testing.assert_array_equal(held[..., 6], residual[..., 5])
+    # A field share that ends inside the block is left as it is.
+    inner = residual[..., :5]
+    assert np.array_equal(hold_past_block(inner.copy(), block_grid.coarsened(2.0, (5, 5, 5)),
+                                          block_grid), inner)

@@ -258,26 +258,3 @@ def test_a_stage_on_s3_reduces_to_the_same_field_as_on_local_files(tmp_path, s3)
             field.open_field(out), 0, tuple(slice(0, n) for n in field_grid.shape_zyx))
     np.testing.assert_array_equal(fields["s3"], fields["local"])
 
-
-def test_a_residual_is_extended_past_the_image_to_the_edge_of_the_field_grid():
-    """Issue 20 item 1: field voxels past the image's last voxel centre take the value of
-    the last one inside, so that the field's outer layer does not fall back to the
-    previous stage (elastix's B-spline is zero there)."""
-    # 9 x 10 x 11 fixed voxels, field factor 2 along z and x, 3 along y: field voxels
-    # 5 (z, index 8: inside), 4 (y, index 9: inside, exactly the last centre) and 6
-    # (x, index 10: inside); the grid of `coarsened` reaches one voxel further along x.
-    image = (9, 10, 12)
-    factors = (2.0, 3.0, 2.0)
-    field_shape = (5, 4, 7)  # x: j = 6 sits at index 12, past the last centre (11)
-    (block,) = tiling.tile(image, None, 0.0, field_shape, 2.0)
-    residual = np.random.default_rng(0).normal(size=(3, *field_shape)).astype(np.float32)
-    residual[:, :, :, 6] = 0.0  # what elastix gives past its image
-    extended = tiling.extend_past_image(residual.copy(), block, image, factors)
-    np.testing.assert_array_equal(extended[:, :, :, :6], residual[:, :, :, :6])
-    np.testing.assert_array_equal(extended[:, :, :, 6], residual[:, :, :, 5])
-
-    # An inner block (its field box ends inside the image) is left as it is.
-    blocks = tiling.tile((9, 10, 24), (9, 10, 12), 0.25, (5, 4, 13), 2.0)
-    inner = residual[:, :, :, : blocks[0].field_box[2].stop - blocks[0].field_box[2].start]
-    assert np.array_equal(tiling.extend_past_image(inner.copy(), blocks[0], (9, 10, 24),
-                                                   factors), inner)

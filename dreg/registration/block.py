@@ -39,7 +39,7 @@ from dreg.registration.outcome import (
 )
 from dreg.registration.similarity import normalized_mutual_information
 from dreg.registration.store import BlockKeyInputs, block_key, load_entry, save_entry
-from dreg.registration.tiling import Block, extend_past_image
+from dreg.registration.tiling import Block
 
 LATTICE_POINTS = 9  # per axis, over the padded block, to find the moving region
 MARGIN_VOXELS = 2  # beyond the mapped lattice's bounding box, for interpolation
@@ -192,10 +192,6 @@ def _registered_block(
     except RuntimeError as exc:
         return BlockResult(block, FAILED, f"{registrar.name}: {first_line(exc)}",
                            metric_before=before, seconds=time.perf_counter() - started), None
-    factors = [f / i for f, i in zip(ctx.field_grid.spacing_xyz[::-1],
-                                     ctx.fixed_grid.spacing_xyz[::-1], strict=True)]
-    residual = extend_past_image(np.array(result.residual, dtype=np.float32), block,
-                                 ctx.fixed_grid.shape_zyx, factors)
     after = normalized_mutual_information(fixed, result.result_image)
     if ctx.metric_guard and after < before:
         return BlockResult(
@@ -204,7 +200,7 @@ def _registered_block(
             metric_before=before, metric_after=after, seconds=time.perf_counter() - started,
         ), None
     return (BlockResult(block, OK, "", before, after, time.perf_counter() - started),
-            residual)
+            result.residual)
 
 
 def register_block(ctx: StageContext, block: Block) -> Outcome:

@@ -169,6 +169,30 @@ def displacement_on_grid(transform, grid: Grid) -> np.ndarray:
     return vectors_to_components(vectors_xyz).copy()
 
 
+def hold_past_block(residual: np.ndarray, field_grid: Grid, block_grid: Grid) -> np.ndarray:
+    """Give the field voxels that lie past the block's last voxel centre along an axis
+    the residual of the last field voxel before it, in place; returns `residual`
+    (3, z, y, x) on `field_grid`, whose axes are the block grid's.
+
+    elastix's B-spline is zero past its image, so the field's outer layer (past the
+    image's last voxel centre, reached only by border blocks) would fall back to the
+    previous stage there and fold.
+    """
+    last = np.asarray(block_grid.shape_zyx) - 1
+    for axis in range(3):
+        step = np.zeros((field_grid.shape_zyx[axis], 3))
+        step[:, axis] = np.arange(field_grid.shape_zyx[axis])
+        along = block_grid.world_to_index(field_grid.index_to_world(step))[:, axis]
+        inside = int(np.count_nonzero(along <= last[axis] + 1e-6))
+        if 0 < inside < len(along):
+            source = [slice(None)] * 4
+            source[axis + 1] = slice(inside - 1, inside)
+            target = [slice(None)] * 4
+            target[axis + 1] = slice(inside, None)
+            residual[tuple(target)] = residual[tuple(source)]
+    return residual
+
+
 def _tiny_pair(size: int = 24) -> tuple[np.ndarray, np.ndarray, Grid]:
     z, y, x = np.mgrid[0:size, 0:size, 0:size].astype(np.float32)
     fixed = np.sin(x / 3) + np.cos(y / 4) + np.sin((z + x) / 5)
@@ -305,6 +329,7 @@ class ElastixMethod:
                             storage.write_bytes(
                                 storage.join(pair.log_dir, os.path.basename(log_file)),
                                 handle.read())
+        residual = displacement_on_grid(result.transform, pair.field_grid)
         return BlockRegistration(
-            residual=displacement_on_grid(result.transform, pair.field_grid),
+            residual=hold_past_block(residual, pair.field_grid, pair.block_grid),
             result_image=result.result_image)

@@ -150,24 +150,3 @@ def blend_weights(block: Block, box: Region, image_shape_zyx, factor: float) -> 
     wz, wy, wx = axis_weights(block, box, image_shape_zyx, factor)
     return wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
 
-
-def extend_past_image(residual: np.ndarray, block: Block, image_shape_zyx,
-                      factors_zyx) -> np.ndarray:
-    """Give the field voxels of a block's share that lie past the image's last voxel
-    centre (j * factor > n - 1; only border blocks reach them) the residual of the last
-    field voxel inside, per axis, in place; returns `residual` (3, z, y, x).
-
-    A registration knows nothing beyond its image: elastix's B-spline is zero there, so
-    the field's outermost layer would jump back to the previous stage and fold.
-    """
-    for axis, (box, n, factor) in enumerate(
-            zip(block.field_box, image_shape_zyx, factors_zyx, strict=True)):
-        last_inside = math.floor((n - 1) / factor + 1e-9)
-        keep = last_inside - box.start + 1  # field voxels of the box inside the image
-        if 0 < keep < box.stop - box.start:
-            inside = [slice(None)] * 4
-            inside[axis + 1] = slice(keep - 1, keep)
-            past = [slice(None)] * 4
-            past[axis + 1] = slice(keep, None)
-            residual[tuple(past)] = residual[tuple(inside)]
-    return residual
