@@ -12,7 +12,6 @@ Prefect entrypoints: ``flows/registration.py:register_images`` (the registration
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -20,7 +19,6 @@ from dataclasses import asdict
 import dask
 import numpy as np
 from prefect import flow, get_run_logger
-from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
@@ -62,22 +60,6 @@ from flows.run_names import register_run_name
 from tasks.publish import write_json, write_result, write_scene
 from tasks.reduce import create_field, reduce_chunk
 from tasks.register import register_batch, tile
-
-RESULTS_FOLDER = ".prefect-results"
-
-
-def result_storage(out_uri: str) -> str:
-    """A saved Prefect storage block under the output location, so that block results
-    (and the cache) persist next to the output, for any process or machine. Returns the
-    block's slug, which task options accept and which crosses process boundaries."""
-    basepath = storage.join(out_uri, RESULTS_FOLDER)
-    name = "dreg-results-" + hashlib.sha256(out_uri.encode()).hexdigest()[:16]
-    if storage.is_s3(out_uri):
-        block = RemoteFileSystem(basepath=basepath, settings=storage.storage_options(out_uri))
-    else:
-        block = LocalFileSystem(basepath=basepath)
-    block.save(name, overwrite=True)
-    return f"{block.get_block_type_slug()}/{name}"
 
 
 def _lost_batch(ctx, batch, state) -> list[BlockResult]:

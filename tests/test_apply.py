@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import zarr
 from exact_registrar import METHOD, subprocess_env
-from helpers import DEFAULT_PAIR, finished_registration
+from helpers import DEFAULT_PAIR, finished_registration, pickles_under
 from ome_zarr_models import open_ome_zarr
 from ome_zarr_models.v05.image import Image
 from prefect_queries import final_task_runs
@@ -116,14 +116,62 @@ def test_warp_reruns_from_its_cache_and_labels_stay_labels(pair, out, prefect_ap
     assert set(np.unique(warped)) <= set(np.unique(values)) | {0}
     for level in range(1, first.levels):
         assert set(np.unique(whole(dest, level))) <= set(np.unique(values)) | {0}
+    # Issue 18 item 2: no run keeps pickled state in the output; a record that looks like
+    # an old Prefect result (a pickle whose payload would make `marker`) is never loaded.
+    assert pickles_under(out) == [] and pickles_under(dest) == []
+    marker = tmp_path / "payload-ran"
+    plant_pickled_results(out, marker)
+    written = chunk_stamps(dest)
     started = time.perf_counter()
     second = warp_image(out, image=labels_uri, to=dest, interpolation="nearest",
                         options=options)
     assert second.voxels == first.voxels
     np.testing.assert_array_equal(whole(dest), warped)
     states = chunk_states(second.flow_run_id, "warp-chunk")
-    assert states and set(states) == {"Cached"}, states
+    assert states and len(states) == first.chunks, states
+    # The re-run redid no chunk: every chunk of every level is the one written first.
+    assert written and chunk_stamps(dest) == written
+    assert not marker.exists()
+    assert pickles_under(dest) == []
     assert time.perf_counter() - started < 300
+
+
+class _Payload:
+    """Unpickling this runs open(path, "w"): it makes the file, as a crafted record would."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def plant_pickled_results(out: str, marker: Path) -> None:
+    """Issue 18 item 2: turn every Prefect result record under OUT/.prefect-results into
+    a crafted pickle that makes `marker` when loaded, or plant one where there is none."""
+    import base64
+    import pickle
+
+    payload = base64.b64encode(pickle.dumps(_Payload(marker))).decode()
+    folder = Path(out, ".prefect-results")
+    records = [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+    for path in records:
+        record = json.loads(path.read_text())
+        record["result"] = payload
+        path.write_text(json.dumps(record))
+    if not records:
+        folder.mkdir(exist_ok=True)
+        (folder / ("0" * 64)).write_text(json.dumps({
+            "metadata": {"storage_key": "0" * 64, "expiration": None, "storage_block_id": None,
+                         "serializer": {"type": "pickle", "picklelib": "cloudpickle",
+                                        "picklelib_version": None}},
+            "result": payload}))
+
+
+def chunk_stamps(uri: str) -> dict[str, int]:
+    """Every chunk file of a local Zarr image, with its modification time in ns."""
+    return {str(p): p.stat().st_mtime_ns for p in Path(uri).rglob("*")
+            if p.is_file() and "c" in p.relative_to(uri).parts}
 
 
 def chunk_states(flow_run_id: str, name: str) -> list[str]:
@@ -156,6 +204,12 @@ def test_invert_round_trips_and_marks_the_scene_a_bijection(pair, out, prefect_a
     assert np.nanmax(np.abs(back - x) / spacing) < 0.05
     assert not np.isnan(back).any()
     check_scene(out, bijection=True, unit="micrometer")
+    # Issue 18 item 2: a re-run resumes from the chunk marks, never from pickles in OUT.
+    assert pickles_under(out) == []
+    written = chunk_stamps(result.output)
+    again = invert_field(out, options=RunOptions(dask_address=dask_address))
+    assert chunk_stamps(result.output) == written and again.max == result.max
+    assert pickles_under(out) == []
 
 
 def test_points_both_ways_keep_rows_and_columns(pair, out, prefect_api, dask_address,
@@ -194,6 +248,7 @@ def test_points_both_ways_keep_rows_and_columns(pair, out, prefect_api, dask_add
     assert back["cell"].tolist() == frame["cell"].tolist()
     np.testing.assert_allclose(back[["x", "y", "z"]].to_numpy()[keep], world[keep],
                                atol=0.05)
+    assert pickles_under(out) == [] and pickles_under(str(tmp_path)) == []  # issue 18 item 2
 
 
 def test_warp_command_prints_json_last_and_refuses_bad_input(pair, out, prefect_api,
