@@ -52,7 +52,7 @@ def warp_image(out: str, image: str | None = None, to: str | None = None,
     OUT/warped.ome.zarr)."""
     started = time.perf_counter()
     options = options or RunOptions()
-    plan = plan_warp(out, image, to, interpolation)
+    plan = plan_warp(out, image, to, interpolation, overwrite=options.overwrite)
     get_run_logger().info(f"warping {plan.image} into {plan.dest} ({plan.interpolation})")
     with owning(plan.out) as lease:
         with dask_cluster(options.dask_address, options.workers, warm=False) as address:

@@ -255,6 +255,17 @@ def test_warp_command_prints_json_last_and_refuses_bad_input(pair, out, prefect_
                                                              dask_address, tmp_path):
     done = dreg("warp", out, "--dask-address", dask_address, api=prefect_api)
     assert last_json(done)["output"] == storage.join(out, "warped.ome.zarr")
+    # Issue 18 item 3: another warp onto an image dreg wrote needs --overwrite, and then
+    # replaces it.
+    warped = storage.join(out, "warped.ome.zarr")
+    done = dreg("warp", out, "--image", pair["fixed"], check=False)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"dreg: error: {warped}: already exists (pass --overwrite to replace it)"]
+    assert ome_zarr.open_image(warped).attributes["image"] == pair["moving"]
+    done = dreg("warp", out, "--image", pair["fixed"], "--overwrite", "--dask-address",
+                dask_address, api=prefect_api)
+    assert ome_zarr.open_image(warped).attributes["image"] == pair["fixed"]
+    assert ome_zarr.open_image(warped).attributes["complete"] is True
 
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
@@ -519,3 +530,37 @@ def test_warp_and_invert_refuse_an_output_in_or_over_what_they_read(pair, tmp_pa
         "result must not be written into an input; choose a location outside it"]
     assert sorted(str(p) for p in tmp_path.rglob("*") if "moving-copy" not in str(p)) == before
     assert sorted(str(p) for p in Path(pair_folder).rglob("*")) == inputs_before
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under `root` with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_warp_and_invert_never_replace_a_folder_dreg_did_not_write(pair, tmp_path):
+    """Issue 18 item 3: `warp --to DIR` (with or without --overwrite) and `invert` over a
+    folder at OUT/inverse.ome.zarr that is not an inverse field: exit 2, one line naming
+    the folder, which survives byte for byte."""
+    out = finished_registration(pair, str(tmp_path / "out"))
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    (mine / "sub" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
+    inverse = Path(out, "inverse.ome.zarr")
+    shutil.copytree(mine, inverse)
+    before = tree_bytes(mine)
+    done = dreg("warp", out, "--to", str(mine), check=False)  # the command's line
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"dreg: error: {mine}: exists and is not an OME-Zarr image written by dreg; not "
+        "replaced (move it away or choose another destination)"]
+    # The same check, in this process (cheaper than more commands): --overwrite changes
+    # nothing for a folder dreg did not write, nor does invert's own name in OUT.
+    from dreg.apply.plan import plan_invert, plan_warp
+    from dreg.errors import InputError
+
+    with pytest.raises(InputError, match=f"{mine}: exists and is not an OME-Zarr image"):
+        plan_warp(out, to=str(mine), overwrite=True)
+    with pytest.raises(InputError, match=f"{inverse}: exists and is not an inverse field"):
+        plan_invert(out)
+    assert tree_bytes(mine) == before and tree_bytes(inverse) == before
