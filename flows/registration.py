@@ -23,7 +23,7 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
-from dreg.apply.plan import derived_outputs
+from dreg.apply.plan import check_derived_replaceable, derived_outputs
 from dreg.errors import DregError, StorageError, describe, first_line
 from dreg.field import FIELD_CHUNK, fixed_description
 from dreg.io import completion, ome_zarr, storage
@@ -231,6 +231,7 @@ def register_images(
     initial = initial_affine.to_transform() if initial_affine else None
     plan = plan_registration(fixed, moving, out, pipeline or default_pipeline(), initial,
                              overwrite=options.overwrite)
+    check_derived_replaceable(plan.out_uri)
     with owning(plan.out_uri) as lease:
         # Replacing a finished result: withdraw its completion mark before touching it,
         # and what was derived from its field (warped image, inverse): it would be stale.

@@ -563,4 +563,12 @@ def test_warp_and_invert_never_replace_a_folder_dreg_did_not_write(pair, tmp_pat
         plan_warp(out, to=str(mine), overwrite=True)
     with pytest.raises(InputError, match=f"{inverse}: exists and is not an inverse field"):
         plan_invert(out)
+    # Nor does a registration of OUT remove them as its stale derived outputs.
+    from dreg.apply.plan import check_derived_replaceable
+
+    with pytest.raises(InputError, match=f"{inverse}: exists and is not an inverse field"):
+        check_derived_replaceable(out)
+    shutil.copytree(mine, Path(out, "warped.ome.zarr"))
+    with pytest.raises(InputError, match="warped.ome.zarr: exists and is not an OME-Zarr"):
+        check_derived_replaceable(out)
     assert tree_bytes(mine) == before and tree_bytes(inverse) == before

@@ -213,6 +213,15 @@ def derived_outputs(out: str) -> list[str]:
             for name in DERIVED]
 
 
+def check_derived_replaceable(out: str) -> None:
+    """Before a registration removes what OUT derived from its old field: refuse, naming
+    it, a folder at the warped image's or the inverse's name that is not that kind of
+    output written by dreg (it is not the registration's to remove)."""
+    ome_zarr.check_can_create(storage.join(out, WARPED_NAME), ome_zarr.IMAGE, overwrite=True)
+    ome_zarr.check_can_create(storage.join(out, INVERSE_NAME),
+                              f"displacement_field/{MOVING_TO_FIXED}", overwrite=True)
+
+
 def warp_chunks(plan: WarpPlan) -> list:
     return list(ome_zarr.chunk_regions(plan.fixed_grid.shape_zyx, (plan.chunk,) * 3))
 
