@@ -229,10 +229,17 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.fixture
+def run_here(monkeypatch, capfd):
+    """`dreg` in this process only: a process of its own would prove nothing more here."""
+    return lambda args, env: run_in_process(args, env, monkeypatch, capfd)
+
+
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["create", "overwrite"])
-def test_convert_never_replaces_a_folder_dreg_did_not_write(run_dreg, tmp_path, overwrite):
+def test_convert_never_replaces_a_folder_dreg_did_not_write(run_here, tmp_path, overwrite):
     """Issue 18 item 3: a folder that is not an image dreg wrote survives convert, with or
     without --overwrite, byte for byte; the one line names it."""
+    run_dreg = run_here
     path = str(tmp_path / "image.mha")
     itk.imwrite(itk.image_from_array(np.zeros((4, 5, 6), np.uint8)), path)
     mine = tmp_path / "mine"
@@ -245,9 +252,10 @@ def test_convert_never_replaces_a_folder_dreg_did_not_write(run_dreg, tmp_path, 
     assert tree_bytes(mine) == before
 
 
-def test_convert_overwrite_replaces_only_an_image_dreg_wrote(run_dreg, tmp_path):
+def test_convert_overwrite_replaces_only_an_image_dreg_wrote(run_here, tmp_path):
     """Issue 18 item 3: --overwrite replaces a converted image; a displacement field (an
     output of another kind) is refused."""
+    run_dreg = run_here
     path = str(tmp_path / "image.mha")
     itk.imwrite(itk.image_from_array(np.zeros((4, 5, 6), np.uint8)), path)
     out = tmp_path / "out.ome.zarr"
