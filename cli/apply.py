@@ -11,8 +11,9 @@ import argparse
 import json
 import os
 
-from cli.arguments import add_cluster_options, run_options
+from cli.arguments import add_cluster_options, model_option, run_options
 from dreg.io import ownership
+from flows.options import RunOptions
 
 
 def _options(args: argparse.Namespace):
@@ -23,7 +24,8 @@ def _options(args: argparse.Namespace):
 def cmd_warp(args: argparse.Namespace) -> int:
     from dreg.apply.plan import plan_warp
 
-    ownership.check_free(plan_warp(args.out, args.image, args.to, args.interpolation).out)
+    ownership.check_free(plan_warp(args.out, args.image, args.to, args.interpolation,
+                                   overwrite=args.overwrite).out)
     from flows.warp import warp_image
 
     result = warp_image(args.out, args.image, args.to, args.interpolation, _options(args))
@@ -66,6 +68,9 @@ def add_commands(sub) -> None:
     warp.add_argument("--to", default=None, help="destination (default: OUT/warped.ome.zarr)")
     warp.add_argument("--interpolation", choices=("linear", "nearest"), default="linear",
                       help="nearest keeps integer labels exact (default: linear)")
+    model_option(warp, "--overwrite", RunOptions, "overwrite",
+                 help="replace an image at the destination (only an OME-Zarr image that "
+                 "dreg wrote; anything else is refused)")
     add_cluster_options(warp)
     warp.set_defaults(run=cmd_warp)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cli import apply, images, qc, register
@@ -20,9 +21,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Outputs follow the umask: world-readable under the usual 022. DREG_PRIVATE=1 makes
+# every file and folder this command (and its local Dask workers, which inherit the
+# umask) creates readable by its owner only.
+PRIVATE_VARIABLE = "DREG_PRIVATE"
+PRIVATE_UMASK = 0o077
+
+
+def apply_private_mode() -> bool:
+    """With DREG_PRIVATE set (to anything but 0 or empty), create files owner-only."""
+    if os.environ.get(PRIVATE_VARIABLE, "").strip() in ("", "0"):
+        return False
+    os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)  # never loosens a stricter umask
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_private_mode()
     try:
         return args.run(args)
     except RunFailed as exc:

@@ -22,17 +22,16 @@ from flows import artifacts
 from flows.cluster import dask_cluster
 from flows.options import RunOptions
 from flows.ownership import owning
-from flows.registration import result_storage
 from flows.run_names import invert_run_name
 from tasks.apply import invert_chunk, mark_complete, prepare_inverse
 from tasks.publish import write_json, write_scene
 
 
 @flow(name="dreg-invert-chunks")
-def write_inverse(plan: InvertPlan, storage_block: str, retries: int) -> list[dict]:
+def write_inverse(plan: InvertPlan, retries: int) -> list[dict]:
     """Every chunk of the inverse; returns each chunk's round-trip statistics."""
     token = prepare_inverse(plan)
-    task = invert_chunk.with_options(result_storage=storage_block, retries=retries)
+    task = invert_chunk.with_options(retries=retries)
     futures = [task.submit(plan, region, i, token)
                for i, region in enumerate(inverse_chunks(plan))]
     return [f.result() for f in futures]  # a failed chunk fails the run
@@ -45,11 +44,10 @@ def invert_field(out: str, options: RunOptions | None = None) -> InvertResult:
     options = options or RunOptions()
     plan = plan_invert(out)
     get_run_logger().info(f"inverting {plan.field} onto a grid of {plan.grid.shape_zyx}")
-    storage_block = result_storage(plan.out)
     with owning(plan.out) as lease:
         with dask_cluster(options.dask_address, options.workers, warm=False) as address:
             chunks = write_inverse.with_options(task_runner=DaskTaskRunner(address=address))(
-                plan, storage_block, options.block_retries)
+                plan, options.block_retries)
         overall = invert.merge_stats(chunks)
         result = InvertResult(output=plan.dest, field=plan.field, report=plan.report,
                               voxels=overall["voxels"], nan=overall["nan"],

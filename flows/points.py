@@ -20,15 +20,14 @@ from flows import artifacts
 from flows.cluster import dask_cluster
 from flows.invert import invert_field
 from flows.options import RunOptions
-from flows.registration import result_storage
 from flows.run_names import points_run_name
 from tasks.apply import prepare_points, transform_points, write_points
 
 
 @flow(name="dreg-points-batches")
-def write_transformed(plan: PointsPlan, storage_block: str, retries: int) -> list[dict]:
+def write_transformed(plan: PointsPlan, retries: int) -> list[dict]:
     token = prepare_points(plan)
-    task = transform_points.with_options(result_storage=storage_block, retries=retries)
+    task = transform_points.with_options(retries=retries)
     futures = [task.submit(plan, start, stop, i, token)
                for i, (start, stop) in enumerate(plan.batches)]
     counts = [f.result() for f in futures]  # a failed batch fails the run
@@ -49,7 +48,7 @@ def transform_points_file(out: str, points: str, dest: str, source: str,
     with dask_cluster(options.dask_address, options.workers, warm=False) as address:
         runner = DaskTaskRunner(address=address)
         counts = write_transformed.with_options(task_runner=runner)(
-            plan, result_storage(plan.out), options.block_retries)
+            plan, options.block_retries)
     result = PointsResult(output=plan.dest, points=plan.points, source=plan.source,
                           field=plan.field, rows=sum(c["rows"] for c in counts),
                           outside=sum(c["outside"] for c in counts), batches=len(counts),

@@ -12,7 +12,6 @@ Prefect entrypoints: ``flows/registration.py:register_images`` (the registration
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -20,12 +19,11 @@ from dataclasses import asdict
 import dask
 import numpy as np
 from prefect import flow, get_run_logger
-from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
-from dreg.apply.plan import derived_outputs
+from dreg.apply.plan import check_derived_replaceable, derived_outputs
 from dreg.errors import DregError, StorageError, describe, first_line
 from dreg.field import FIELD_CHUNK, fixed_description
 from dreg.io import completion, ome_zarr, storage
@@ -62,22 +60,6 @@ from flows.run_names import register_run_name
 from tasks.publish import write_json, write_result, write_scene
 from tasks.reduce import create_field, reduce_chunk
 from tasks.register import register_batch, tile
-
-RESULTS_FOLDER = ".prefect-results"
-
-
-def result_storage(out_uri: str) -> str:
-    """A saved Prefect storage block under the output location, so that block results
-    (and the cache) persist next to the output, for any process or machine. Returns the
-    block's slug, which task options accept and which crosses process boundaries."""
-    basepath = storage.join(out_uri, RESULTS_FOLDER)
-    name = "dreg-results-" + hashlib.sha256(out_uri.encode()).hexdigest()[:16]
-    if storage.is_s3(out_uri):
-        block = RemoteFileSystem(basepath=basepath, settings=storage.storage_options(out_uri))
-    else:
-        block = LocalFileSystem(basepath=basepath)
-    block.save(name, overwrite=True)
-    return f"{block.get_block_type_slug()}/{name}"
 
 
 def _lost_batch(ctx, batch, state) -> list[BlockResult]:
@@ -249,6 +231,7 @@ def register_images(
     initial = initial_affine.to_transform() if initial_affine else None
     plan = plan_registration(fixed, moving, out, pipeline or default_pipeline(), initial,
                              overwrite=options.overwrite)
+    check_derived_replaceable(plan.out_uri)
     with owning(plan.out_uri) as lease:
         # Replacing a finished result: withdraw its completion mark before touching it,
         # and what was derived from its field (warped image, inverse): it would be stale.

@@ -19,16 +19,15 @@ from flows import artifacts
 from flows.cluster import dask_cluster
 from flows.options import RunOptions
 from flows.ownership import owning
-from flows.registration import result_storage
 from flows.run_names import warp_run_name
 from tasks.apply import downsample_chunk, mark_complete, prepare_warped, warp_chunk
 
 
 @flow(name="dreg-warp-chunks")
-def write_warped(plan: WarpPlan, storage_block: str, retries: int) -> int:
+def write_warped(plan: WarpPlan, retries: int) -> int:
     """Level 0 chunk by chunk, then the pyramid; returns level 0's voxel count."""
     token = prepare_warped(plan)
-    options = {"result_storage": storage_block, "retries": retries}
+    options = {"retries": retries}
     regions = warp_chunks(plan)
     futures = [warp_chunk.with_options(**options).submit(plan, region, i, token)
                for i, region in enumerate(regions)]
@@ -53,13 +52,12 @@ def warp_image(out: str, image: str | None = None, to: str | None = None,
     OUT/warped.ome.zarr)."""
     started = time.perf_counter()
     options = options or RunOptions()
-    plan = plan_warp(out, image, to, interpolation)
+    plan = plan_warp(out, image, to, interpolation, overwrite=options.overwrite)
     get_run_logger().info(f"warping {plan.image} into {plan.dest} ({plan.interpolation})")
-    storage_block = result_storage(plan.out)
     with owning(plan.out) as lease:
         with dask_cluster(options.dask_address, options.workers, warm=False) as address:
             voxels = write_warped.with_options(task_runner=DaskTaskRunner(address=address))(
-                plan, storage_block, options.block_retries)
+                plan, options.block_retries)
         result = WarpResult(output=plan.dest, image=plan.image, field=plan.field,
                             interpolation=plan.interpolation,
                             levels=len(ome_zarr.open_image(plan.dest).levels), voxels=voxels,

@@ -1,22 +1,24 @@
 """Prefect tasks of the flows that use a finished registration: warp, invert, points.
 
 Thin wrappers over `dreg.apply` (and `dreg.io.tables`, which writes the points' parts):
-each chunk or batch is one task run with retries; chunk tasks are cached by their
-inputs, which include the output's token, so a resumed run skips the chunks it wrote
-and a new output never trusts an old cache.
+each chunk or batch is one task run with retries. Resuming rests on the output's own
+chunk marks (`dreg.io.completion.once`), keyed by the output's token: a re-run or a
+resumed run skips the chunks already written and marked, and a new output trusts no old
+mark. Prefect keeps no result of these tasks (``persist_result=False``): nothing is
+pickled into the output, whose location may be shared.
 """
 
 from __future__ import annotations
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from dreg.apply import invert, points, warp
 from dreg.apply.plan import InvertPlan, PointsPlan, WarpPlan
 from dreg.grid import Region
 from dreg.io import completion, ome_zarr, pyramid, tables
 
-CHUNK_CACHE = INPUTS + TASK_SOURCE
+# Chunk tasks keep no Prefect result or cache: their chunk marks are the resume state.
+CHUNK_TASK = {"retries": 2, "retry_delay_seconds": 1, "persist_result": False}
 
 
 @task(name="prepare-warped", retries=2, retry_delay_seconds=1)
@@ -31,21 +33,24 @@ def prepare_warped(plan: WarpPlan) -> str:
     return completion.start(plan.dest, plan.identity, create)
 
 
-@task(name="warp-chunk", retries=2, retry_delay_seconds=1, cache_policy=CHUNK_CACHE,
-      persist_result=True, task_run_name="warp-chunk-{index}")
+@task(name="warp-chunk", **CHUNK_TASK, task_run_name="warp-chunk-{index}")
 def warp_chunk(plan: WarpPlan, region: Region, index: int, token: str) -> dict:
-    return warp.warp_chunk(plan.field, plan.image, 0, plan.dest, region, plan.interpolation)
+    return completion.once(plan.dest, token, f"0-{index}", lambda: warp.warp_chunk(
+        plan.field, plan.image, 0, plan.dest, region, plan.interpolation))
 
 
-@task(name="downsample-chunk", retries=2, retry_delay_seconds=1, cache_policy=CHUNK_CACHE,
-      persist_result=True, task_run_name="downsample-level-{level}-chunk-{index}")
+@task(name="downsample-chunk", **CHUNK_TASK,
+      task_run_name="downsample-level-{level}-chunk-{index}")
 def downsample_chunk(uri: str, level: int, region: Region, index: int, method: str,
                      token: str) -> int:
     """One chunk of a pyramid level, from the level above it."""
-    image = ome_zarr.open_image(uri)
-    data = pyramid.downsample_region(image, level - 1, region, method=method)
-    ome_zarr.write_region(image, level, region, data)
-    return int(data.size)
+    def write() -> dict:
+        image = ome_zarr.open_image(uri)
+        data = pyramid.downsample_region(image, level - 1, region, method=method)
+        ome_zarr.write_region(image, level, region, data)
+        return {"voxels": int(data.size)}
+
+    return int(completion.once(uri, token, f"{level}-{index}", write)["voxels"])
 
 
 @task(name="prepare-inverse", retries=2, retry_delay_seconds=1)
@@ -58,10 +63,10 @@ def prepare_inverse(plan: InvertPlan) -> str:
     return completion.start(plan.dest, plan.identity, create)
 
 
-@task(name="invert-chunk", retries=2, retry_delay_seconds=1, cache_policy=CHUNK_CACHE,
-      persist_result=True, task_run_name="invert-chunk-{index}")
+@task(name="invert-chunk", **CHUNK_TASK, task_run_name="invert-chunk-{index}")
 def invert_chunk(plan: InvertPlan, region: Region, index: int, token: str) -> dict:
-    return invert.invert_chunk(plan.field, plan.dest, region)
+    return completion.once(plan.dest, token, str(index),
+                           lambda: invert.invert_chunk(plan.field, plan.dest, region))
 
 
 @task(name="prepare-points", retries=2, retry_delay_seconds=1)
@@ -69,12 +74,14 @@ def prepare_points(plan: PointsPlan) -> str:
     return completion.start_parts(tables.parts_folder(plan.dest), plan.identity)
 
 
-@task(name="transform-points", retries=2, retry_delay_seconds=1, cache_policy=CHUNK_CACHE,
-      persist_result=True, task_run_name="transform-points-rows-{start}-{stop}")
+@task(name="transform-points", **CHUNK_TASK,
+      task_run_name="transform-points-rows-{start}-{stop}")
 def transform_points(plan: PointsPlan, start: int, stop: int, index: int,
                      token: str) -> dict:
-    return points.transform_points_batch(plan.field, plan.mapping, plan.points, start, stop,
-                                         tables.part_uri(plan.dest, index))
+    return completion.once(
+        tables.parts_folder(plan.dest), token, f"{index:06d}",
+        lambda: points.transform_points_batch(plan.field, plan.mapping, plan.points, start,
+                                              stop, tables.part_uri(plan.dest, index)))
 
 
 @task(name="write-points", retries=2, retry_delay_seconds=1)

@@ -33,3 +33,20 @@ def finished_registration(pair: dict, out: str) -> str:
         stages=[], seconds=0.0)
     storage.write_text(result.result, result.document())
     return out
+
+
+def pickles_under(root: str) -> list[str]:
+    """Issue 18 item 2: files under `root` (a local folder) that are or hold a pickle, or
+    lie in a Prefect result folder. Zarr chunk files (below a ``c`` folder) are raw
+    array bytes and are not looked at."""
+    from pathlib import Path
+
+    found = []
+    for path in Path(root).rglob("*"):
+        if not path.is_file() or "c" in path.relative_to(root).parts[:-1]:
+            continue
+        head = path.read_bytes()[:4096]
+        if (".prefect-results" in path.parts or head.startswith(b"\x80")
+                or b"picklelib" in head or b'"pickle"' in head):
+            found.append(str(path))
+    return found

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import zarr
 from exact_registrar import METHOD, subprocess_env
-from helpers import DEFAULT_PAIR, finished_registration
+from helpers import DEFAULT_PAIR, finished_registration, pickles_under
 from ngff_checks import check_scene
 from ome_zarr_models import open_ome_zarr
 from ome_zarr_models.v05.image import Image
@@ -116,14 +116,62 @@ def test_warp_reruns_from_its_cache_and_labels_stay_labels(pair, out, prefect_ap
     assert set(np.unique(warped)) <= set(np.unique(values)) | {0}
     for level in range(1, first.levels):
         assert set(np.unique(whole(dest, level))) <= set(np.unique(values)) | {0}
+    # Issue 18 item 2: no run keeps pickled state in the output; a record that looks like
+    # an old Prefect result (a pickle whose payload would make `marker`) is never loaded.
+    assert pickles_under(out) == [] and pickles_under(dest) == []
+    marker = tmp_path / "payload-ran"
+    plant_pickled_results(out, marker)
+    written = chunk_stamps(dest)
     started = time.perf_counter()
     second = warp_image(out, image=labels_uri, to=dest, interpolation="nearest",
                         options=options)
     assert second.voxels == first.voxels
     np.testing.assert_array_equal(whole(dest), warped)
     states = chunk_states(second.flow_run_id, "warp-chunk")
-    assert states and set(states) == {"Cached"}, states
+    assert states and len(states) == first.chunks, states
+    # The re-run redid no chunk: every chunk of every level is the one written first.
+    assert written and chunk_stamps(dest) == written
+    assert not marker.exists()
+    assert pickles_under(dest) == []
     assert time.perf_counter() - started < 300
+
+
+class _Payload:
+    """Unpickling this runs open(path, "w"): it makes the file, as a crafted record would."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def plant_pickled_results(out: str, marker: Path) -> None:
+    """Issue 18 item 2: turn every Prefect result record under OUT/.prefect-results into
+    a crafted pickle that makes `marker` when loaded, or plant one where there is none."""
+    import base64
+    import pickle
+
+    payload = base64.b64encode(pickle.dumps(_Payload(marker))).decode()
+    folder = Path(out, ".prefect-results")
+    records = [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+    for path in records:
+        record = json.loads(path.read_text())
+        record["result"] = payload
+        path.write_text(json.dumps(record))
+    if not records:
+        folder.mkdir(exist_ok=True)
+        (folder / ("0" * 64)).write_text(json.dumps({
+            "metadata": {"storage_key": "0" * 64, "expiration": None, "storage_block_id": None,
+                         "serializer": {"type": "pickle", "picklelib": "cloudpickle",
+                                        "picklelib_version": None}},
+            "result": payload}))
+
+
+def chunk_stamps(uri: str) -> dict[str, int]:
+    """Every chunk file of a local Zarr image, with its modification time in ns."""
+    return {str(p): p.stat().st_mtime_ns for p in Path(uri).rglob("*")
+            if p.is_file() and "c" in p.relative_to(uri).parts}
 
 
 def chunk_states(flow_run_id: str, name: str) -> list[str]:
@@ -156,6 +204,12 @@ def test_invert_round_trips_and_marks_the_scene_a_bijection(pair, out, prefect_a
     assert np.nanmax(np.abs(back - x) / spacing) < 0.05
     assert not np.isnan(back).any()
     check_scene(out, bijection=True, unit="micrometer")
+    # Issue 18 item 2: a re-run resumes from the chunk marks, never from pickles in OUT.
+    assert pickles_under(out) == []
+    written = chunk_stamps(result.output)
+    again = invert_field(out, options=RunOptions(dask_address=dask_address))
+    assert chunk_stamps(result.output) == written and again.max == result.max
+    assert pickles_under(out) == []
 
 
 def test_points_both_ways_keep_rows_and_columns(pair, out, prefect_api, dask_address,
@@ -194,12 +248,29 @@ def test_points_both_ways_keep_rows_and_columns(pair, out, prefect_api, dask_add
     assert back["cell"].tolist() == frame["cell"].tolist()
     np.testing.assert_allclose(back[["x", "y", "z"]].to_numpy()[keep], world[keep],
                                atol=0.05)
+    assert pickles_under(out) == [] and pickles_under(str(tmp_path)) == []  # issue 18 item 2
 
 
 def test_warp_command_prints_json_last_and_refuses_bad_input(pair, out, prefect_api,
                                                              dask_address, tmp_path):
     done = dreg("warp", out, "--dask-address", dask_address, api=prefect_api)
     assert last_json(done)["output"] == storage.join(out, "warped.ome.zarr")
+    # Issue 18 item 3: another warp onto an image dreg wrote needs --overwrite, and then
+    # replaces it.
+    # In this process, which is cheaper than more commands (the CLI's line for the same
+    # error is the last case below).
+    from dreg.apply.plan import plan_warp
+    from dreg.errors import InputError
+    from flows.warp import warp_image
+
+    warped = storage.join(out, "warped.ome.zarr")
+    with pytest.raises(InputError, match=f"^{warped}: already exists \\(pass --overwrite"):
+        plan_warp(out, image=pair["fixed"])
+    assert ome_zarr.open_image(warped).attributes["image"] == pair["moving"]
+    warp_image(out, image=pair["fixed"],
+               options=RunOptions(dask_address=dask_address, overwrite=True))
+    assert ome_zarr.open_image(warped).attributes["image"] == pair["fixed"]
+    assert ome_zarr.open_image(warped).attributes["complete"] is True
 
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
@@ -212,6 +283,7 @@ def test_warp_command_prints_json_last_and_refuses_bad_input(pair, out, prefect_
         (["warp", str(unfinished)], "no finished registration"),
         (["invert", str(unfinished)], "no finished registration"),
         (["warp", out, "--image", far], "far.ome.zarr"),
+        (["warp", out], f"{warped}: already exists (pass --overwrite to replace it)"),
         (["transform-points", out, str(no_xyz), str(tmp_path / "o.csv"), "--from", "fixed"],
          "no-xyz.csv"),
     ]
@@ -464,3 +536,45 @@ def test_warp_and_invert_refuse_an_output_in_or_over_what_they_read(pair, tmp_pa
         "result must not be written into an input; choose a location outside it"]
     assert sorted(str(p) for p in tmp_path.rglob("*") if "moving-copy" not in str(p)) == before
     assert sorted(str(p) for p in Path(pair_folder).rglob("*")) == inputs_before
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under `root` with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_warp_and_invert_never_replace_a_folder_dreg_did_not_write(pair, tmp_path):
+    """Issue 18 item 3: `warp --to DIR` (with or without --overwrite) and `invert` over a
+    folder at OUT/inverse.ome.zarr that is not an inverse field: exit 2, one line naming
+    the folder, which survives byte for byte."""
+    out = finished_registration(pair, str(tmp_path / "out"))
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    (mine / "sub" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
+    inverse = Path(out, "inverse.ome.zarr")
+    shutil.copytree(mine, inverse)
+    before = tree_bytes(mine)
+    done = dreg("warp", out, "--to", str(mine), check=False)  # the command's line
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"dreg: error: {mine}: exists and is not an OME-Zarr image written by dreg; not "
+        "replaced (move it away or choose another destination)"]
+    # The same check, in this process (cheaper than more commands): --overwrite changes
+    # nothing for a folder dreg did not write, nor does invert's own name in OUT.
+    from dreg.apply.plan import plan_invert, plan_warp
+    from dreg.errors import InputError
+
+    with pytest.raises(InputError, match=f"{mine}: exists and is not an OME-Zarr image"):
+        plan_warp(out, to=str(mine), overwrite=True)
+    with pytest.raises(InputError, match=f"{inverse}: exists and is not an inverse field"):
+        plan_invert(out)
+    # Nor does a registration of OUT remove them as its stale derived outputs.
+    from dreg.apply.plan import check_derived_replaceable
+
+    with pytest.raises(InputError, match=f"{inverse}: exists and is not an inverse field"):
+        check_derived_replaceable(out)
+    shutil.copytree(mine, Path(out, "warped.ome.zarr"))
+    with pytest.raises(InputError, match="warped.ome.zarr: exists and is not an OME-Zarr"):
+        check_derived_replaceable(out)
+    assert tree_bytes(mine) == before and tree_bytes(inverse) == before

@@ -224,6 +224,61 @@ def test_existing_output_is_not_replaced(run_dreg, tmp_path):
     assert_one_clear_line(result, out, "already exists")
 
 
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under `root` with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def run_here(monkeypatch, capfd):
+    """`dreg` in this process only: a process of its own would prove nothing more here."""
+    return lambda args, env: run_in_process(args, env, monkeypatch, capfd)
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["create", "overwrite"])
+def test_convert_never_replaces_a_folder_dreg_did_not_write(run_here, tmp_path, overwrite):
+    """Issue 18 item 3: a folder that is not an image dreg wrote survives convert, with or
+    without --overwrite, byte for byte; the one line names it."""
+    run_dreg = run_here
+    path = str(tmp_path / "image.mha")
+    itk.imwrite(itk.image_from_array(np.zeros((4, 5, 6), np.uint8)), path)
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    (mine / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    before = tree_bytes(mine)
+    result = run_dreg(["convert", path, str(mine), *overwrite], clean_environment())
+    assert_one_clear_line(result, str(mine), "not replaced")
+    assert tree_bytes(mine) == before
+
+
+def test_convert_overwrite_replaces_only_an_image_dreg_wrote(run_here, tmp_path):
+    """Issue 18 item 3: --overwrite replaces a converted image; a displacement field (an
+    output of another kind) is refused."""
+    run_dreg = run_here
+    path = str(tmp_path / "image.mha")
+    itk.imwrite(itk.image_from_array(np.zeros((4, 5, 6), np.uint8)), path)
+    out = tmp_path / "out.ome.zarr"
+    assert run_dreg(["convert", path, str(out)], clean_environment()).returncode == 0
+    assert_one_clear_line(run_dreg(["convert", path, str(out)], clean_environment()),
+                          str(out), "already exists (pass --overwrite")
+    again = run_dreg(["convert", path, str(out), "--overwrite", "--chunks", "4"],
+                     clean_environment())
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "0" / "zarr.json").read_text())["chunk_grid"][
+        "configuration"]["chunk_shape"] == [4, 4, 4]
+    from dreg.field import create_field
+    from dreg.grid import Grid
+
+    field = tmp_path / "field.ome.zarr"
+    create_field(str(field), Grid((4, 4, 4), (1.0, 1.0, 1.0)), fixed={"uri": "f"},
+                 moving_uri="m")
+    before = tree_bytes(field)
+    result = run_dreg(["convert", path, str(field), "--overwrite"], clean_environment())
+    assert_one_clear_line(result, str(field), "is not an OME-Zarr image written by dreg")
+    assert tree_bytes(field) == before
+
+
 # ----------------------------------------------------------------------------- S3 failures
 
 

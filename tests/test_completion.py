@@ -66,3 +66,38 @@ def test_parts_folder_is_resumed_for_the_same_inputs_only(tmp_path):
     assert completion.start_parts(folder, "a") == token and part.exists()
     assert completion.start_parts(folder, "b") != token
     assert not part.exists()
+
+
+def test_a_marked_chunk_is_never_computed_again_and_a_bad_mark_is_a_miss(tmp_path):
+    """Issue 18 item 2: resume state is the output's own JSON chunk marks, keyed by its
+    token; a mark that is not a JSON object (a pickle, say) is never loaded, only redone."""
+    folder, token, calls = str(tmp_path / "out.ome.zarr"), "0" * 32, []
+
+    def compute() -> dict:
+        calls.append(1)
+        return {"voxels": 8, "max": float("nan")}
+
+    assert completion.once(folder, token, "0-3", compute)["voxels"] == 8
+    assert completion.once(folder, token, "0-3", compute)["voxels"] == 8
+    assert len(calls) == 1  # the second call found the mark
+    assert completion.once(folder, "1" * 32, "0-3", compute) and len(calls) == 2  # new token
+    mark = completion.chunk_mark(folder, token, "0-3")
+    storage.write_bytes(mark, b"\x80\x04\x95junk.")  # not JSON: a miss, recomputed
+    assert completion.chunk_result(folder, token, "0-3") is None
+    completion.once(folder, token, "0-3", compute)
+    assert len(calls) == 3
+
+
+def test_a_parts_folder_dreg_did_not_start_is_refused_not_emptied(tmp_path):
+    """Issue 18 item 3: a folder where a points output's parts would go is removed only
+    when it is a parts folder dreg started."""
+    import pytest
+
+    from dreg.errors import InputError
+
+    folder = tmp_path / "points.csv.parts"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="points.csv.parts"):
+        completion.start_parts(str(folder), "a")
+    assert (folder / "notes.txt").read_text() == "mine"

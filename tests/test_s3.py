@@ -174,3 +174,23 @@ def test_s3_open_errors_name_the_uri(s3):
     zarr.open_group(storage.zarr_store(plain), mode="w").attrs["note"] = "no multiscales"
     with pytest.raises(InputError, match="not an OME-Zarr image"):
         ome_zarr.open_image(plain)
+
+
+def test_create_on_s3_never_replaces_a_prefix_dreg_did_not_write(s3, tmp_path):
+    """Issue 18 item 3, on S3: a prefix holding objects that are not an image dreg wrote
+    survives convert (with and without overwrite); a converted image is replaced only with
+    overwrite."""
+    path = tmp_path / "image.mha"
+    itk.imwrite(itk.image_from_array(np.zeros((4, 5, 6), np.uint8)), str(path))
+    mine = fresh(s3, "mine")
+    storage.write_text(storage.join(mine, "notes.txt"), "keep me")
+    before = objects_under(s3, mine)
+    with pytest.raises(InputError, match=f"{mine}: exists and is not an OME-Zarr image"):
+        convert.convert(path, mine, overwrite=True)
+    assert objects_under(s3, mine) == before
+    uri = fresh(s3, "image.ome.zarr")
+    ome_zarr.create_image(uri, [Grid((4, 5, 6), (1.0, 1.0, 1.0))], "uint8")
+    with pytest.raises(InputError, match="already exists"):
+        convert.convert(path, uri)
+    convert.convert(path, uri, chunks=4, overwrite=True)
+    assert ome_zarr.open_image(uri).levels[0].chunks_zyx == (4, 4, 4)

@@ -103,3 +103,27 @@ def test_synth_command_writes_the_pair_and_prints_a_summary(tmp_path, capsys):
     # Refuses to replace the pair unless asked.
     assert cli.main(["synth", str(out), "--shape", "16,20,24"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("private", ["", "1"], ids=["usual-umask", "DREG_PRIVATE"])
+def test_outputs_follow_the_umask_and_dreg_private_makes_them_owner_only(
+        tmp_path, monkeypatch, capsys, private):
+    """Issue 18 "Also": under the usual umask (022) outputs are world-readable; with
+    DREG_PRIVATE=1 no file or folder the command creates is readable by anyone else."""
+    import os
+    import stat
+
+    monkeypatch.setenv("DREG_PRIVATE", private)
+    previous = os.umask(0o022)
+    try:
+        assert cli.main(["synth", str(tmp_path / "pair"), "--shape", "8"]) == 0
+    finally:
+        os.umask(previous)
+    capsys.readouterr()
+    made = [tmp_path / "pair", *(tmp_path / "pair").rglob("*")]
+    others = {str(p): stat.S_IMODE(p.stat().st_mode) & 0o077 for p in made}
+    assert len(made) > 5
+    if private:
+        assert set(others.values()) == {0}, others
+    else:
+        assert all(mode & 0o044 == 0o044 for mode in others.values()), others

@@ -118,8 +118,12 @@ class PointsResult(BaseModel):
 
 
 def plan_warp(out: str, image: str | None = None, to: str | None = None,
-              interpolation: str = "linear") -> WarpPlan:
-    """Warp `image` (default: the registration's moving image) onto the fixed grid."""
+              interpolation: str = "linear", overwrite: bool = False) -> WarpPlan:
+    """Warp `image` (default: the registration's moving image) onto the fixed grid.
+
+    Something already at the destination is resumed when it is this very warp (same
+    inputs); otherwise it is replaced only with `overwrite`, and only when it is an
+    OME-Zarr image dreg wrote: anything else is refused, naming it."""
     result = load_result(out)
     if interpolation not in warp.INTERPOLATIONS:
         raise InputError(f"interpolation {interpolation!r}: choose one of "
@@ -137,6 +141,8 @@ def plan_warp(out: str, image: str | None = None, to: str | None = None,
     fixed_grid = Grid.from_dict(field.attributes["fixed"])
     identity = identity_of(ome_zarr.fingerprint(field), ome_zarr.fingerprint(source, [0]),
                            interpolation, fixed_grid.to_dict(), WARP_CHUNK)
+    if (completion.record(dest) or {}).get(completion.INPUTS) != identity:
+        ome_zarr.check_can_create(dest, ome_zarr.IMAGE, overwrite)
     return WarpPlan(out=result.output, field=field.uri, image=source.uri, dest=dest,
                     interpolation=interpolation, fixed_grid=fixed_grid,
                     dtype=source.levels[0].dtype, components=source.components,
@@ -153,6 +159,9 @@ def plan_invert(out: str) -> InvertPlan:
                          ("the inverse report", storage.join(result.output, INVERSE_REPORT))):
         locations.check_apart(output, name, {"the field": field.uri, "FIXED": result.fixed,
                                              "MOVING": result.moving})
+    # OUT/inverse.ome.zarr is derived from OUT's field: an inverse field there is resumed
+    # or replaced as OUT's own; anything else at that name is refused, never removed.
+    ome_zarr.check_can_create(dest, f"displacement_field/{MOVING_TO_FIXED}", overwrite=True)
     return InvertPlan(out=result.output, field=field.uri, fixed=result.fixed,
                       moving=result.moving,
                       dest=dest,
@@ -202,6 +211,15 @@ def derived_outputs(out: str) -> list[str]:
     """What OUT holds that was computed from its field: stale once the field changes."""
     return [storage.join(out, name)
             for name in DERIVED]
+
+
+def check_derived_replaceable(out: str) -> None:
+    """Before a registration removes what OUT derived from its old field: refuse, naming
+    it, a folder at the warped image's or the inverse's name that is not that kind of
+    output written by dreg (it is not the registration's to remove)."""
+    ome_zarr.check_can_create(storage.join(out, WARPED_NAME), ome_zarr.IMAGE, overwrite=True)
+    ome_zarr.check_can_create(storage.join(out, INVERSE_NAME),
+                              f"displacement_field/{MOVING_TO_FIXED}", overwrite=True)
 
 
 def warp_chunks(plan: WarpPlan) -> list:

@@ -11,9 +11,11 @@ Where the mark lives depends on the kind of output:
 - **OME-Zarr outputs** (each stage's field, the final field, the warped image, the
   inverse): the root ``dreg`` attributes hold ``inputs`` (the identity) and
   ``complete`` (true once whole). A chunk-wise output that a resumed run picks up also
-  holds a ``token`` naming this incarnation of the output (`start`): its chunk tasks are
-  cached by it, so a resumed run skips the chunks it wrote, and a new incarnation (other
-  inputs, or the output was removed) gets a new token and trusts no old cache.
+  holds a ``token`` naming this incarnation of the output (`start`), and a *chunk mark*
+  per chunk written (`once`): a small JSON file, ``.dreg-chunks/<token>/<name>.json``
+  inside the output, holding what the chunk's task returned, written after the chunk.
+  A resumed run skips the chunks marked for the output's token; a new incarnation
+  (other inputs, or the output was removed) gets a new token and trusts no old mark.
 - **File outputs written in one piece** (a registration's result.json, a points table):
   the file itself is the mark (`write_whole`, `file_is_complete`): it is written whole
   and last, so its presence means the output is complete; what it was computed from is
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Callable
 
@@ -39,6 +42,8 @@ INPUTS = "inputs"
 COMPLETE = "complete"
 TOKEN = "token"
 PARTS_RECORD = "parts.json"
+CHUNK_MARKS = ".dreg-chunks"
+_TOKEN_PATTERN = re.compile(r"[0-9a-f]{32}")
 # The mark of fields written before this convention: the identity, written last.
 _OLD_FIELD_MARK = "identity"
 
@@ -101,7 +106,7 @@ def start(uri: str, identity: str, create: Callable[[dict], object]) -> str:
     incomplete; otherwise ``create(attributes)`` makes it anew, with a new token and
     the given attributes (inputs, token, not complete) in its ``dreg`` attributes."""
     attributes = record(uri)
-    if attributes and attributes.get(INPUTS) == identity and attributes.get(TOKEN):
+    if attributes and attributes.get(INPUTS) == identity and _is_token(attributes.get(TOKEN)):
         clear(uri)
         return attributes[TOKEN]
     token = uuid.uuid4().hex
@@ -133,10 +138,70 @@ def start_parts(folder: str, identity: str) -> str:
     batches' cache, so a part is never assumed written after its folder was removed."""
     marker = storage.join(folder, PARTS_RECORD)
     if storage.exists(marker):
-        recorded = json.loads(storage.read_text(marker))
-        if recorded.get(INPUTS) == identity:
+        recorded = _json_object(storage.read_bytes(marker)) or {}
+        if recorded.get(INPUTS) == identity and _is_token(recorded.get(TOKEN)):
             return recorded[TOKEN]
+    elif storage.exists(folder):
+        # Not a parts folder dreg started: never removed.
+        raise InputError(f"{folder}: exists and is not a parts folder written by dreg; "
+                         "move it away or choose another output")
     storage.remove_tree(folder)
     token = uuid.uuid4().hex
     storage.write_text(marker, json.dumps({INPUTS: identity, TOKEN: token}))
     return token
+
+
+# ----------------------------------------------------------------------------- chunk marks
+
+
+def chunk_mark(folder: str, token: str, name: str) -> str:
+    """Where the mark of chunk `name` of the output in `folder` (incarnation `token`) is."""
+    if not _is_token(token):
+        raise ValueError(f"not an output token: {token!r}")
+    return storage.join(folder, CHUNK_MARKS, token, f"{name}.json")
+
+
+def chunk_result(folder: str, token: str, name: str) -> dict | None:
+    """What chunk `name` returned when it was written for this incarnation of the output,
+    or None when it is not marked written (or its mark is not a JSON object)."""
+    try:
+        data = storage.read_bytes(chunk_mark(folder, token, name))
+    except FileNotFoundError:
+        return None
+    return _json_object(data)
+
+
+def mark_chunk(folder: str, token: str, name: str, result: dict) -> None:
+    """Mark chunk `name` written, after its data, with what its task returned (JSON)."""
+    storage.write_text(chunk_mark(folder, token, name), json.dumps(result, default=_plain))
+
+
+def once(folder: str, token: str, name: str, compute: Callable[[], dict]) -> dict:
+    """Compute and write one chunk of an output unless it is marked written for this
+    incarnation; returns the chunk's result either way, so that a re-run or a resumed
+    run never redoes a finished chunk."""
+    done = chunk_result(folder, token, name)
+    if done is not None:
+        return done
+    result = compute()
+    mark_chunk(folder, token, name, result)
+    return result
+
+
+def _plain(value: object) -> object:
+    """NumPy scalars in a chunk's result, as JSON numbers."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+def _is_token(value: object) -> bool:
+    return isinstance(value, str) and _TOKEN_PATTERN.fullmatch(value) is not None
+
+
+def _json_object(data: bytes) -> dict | None:
+    try:
+        found = json.loads(data)
+    except ValueError:  # not JSON, or not text at all
+        return None
+    return found if isinstance(found, dict) else None

@@ -20,6 +20,8 @@ from dreg.io.ome_zarr.metadata import (
 )
 from dreg.io.ome_zarr.read import open_image, read_region
 from dreg.io.ome_zarr.write import (
+    IMAGE,
+    check_can_create,
     chunk_regions,
     create_image,
     write_chunks,
@@ -29,6 +31,7 @@ from dreg.io.ome_zarr.write import (
 
 __all__ = [
     "DEFAULT_CHUNK",
+    "IMAGE",
     "DISPLACEMENT_OME_VERSION",
     "IMAGE_OME_VERSION",
     "SPATIAL_AXES",
@@ -36,6 +39,7 @@ __all__ = [
     "ImageVersion",
     "OmeZarrImage",
     "_ngff_attrs",
+    "check_can_create",
     "chunk_regions",
     "create_image",
     "fingerprint",

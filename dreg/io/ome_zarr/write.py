@@ -3,6 +3,7 @@ displacement field) and fill it region by region, nothing held whole in memory."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import product
@@ -24,6 +25,60 @@ from dreg.io.ome_zarr.metadata import (
     _ngff_attrs,
 )
 from dreg.io.ome_zarr.read import _open_array
+
+# The kinds of output dreg writes as OME-Zarr, by what their root metadata says.
+IMAGE = "image"
+FIELD_KINDS = {"fixed_to_moving": "a displacement field", "moving_to_fixed": "an inverse field"}
+
+
+def written_kind(uri: str) -> str | None:
+    """What dreg output the OME-Zarr at `uri` is, read from its root metadata only:
+    `IMAGE` for an image dreg wrote, "displacement_field/<mapping>" for a field, and None
+    for anything else (not OME-Zarr, or not written by dreg)."""
+    try:
+        metadata = json.loads(storage.read_bytes(storage.join(uri, "zarr.json")))
+    except (OSError, ValueError):
+        return None
+    attributes = metadata.get("attributes") if isinstance(metadata, dict) else None
+    if not isinstance(attributes, dict):
+        return None
+    ome, dreg = attributes.get("ome"), attributes.get("dreg")
+    if not (isinstance(ome, dict) and "multiscales" in ome and isinstance(dreg, dict)):
+        return None
+    if dreg.get("kind") == "displacement_field":
+        return f"displacement_field/{dreg.get('mapping')}"
+    return IMAGE
+
+
+def _kind_name(kind: str) -> str:
+    if kind == IMAGE:
+        return "an OME-Zarr image written by dreg"
+    return f"{FIELD_KINDS.get(kind.rsplit('/', 1)[-1], 'a field')} written by dreg"
+
+
+def occupied(uri: str) -> bool:
+    """Whether anything is at `uri`: a file, or a folder (or S3 prefix) that holds
+    something. An empty folder is not occupied."""
+    fs, path = storage.filesystem(uri)
+    try:
+        if not fs.exists(path):
+            return False
+        return not fs.isdir(path) or bool(fs.ls(path, detail=False))
+    except Exception as exc:  # noqa: BLE001 - turned into a clear message
+        raise StorageError(storage.describe_storage_failure(uri, exc)) from None
+
+
+def check_can_create(uri: str, kind: str, overwrite: bool) -> None:
+    """Refuse, with one line naming `uri`, to write an output of `kind` where something
+    is already: it is replaced only with `overwrite`, and only when its metadata says it
+    is an output of the same kind that dreg wrote. Nothing is touched here."""
+    if not occupied(uri):
+        return
+    if written_kind(uri) != kind:
+        raise InputError(f"{uri}: exists and is not {_kind_name(kind)}; not replaced "
+                         "(move it away or choose another destination)")
+    if not overwrite:
+        raise InputError(f"{uri}: already exists (pass --overwrite to replace it)")
 
 
 def create_image(
@@ -48,7 +103,8 @@ def create_image(
     Every chunk is stored with a crc32c checksum of its bytes (after zstd, when
     `compressed`), so that a chunk changed on disk is an error when read, never garbage.
     Levels that do not make valid OME-Zarr 0.5 (as ome-zarr-models validates it) raise
-    InputError before anything is written.
+    InputError before anything is written. Nothing already at `uri` is replaced, except
+    with `overwrite` an output of the same kind that dreg wrote (`check_can_create`).
     """
     uri = storage.normalize_uri(uri)
     chunk_zyx = (chunks,) * 3 if isinstance(chunks, int) else tuple(chunks)
@@ -61,13 +117,15 @@ def create_image(
     dreg_attrs = {"direction": [list(r) for r in grids[0].direction]}
     dreg_attrs.update(dreg_attributes or {})
     attrs["dreg"] = dreg_attrs
+    kind = f"displacement_field/{dreg_attrs.get('mapping')}" if displacement else IMAGE
+    check_can_create(uri, kind, overwrite)
     try:
         group = zarr.open_group(
             storage.zarr_store(uri), mode="w" if overwrite else "w-", zarr_format=3
         )
     except Exception as exc:  # noqa: BLE001
         if "exists" in str(exc).lower() or isinstance(exc, FileExistsError):
-            raise InputError(f"{uri}: already exists (pass overwrite to replace it)") from None
+            raise InputError(f"{uri}: already exists (pass --overwrite to replace it)") from None
         raise StorageError(storage.describe_storage_failure(uri, exc)) from None
     group.attrs.update(attrs)
     # NGFF 0.5 asks every array for dimension_names, equal to the axes' names.
