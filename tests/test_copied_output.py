@@ -267,11 +267,21 @@ def test_copies_between_local_and_s3(pair, registered, points, s3, dask_client,
     what it was."""
     import s3_server
 
+    # The session's workers started before the S3 server: give them its settings.
     variables = s3_server.environment(s3.endpoint_url)
+    saved = dask_client.run(lambda: {name: os.environ.get(name) for name in variables})
+
+    def restore(dask_worker) -> None:
+        for name, value in saved[dask_worker.address].items():
+            os.environ.pop(name, None) if value is None else os.environ.update({name: value})
+
     dask_client.run(lambda: os.environ.update(variables))
-    remote = s3.uri(uuid.uuid4().hex, "out")
-    copy_tree(registered, remote)
-    use_the_copy(pair, remote, registered, points, dask_address, capsys)
-    back = str(tmp_path / "back")
-    copy_tree(remote, back)
-    use_the_copy(pair, back, remote, points, dask_address, capsys)
+    try:
+        remote = s3.uri(uuid.uuid4().hex, "out")
+        copy_tree(registered, remote)
+        use_the_copy(pair, remote, registered, points, dask_address, capsys)
+        back = str(tmp_path / "back")
+        copy_tree(remote, back)
+        use_the_copy(pair, back, remote, points, dask_address, capsys)
+    finally:
+        dask_client.run(restore)
