@@ -150,8 +150,8 @@ class RegistrationResult(BaseModel):
 
     def relocated(self, move: Callable[[str], str]) -> RegistrationResult:
         """This result with every location inside OUT (the field, result.json, each
-        stage's field) passed through `move`; the inputs' locations are left alone by the
-        callers' `move` (they never lie inside OUT)."""
+        stage's field) passed through `move`; the inputs (fixed, moving) never lie inside
+        OUT and stay as they are."""
         return self.model_copy(update={
             "field": move(self.field), "result": move(self.result),
             "stages": [stage.relocated(move) for stage in self.stages]})
