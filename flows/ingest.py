@@ -1,11 +1,15 @@
-"""Registration of a newly ingested volume, started by the ingestion event.
+"""Registration of a newly ingested volume, started by the ingestion event, and the warp
+started by a registration's completion event.
 
-Prefect entrypoint: ``flows/ingest.py:register_on_ingest``. The event supplies `moving`,
+Prefect entrypoints: ``flows/ingest.py:register_on_ingest`` and
+``flows/ingest.py:warp_on_completion``. The ingestion event supplies `moving`,
 `version` and optionally `event_fixed`; these are untrusted and validated (scheme,
 allowed prefixes, size) before anything is read or written. The pipeline of a run
 started this way may use only the built-in registration methods (an import path would
 load code named by whoever set the run's parameters). The reference volume, the
 output prefix, the allowed prefixes and the pipeline are the deployment's parameters.
+The completion event supplies `out`, checked in the same way: it must lie under the
+deployment's output prefix, where event-started registrations write.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from dreg import trust
+from dreg.apply.plan import WarpResult
 from dreg.io import ome_zarr, storage
 from dreg.registration import PipelineConfig, RegistrationResult, default_pipeline
 from dreg.registration.method import check_built_in
@@ -21,7 +26,7 @@ from dreg.registration.records import finished_with_same_inputs
 from flows import artifacts, events
 from flows.options import RunOptions
 from flows.registration import register_images
-from flows.run_names import ingest_run_name
+from flows.run_names import ingest_run_name, warp_run_name
 from flows.warp import warp_image
 
 DEFAULT_MAX_VOXELS = 2**40  # about a tebivoxel
@@ -93,3 +98,20 @@ def register_on_ingest(
     if warp:
         warp_image(result.output, options=options)
     return result
+
+
+def validated_output(out: str, out_prefix: str) -> str:
+    """Check the output that a completion event names (untrusted, like every event URI):
+    an s3:// URI or absolute local path under the deployment's output prefix."""
+    if not out_prefix:
+        raise trust.InputError("out_prefix: the deployment has no output prefix")
+    return trust.validate_uri(out, [out_prefix], "output")
+
+
+@flow(name="dreg-warp-on-completion", flow_run_name=warp_run_name)
+def warp_on_completion(out: str, out_prefix: str = "",
+                       options: RunOptions | None = None) -> WarpResult:
+    """Warp the moving image of the registration that a completion event announces
+    (OUT/warped.ome.zarr), once the event's `out` is checked: a rejected `out` fails
+    the run with the reason, before anything is read or written."""
+    return warp_image(validated_output(out, out_prefix), options=options)

@@ -55,7 +55,7 @@ def invert_field(out: str, options: RunOptions | None = None) -> InvertResult:
                               chunks=len(chunks),
                               seconds=round(time.perf_counter() - started, 3),
                               flow_run_id=str(flow_run.get_id()))
-        write_json(plan.report, {**result.model_dump(mode="json"),
+        write_json(plan.report, {**result.record(plan.out),
                                  "per_chunk": [_without_histogram(c) for c in chunks]})
         lease.check()
         mark_complete(plan.dest, plan.identity, result.model_dump(mode="json"))

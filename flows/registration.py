@@ -172,7 +172,7 @@ def register_stage(
     summary = summarize_stage(stage, results, identity, voxels, timings,
                               str(flow_run.get_id()))
     write_json(stage.table_uri, [r.row() for r in results])
-    write_json(stage.summary_uri, summary.model_dump(mode="json"))
+    write_json(stage.summary_uri, summary.document(plan.out_uri))
     remove_stale_fields(stage, summary.field)
     logger.info(f"stage {stage.number}-{stage.name}: {summary.counts} "
                 f"({summary.reused} stored blocks reused) in {summary.seconds} s")

@@ -132,5 +132,7 @@ def test_a_previous_field_that_is_not_the_planned_one_is_refused(pair, tmp_path,
     with pytest.raises(StorageError, match="not the complete field this stage was planned"):
         open_previous(ctx)
     stage_json = json.loads((tmp_path / "out/stages/1-affine/stage.json").read_text())
-    assert stage_json["field"] == first.field
+    # issue 18 item 1: stage.json names the stage's field relative to OUT.
+    assert stage_json["field"] == f"stages/1-affine/{Path(first.field).name}"
+    assert str(tmp_path / "out" / stage_json["field"]) == first.field
     assert np.isfinite(stage_json["field_voxels"])

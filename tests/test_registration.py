@@ -18,7 +18,7 @@ from prefect_queries import final_task_runs, wait_for_events
 
 from dreg import field, synth
 from dreg.grid import Grid
-from dreg.io import ome_zarr, pyramid
+from dreg.io import ome_zarr, pyramid, storage
 from dreg.qc.accuracy import field_error
 from dreg.qc.jacobian import determinant
 from dreg.registration import PipelineConfig, StageConfig
@@ -312,7 +312,9 @@ def test_link_artifact_opens_the_field(pairs, iso_result):
     assert attrs["moving"]["uri"] == pairs["iso"]["moving"]
     assert Grid.from_dict(attrs["grid"]) == image.levels[0].grid
     document = json.loads(Path(iso_result.output, "result.json").read_text())
-    assert document["field"] == url[len("file://"):]
+    # issue 18 item 1: result.json names OUT's parts relative to OUT.
+    assert storage.join(iso_result.output, document["field"]) == url[len("file://"):]
+    assert document["field"] == "field.ome.zarr"
     assert document["flow_run_id"] == iso_result.flow_run_id
 
 

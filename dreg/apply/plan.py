@@ -104,6 +104,13 @@ class InvertResult(BaseModel):
     seconds: float
     flow_run_id: str
 
+    def record(self, out: str) -> dict:
+        """inverse.json's numbers: what lies inside OUT named relative to OUT, so that a
+        copied or moved OUT names its own parts."""
+        return {**self.model_dump(mode="json"),
+                **{name: locations.inside(getattr(self, name), out)
+                   for name in ("output", "field", "report")}}
+
 
 class PointsResult(BaseModel):
     output: str

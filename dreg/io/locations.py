@@ -54,3 +54,30 @@ def check_apart(output: str, output_name: str, inputs: Mapping[str, str | None],
             raise InputError(f"{name} {uri} is inside {output_name} {output}: an output "
                              "location must not hold an input (a run replaces what it writes "
                              "there); choose another location")
+
+
+def inside(uri: str, out: str) -> str:
+    """How a record in OUT stores a location: relative to OUT (``stages/1-affine/...``)
+    when it lies inside OUT, so that a copied or moved OUT still names its own parts;
+    anything else (an input) as it is."""
+    if not within(uri, out) or canonical(uri) == canonical(out):
+        return uri
+    return canonical(uri)[len(canonical(out).rstrip("/")) + 1:]
+
+
+def is_relative(path: str) -> bool:
+    """Whether a recorded location is relative (to the OUT holding the record)."""
+    return not storage.is_s3(path) and "://" not in path and not posixpath.isabs(path)
+
+
+def resolve(path: str, out: str, recorded: str | None = None) -> str:
+    """A location read from a record in OUT, as the OUT given to the command: a relative
+    path joined to OUT; an absolute one inside `recorded` (the OUT the record was
+    written in: older records stored absolute locations) moved to the same place in
+    OUT; anything else (an input) as it is."""
+    if is_relative(path):
+        return storage.join(out, path)
+    if recorded is not None and within(path, recorded):
+        relative = inside(path, recorded)
+        return out if relative == path else storage.join(out, relative)
+    return path

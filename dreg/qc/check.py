@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from dreg.io import storage
+from dreg.io import locations, storage
 from dreg.layout import QC_FILE
 from dreg.qc.measure import BrickMeasure, measure_brick
 from dreg.qc.page import render_page
@@ -59,5 +59,10 @@ def check(plan: QcPlan, flow_run_id: str | None = None) -> QcReport:
 
 
 def load_report(folder: str) -> QcReport:
-    """The QC report in OUT/qc/."""
-    return QcReport.model_validate_json(storage.read_text(storage.join(folder, QC_FILE)))
+    """The QC report in OUT/qc/, its locations inside OUT resolved against the OUT that
+    holds `folder` (a copied or moved OUT is itself)."""
+    recorded = QcReport.model_validate_json(storage.read_text(storage.join(folder, QC_FILE)))
+    out = storage.normalize_uri(folder).rsplit("/", 1)[0]
+    return recorded.relocated(
+        lambda path: locations.resolve(path, out, recorded.output)).model_copy(
+        update={"output": out})

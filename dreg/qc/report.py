@@ -9,11 +9,13 @@ summary, result.json and completion event.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
+from dreg.io import locations
 from dreg.qc.measure import BrickMeasure
 from dreg.qc.plan import QcPlan
 from dreg.qc.similarity import similarity_summary
@@ -35,7 +37,8 @@ class Picture(BaseModel):
 
 
 class QcReport(BaseModel):
-    """What qc.json holds and the QC flow returns."""
+    """What qc.json holds and the QC flow returns. In qc.json, what lies inside OUT is
+    named relative to OUT (`load_report` resolves it), as in result.json."""
 
     output: str
     field: str
@@ -55,8 +58,17 @@ class QcReport(BaseModel):
     seconds: float = 0.0
     flow_run_id: str | None = None
 
+    def relocated(self, move: Callable[[str], str]) -> QcReport:
+        """This report with every location inside OUT passed through `move`."""
+        return self.model_copy(update={
+            "field": move(self.field), "folder": move(self.folder), "page": move(self.page),
+            "warped": move(self.warped) if self.warped else None,
+            "pictures": [p.model_copy(update={"uri": move(p.uri)}) for p in self.pictures]})
+
     def document(self) -> str:
-        return self.model_dump_json(indent=2)
+        """The JSON text of qc.json: what lies inside OUT named relative to OUT."""
+        return self.relocated(lambda uri: locations.inside(uri, self.output)).model_dump_json(
+            indent=2)
 
 
 def verdict(jacobian: dict, similarity: dict, fold_threshold: float) -> tuple[str, str]:

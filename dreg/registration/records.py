@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib.metadata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel, Field, computed_field
 
 from dreg.errors import InputError, RunFailed, first_line
-from dreg.io import completion, ome_zarr, storage
+from dreg.io import completion, locations, ome_zarr, storage
 from dreg.layout import RESULT_FILE
 from dreg.registration.outcome import FAILED, OK, BlockResult
 from dreg.registration.pipeline import PipelineConfig
@@ -52,6 +52,15 @@ class StageSummary(BaseModel):
     field_voxels: int
     failures: list[dict] = Field(default_factory=list)
 
+    def relocated(self, move: Callable[[str], str]) -> StageSummary:
+        """This summary with its location inside OUT (the field) passed through `move`."""
+        return self.model_copy(update={"field": move(self.field)})
+
+    def document(self, out_uri: str) -> dict:
+        """The JSON of stage.json: the field named relative to OUT."""
+        return self.relocated(lambda uri: locations.inside(uri, out_uri)).model_dump(
+            mode="json")
+
 
 def summarize_stage(
     stage: StagePlan,
@@ -89,7 +98,14 @@ class InitialRecord(BaseModel):
 
 
 class RegistrationResult(BaseModel):
-    """A finished registration: what result.json says and the flow returns."""
+    """A finished registration: what result.json says and the flow returns.
+
+    In memory every location is whole (the flow returns it, events and artifacts carry
+    it); result.json names what lies inside OUT relative to OUT, and `load_result`
+    resolves it against the OUT it is given: a copied or moved OUT is used, never the
+    one it was copied from. `output` is the OUT the result was read from (in the file:
+    the one it was written in, for information only).
+    """
 
     output: str
     field: str
@@ -132,9 +148,18 @@ class RegistrationResult(BaseModel):
         total = sum(s.blocks for s in self.stages)
         return round(self.failed_blocks / total, 4) if total else 0.0
 
+    def relocated(self, move: Callable[[str], str]) -> RegistrationResult:
+        """This result with every location inside OUT (the field, result.json, each
+        stage's field) passed through `move`; the inputs (fixed, moving) never lie inside
+        OUT and stay as they are."""
+        return self.model_copy(update={
+            "field": move(self.field), "result": move(self.result),
+            "stages": [stage.relocated(move) for stage in self.stages]})
+
     def document(self) -> str:
-        """The JSON text of result.json."""
-        return self.model_dump_json(indent=2)
+        """The JSON text of result.json: what lies inside OUT named relative to OUT."""
+        return self.relocated(lambda uri: locations.inside(uri, self.output)).model_dump_json(
+            indent=2)
 
 
 def check_failed_share(stage: StageSummary, max_share: float) -> None:
@@ -218,14 +243,19 @@ def finished_with_same_inputs(out_uri: str, fixed_uri: str, moving_uri: str,
 
 
 def load_result(out_uri: str) -> RegistrationResult:
-    """The finished registration in `out_uri`, from its result.json; an InputError naming
-    the location when there is none (a run that has not finished, or not a registration
-    output at all)."""
+    """The finished registration in `out_uri`, from its result.json, with every location
+    inside OUT resolved against `out_uri` (whatever folder the result was written in: a
+    copied or moved OUT is itself); an InputError naming the location when there is none
+    (a run that has not finished, or not a registration output at all)."""
     out_uri = storage.normalize_uri(out_uri)
     uri = storage.join(out_uri, RESULT_FILE)
     if not completion.file_is_complete(uri):
         raise InputError(f"{out_uri}: no finished registration here (no {RESULT_FILE})")
     try:
-        return RegistrationResult.model_validate_json(storage.read_text(uri))
+        recorded = RegistrationResult.model_validate_json(storage.read_text(uri))
     except ValueError as exc:
         raise InputError(f"{uri}: not a registration result ({first_line(exc)})") from None
+    # Older results stored absolute locations inside the OUT they were written in.
+    return recorded.relocated(
+        lambda path: locations.resolve(path, out_uri, recorded.output)).model_copy(
+        update={"output": out_uri})
