@@ -9,7 +9,7 @@ import json
 import os
 import time
 
-from cli.arguments import add_cluster_options, model_option, run_options
+from cli.arguments import add_cluster_options, model_option, number, run_options
 from dreg.io import ownership, storage
 from flows.options import RunOptions
 
@@ -35,6 +35,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     from dreg.registration.pipeline import default_pipeline, load_pipeline
     from dreg.registration.plan import plan_registration
 
+    # Options, then the pipeline, then the inputs: all before anything is written.
+    run_options(args, show_progress=True)
     pipeline = load_pipeline(args.config) if args.config else default_pipeline()
     # Validate here first: bad input fails in a second, before a server or cluster starts.
     # No chunk is listed here: the flow fingerprints the inputs where the run starts.
@@ -137,7 +139,7 @@ def add_commands(sub) -> None:
 
     demo = sub.add_parser("demo", help="make a synthetic pair, register it, print the error")
     demo.add_argument("dir", nargs="?", default="demo-out")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
     add_cluster_options(demo)
     demo.set_defaults(run=cmd_demo)
 

@@ -9,9 +9,9 @@ the end if any did.
 
 from __future__ import annotations
 
-import yaml
 from prefect import flow, get_run_logger
 
+from dreg.documents import load_yaml
 from dreg.errors import InputError, first_line
 from dreg.io import completion, storage
 from dreg.layout import RESULT_FILE
@@ -24,7 +24,7 @@ from flows.run_names import nightly_run_name
 
 def read_manifest(uri: str) -> list[dict]:
     try:
-        entries = yaml.safe_load(storage.read_text(uri))
+        entries = load_yaml(storage.read_text(uri), uri)
     except FileNotFoundError:
         raise InputError(f"{uri}: no such manifest") from None
     if not isinstance(entries, list) or not all(
