@@ -328,3 +328,238 @@ def test_a_bad_lease_length_is_refused_before_a_registration_starts(tmp_path):
                          clean_environment(DREG_LEASE_SECONDS="soon"))
     assert_one_clear_line(result, "DREG_LEASE_SECONDS='soon'", "must be a number of seconds")
     assert not any((tmp_path / "out").rglob("*"))  # nothing written (planning may make OUT)
+
+
+# ----------------------------------------------------------------------------- the table
+# issue 18 (bad input): one row per bad input. Each row makes what it needs under a fresh
+# folder (the working directory too), runs `dreg` in this process, and checks the one
+# line (naming the input and the cause), exit status 2, and that nothing was written:
+# the folder's tree is the same before and after. The section of issue 18 "Bad input"
+# and items 7 (detached data files), 8 (claimed sizes) and 9 (s3:// with no bucket).
+
+URI_SECRET = "S3CR3TVALUE"  # a secret in a URI's user information: never printed
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One bad input: `build(folder, pair)` makes what the command needs and returns its
+    arguments; the line must contain `names` and `cause`, and none of `absent`."""
+
+    id: str
+    build: object
+    names: str
+    cause: str
+    absent: tuple[str, ...] = ()
+
+
+def _nan_image(path: Path, pair: dict, **create) -> str:
+    """An image on the pair's fixed grid whose voxels are all the fill value."""
+    from dreg import synth
+    from dreg.io import ome_zarr
+
+    grid = ome_zarr.open_image(pair["fixed"]).levels[0].grid
+    ome_zarr.create_image(str(path), [grid], "float32", chunks=16, **{"unit": synth.UNIT,
+                                                                        **create})
+    return str(path)
+
+
+def _claimed_image(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...]) -> str:
+    """OME-Zarr metadata that claims an array of `shape` (no chunk is written)."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.create_array("0", shape=shape, chunks=chunks, dtype="float32")
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": a, "type": "space"} for a in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, 1.0, 1.0]}]}]}]}
+    return str(path)
+
+
+def _pipeline(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def _register(config: str | None = None, *extra: str, fixed=None, moving=None, out="out"):
+    def build(folder: Path, pair: dict) -> list[str]:
+        f = fixed(folder, pair) if fixed else pair["fixed"]
+        m = moving(folder, pair) if moving else pair["moving"]
+        args = ["register", f, m, out if "://" in out else str(folder / out), *extra]
+        if config is not None:
+            args += ["--config", _pipeline(folder / "pipeline.yaml", config)]
+        return args
+    return build
+
+
+def _synth(*extra: str, out: str = "pair"):
+    return lambda folder, pair: ["synth", out if ":" in out else str(folder / out),
+                                 "--shape", "8", *extra]
+
+
+def _convert(header_name: str, header: bytes):
+    def build(folder: Path, pair: dict) -> list[str]:
+        (folder / "secret.bin").write_bytes(bytes(range(64)))
+        (folder / "in").mkdir()
+        path = folder / "in" / header_name
+        path.write_bytes(header.replace(b"SECRET", str(folder / "secret.bin").encode()))
+        return ["convert", str(path), str(folder / "out.ome.zarr")]
+    return build
+
+
+def _points_with_text(folder: Path, pair: dict) -> list[str]:
+    from helpers import finished_registration
+
+    out = finished_registration(pair, str(folder / "registration"))
+    rows = "\n".join(f"{i}.5,2,3,cell{i}" for i in range(50))
+    (folder / "cells.csv").write_text(f"x,y,z,id\n{rows}\nfive,2,3,cell50\n")
+    return ["transform-points", out, str(folder / "cells.csv"), str(folder / "moved.csv"),
+            "--from", "fixed"]
+
+
+# Nested aliases: 9^5 leaves from a few hundred bytes (the issue's had more levels and
+# gave a 580 MB error line; these are enough to show the line unbounded).
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcd", "bcde", strict=True))
+NRRD_NO_ENDIAN = (b"NRRD0004\ntype: float\ndimension: 3\nsizes: 4 4 4\nencoding: raw\n\n"
+                  + bytes(256))
+NRRD_DETACHED = (b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 4 4\nencoding: raw\n"
+                 b"data file: SECRET\n\n")
+MHD_DETACHED = (b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_UCHAR\n"
+                b"ElementDataFile = ../secret.bin\n")
+MHD_LISTED = (b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_UCHAR\n"
+              b"ElementDataFile = LIST\nSECRET\n")
+
+BAD_INPUTS = [
+    # Options: refused while the arguments are read, before OUT exists.
+    Bad("register-workers-0", _register(None, "--workers", "0"), "--workers", "1"),
+    Bad("register-workers-negative", _register(None, "--workers", "-4"), "--workers", "'-4'"),
+    Bad("register-workers-too-many", _register(None, "--workers", "100000"), "--workers",
+        "less than or equal to 256"),
+    Bad("register-retries-negative", _register(None, "--retries", "-1"), "--retries", "0"),
+    Bad("register-batch-size-0", _register(None, "--batch-size", "0"), "--batch-size", "1"),
+    Bad("register-max-failed-share-2", _register(None, "--max-failed-share", "2"),
+        "--max-failed-share", "less than or equal to 1"),
+    Bad("register-storage-patience-negative", _register(None, "--storage-patience", "-5"),
+        "--storage-patience", "greater than or equal to 0"),
+    Bad("register-storage-patience-nan", _register(None, "--storage-patience", "nan"),
+        "--storage-patience", "finite"),
+    Bad("warp-workers-0", lambda folder, pair: ["warp", str(folder / "out"), "--workers", "0"],
+        "--workers", "greater than or equal to 1"),
+    Bad("synth-chunks-0", _synth("--chunks", "0"), "--chunks", "from 8 to 512"),
+    Bad("synth-workers-0", _synth("--workers", "0"), "--workers", "from 1 to 256"),
+    Bad("synth-amplitude-nan", _synth("--amplitude", "nan"), "--amplitude", "'nan'"),
+    Bad("synth-spacing-nan", _synth("--spacing", "nan"), "--spacing", "finite"),
+    Bad("synth-origin-inf", _synth("--origin", "inf,0,0"), "--origin", "finite"),
+    Bad("synth-shift-nan", _synth("--shift", "0,nan,0"), "--shift", "finite"),
+    Bad("demo-seed-negative", lambda folder, pair: ["demo", str(folder / "d"), "--seed", "-1"],
+        "--seed", "'-1'"),
+    # Geometry that is not finite or not consistent.
+    Bad("info-nan-spacing", lambda folder, pair: ["info", _claimed_nan(folder, "scale")],
+        "nan.ome.zarr", "spacing_xyz must be finite"),
+    Bad("info-inf-origin", lambda folder, pair: ["info", _claimed_nan(folder, "translation")],
+        "nan.ome.zarr", "origin_xyz must be finite"),
+    Bad("register-nan-spacing",
+        _register(fixed=lambda folder, pair: _claimed_nan(folder, "scale")),
+        "nan.ome.zarr", "spacing_xyz must be finite"),
+    Bad("register-all-nan-image",
+        _register(fixed=lambda folder, pair: _nan_image(folder / "nan.ome.zarr", pair,
+                                                         fill_value=float("nan"))),
+        "nan.ome.zarr", "no finite voxel"),
+    Bad("register-micrometers-onto-millimeters",
+        _register(moving=lambda folder, pair: _nan_image(folder / "mm.ome.zarr", pair,
+                                                          fill_value=1.0, unit="millimeter")),
+        "mm.ome.zarr", "units differ"),
+    Bad("register-iterations-1e9",
+        _register("stages:\n  - name: affine\n    level: -1\n    transform: affine\n"
+                  "    parameters: {MaximumNumberOfIterations: 1000000000}\n"),
+        "MaximumNumberOfIterations", "at most 100000"),
+    # Messages: bounded, one line, the cause rather than a source location, no secrets.
+    Bad("register-yaml-alias-bomb", _register(BOMB), "pipeline.yaml", "aliases"),
+    Bad("register-yaml-syntax", _register("stages:\n  - name: a\n   level: [\n"),
+        "pipeline.yaml", "not valid YAML", ("\n",)),
+    Bad("convert-itk-message", _convert("image.nrrd", NRRD_NO_ENDIAN), "image.nrrd",
+        "require endian info", (".cxx",)),
+    Bad("info-credentials-in-uri",
+        lambda folder, pair: ["info", f"s3://AKIAKEY:{URI_SECRET}@bucket/image.ome.zarr"],
+        "s3://***@bucket/image.ome.zarr", "credentials", (URI_SECRET, "AKIAKEY")),
+    Bad("register-credentials-in-out",
+        _register(out=f"s3://AKIAKEY:{URI_SECRET}@bucket/out"),
+        "s3://***@bucket/out", "credentials", (URI_SECRET, "AKIAKEY")),
+    # Found late: text in a coordinate column, refused while planning.
+    Bad("points-text-in-x", _points_with_text, "cells.csv",
+        "column x holds values that are not numbers (row 50: 'five')"),
+    # Item 7: a header naming a data file outside its folder.
+    Bad("convert-nrrd-absolute-data-file", _convert("image.nhdr", NRRD_DETACHED),
+        "image.nhdr", "outside the header's folder"),
+    Bad("convert-mhd-data-file-above", _convert("image.mhd", MHD_DETACHED), "image.mhd",
+        "outside the header's folder"),
+    Bad("convert-mhd-listed-data-file", _convert("image.mhd", MHD_LISTED), "image.mhd",
+        "outside the header's folder"),
+    # Item 8: metadata that claims more than any run could handle.
+    Bad("register-claimed-1e15-voxels",
+        _register(fixed=lambda folder, pair: _claimed_image(
+            folder / "huge.ome.zarr", (10**5,) * 3, (256,) * 3)),
+        "huge.ome.zarr", "voxels, more than dreg accepts"),
+    Bad("info-claimed-1e15-voxels",
+        lambda folder, pair: ["info", _claimed_image(folder / "huge.ome.zarr", (10**5,) * 3,
+                                                     (256,) * 3)],
+        "huge.ome.zarr", "voxels, more than dreg accepts"),
+    Bad("info-claimed-huge-chunk",
+        lambda folder, pair: ["info", _claimed_image(folder / "chunky.ome.zarr", (2048,) * 3,
+                                                     (2048,) * 3)],
+        "chunky.ome.zarr", "MiB each), more than dreg accepts"),
+    Bad("info-claimed-too-many-chunks",
+        lambda folder, pair: ["info", _claimed_image(folder / "tiny.ome.zarr", (1024,) * 3,
+                                                     (1,) * 3)],
+        "tiny.ome.zarr", "chunks of 1x1x1, more than dreg accepts"),
+    # Item 9: s3:// without a bucket is no local folder "s3:".
+    Bad("synth-s3-without-bucket", _synth(out="s3://"), "s3://", "needs a bucket"),
+    Bad("synth-s3-without-bucket-with-key", _synth(out="s3:///pair"), "s3:///pair",
+        "needs a bucket"),
+    Bad("synth-s3-one-slash", _synth(out="s3:/bucket/pair"), "s3:/bucket/pair",
+        "not a local path nor a URI"),
+    Bad("register-out-s3-without-bucket", _register(out="s3://"), "s3://", "needs a bucket"),
+]
+
+
+def _claimed_nan(folder: Path, which: str) -> str:
+    """An image whose scale (NaN) or translation (infinite) is not finite."""
+    path = folder / "nan.ome.zarr"
+    ome_group(path, ["z", "y", "x"], (8, 8, 8))
+    group = zarr.open_group(str(path), mode="r+")
+    ome = dict(group.attrs["ome"])
+    value = [float("nan"), 1.0, 1.0] if which == "scale" else [0.0, float("inf"), 0.0]
+    ome["multiscales"][0]["datasets"][0]["coordinateTransformations"] = [
+        {"type": "scale", "scale": [1.0, 1.0, 1.0]}, {"type": "translation", "translation":
+                                                      [0.0, 0.0, 0.0]}]
+    transforms = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    transforms[0 if which == "scale" else 1][which] = value
+    group.attrs["ome"] = ome
+    return str(path)
+
+
+def tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder below `folder`: its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size if p.is_file() else -1,
+                                         p.stat().st_mtime_ns)
+            for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("bad", BAD_INPUTS, ids=[b.id for b in BAD_INPUTS])
+def test_bad_input_table(bad, pair, tmp_path, monkeypatch, capfd):
+    """issue 18, bad input (and items 7, 8, 9): one line naming the input and the
+    cause, exit status 2, nothing written, in seconds."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    monkeypatch.chdir(folder)  # a relative path ("./s3:") would land here
+    args = bad.build(folder, pair)
+    before, pair_before = tree(folder), tree(Path(pair["fixed"]).parent)
+    started = time.monotonic()
+    result = run_in_process(args, clean_environment(), monkeypatch, capfd)
+    seconds = time.monotonic() - started
+    line = assert_one_clear_line(result, bad.names, bad.cause)
+    for text in (URI_SECRET, *bad.absent):
+        assert text not in result.stderr.rstrip("\n"), line
+    assert len(line) <= 1000
+    assert tree(folder) == before, "something was written"
+    assert tree(Path(pair["fixed"]).parent) == pair_before
+    assert seconds < 20, f"took {seconds:.1f} s"
