@@ -109,7 +109,9 @@ def run_options(args: argparse.Namespace, **overrides: Any) -> RunOptions:
     """The RunOptions a command's arguments fill; fields it has no option for keep their
     model defaults. An invalid combination is an InputError (one line), not a traceback."""
     from dreg.errors import InputError
+    from flows.cluster import environment_workers
 
+    environment_workers()  # a bad DREG_DASK_WORKERS is refused now, not when a cluster starts
     given = {name: getattr(args, name) for name in RunOptions.model_fields if hasattr(args, name)}
     try:
         return RunOptions(**{**given, **overrides})

@@ -350,6 +350,7 @@ class Bad:
     names: str
     cause: str
     absent: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
 
 
 def _nan_image(path: Path, pair: dict, **create) -> str:
@@ -450,6 +451,13 @@ BAD_INPUTS = [
     Bad("synth-spacing-nan", _synth("--spacing", "nan"), "--spacing", "finite"),
     Bad("synth-origin-inf", _synth("--origin", "inf,0,0"), "--origin", "finite"),
     Bad("synth-shift-nan", _synth("--shift", "0,nan,0"), "--shift", "finite"),
+    Bad("register-dask-workers-variable", _register(), "DREG_DASK_WORKERS='lots'",
+        "whole number from 1 to 256", env=(("DREG_DASK_WORKERS", "lots"),)),
+    Bad("register-pipeline-not-a-mapping", _register("- just\n- a list\n"), "pipeline.yaml",
+        "a pipeline is a mapping"),
+    Bad("register-overlap-nan", _register(
+        "stages:\n  - name: affine\n    level: -1\n    transform: affine\n    overlap: .nan\n"),
+        "pipeline.yaml", "overlap"),
     Bad("demo-seed-negative", lambda folder, pair: ["demo", str(folder / "d"), "--seed", "-1"],
         "--seed", "'-1'"),
     # Geometry that is not finite or not consistent.
@@ -554,7 +562,7 @@ def test_bad_input_table(bad, pair, tmp_path, monkeypatch, capfd):
     args = bad.build(folder, pair)
     before, pair_before = tree(folder), tree(Path(pair["fixed"]).parent)
     started = time.monotonic()
-    result = run_in_process(args, clean_environment(), monkeypatch, capfd)
+    result = run_in_process(args, clean_environment(**dict(bad.env)), monkeypatch, capfd)
     seconds = time.monotonic() - started
     line = assert_one_clear_line(result, bad.names, bad.cause)
     for text in (URI_SECRET, *bad.absent):

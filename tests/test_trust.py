@@ -108,3 +108,27 @@ def test_an_event_image_with_an_escaping_link_is_rejected_before_it_is_read(tmp_
     with pytest.raises(InputError, match="is a link to a place outside"):
         validated_request(uri, "v1", "", str(root / "reference.ome.zarr"),
                           str(tmp_path / "out"), [str(root)], 10**9)
+
+
+def test_credentials_in_uris_are_redacted_in_messages_and_event_resources():
+    """issue 18 (bad input): user information in a URI never leaves in text: not in an
+    error line, nor in the resource ids of the events a run emits."""
+    from dreg.errors import first_line, one_line, redact
+    from flows import events
+
+    uri = "s3://AKIAKEY:S3CR3T@bucket/volumes/a.ome.zarr"
+    assert redact(f"cannot read {uri}") == "cannot read s3://***@bucket/volumes/a.ome.zarr"
+    assert "S3CR3T" not in one_line(f"{uri}\nsecond line")
+    assert "S3CR3T" not in first_line(RuntimeError(f"{uri}: broken"))
+    texts = [events.volume_resource_id(uri), events.failed_resource(uri, None),
+             events.failed_resource(None, uri), events.failed_resource(None, None, uri),
+             repr(events._related(uri, uri, uri))]
+    assert all("S3CR3T" not in t and "AKIAKEY" not in t for t in texts), texts
+
+
+def test_an_error_line_is_bounded():
+    """issue 18 (bad input): however long the cause, the line stays short."""
+    from dreg.errors import one_line
+
+    line = one_line("cause " * 100_000)
+    assert len(line) <= 1000 and "\n" not in line and "characters, cut" in line

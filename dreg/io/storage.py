@@ -251,13 +251,36 @@ def remove_tree(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def _remove_empty_folders(folder: Path, top: Path) -> None:
+    """Remove `folder` and its parents up to `top`, while they are empty (another
+    process may have written into them meanwhile: then they stay)."""
+    for each in (folder, *folder.parents):
+        try:
+            each.rmdir()
+        except OSError:
+            return
+        if each == top:
+            return
+
+
 def check_writable(uri: str) -> None:
     """Fail early, naming the location, when nothing can be written under `uri`."""
-    probe = join(normalize_uri(uri), ".dreg-write-probe")
+    uri = normalize_uri(uri)
+    probe = join(uri, ".dreg-write-probe")
+    # The folders the probe creates are removed again: a check writes nothing, so that
+    # bad input found after it still leaves no trace.
+    created = None
+    if not is_s3(uri):
+        created = Path(uri)
+        while not created.parent.exists() and created.parent != created:
+            created = created.parent
+        created = None if created.exists() else created
     try:
         write_text(probe, "ok")
         fs, path = filesystem(probe)
         fs.rm(path)
+        if created is not None:
+            _remove_empty_folders(Path(uri), created)
     except Exception as exc:  # noqa: BLE001 - turned into a clear message
         raise StorageError(
             f"output location not writable: {describe_storage_failure(uri, exc)}"
