@@ -110,10 +110,12 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     """Read a pipeline from a YAML file (bounded in size; no aliases)."""
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_DOCUMENT_BYTES:
-            raise InputError(f"{path}: {path.stat().st_size} bytes, more than a pipeline may "
-                             f"hold ({MAX_DOCUMENT_BYTES})")
-        text = path.read_text()
+        with path.open("rb") as handle:  # bounded: a device or a huge file is not read whole
+            data = handle.read(MAX_DOCUMENT_BYTES + 1)
+        if len(data) > MAX_DOCUMENT_BYTES:
+            raise InputError(f"{path}: more than a pipeline may hold ({MAX_DOCUMENT_BYTES} "
+                             "bytes)")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise InputError(f"{path}: no such pipeline file") from None
     except (OSError, UnicodeError) as exc:
