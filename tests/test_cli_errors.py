@@ -1,11 +1,13 @@
 """Bad input through the command line: one line naming the input and the cause, exit
-status 2, no traceback, no credentials.
+status 2, no traceback, no credentials, nothing written.
 
-Each case of local input runs twice: once as `cli.main.main` called in this process
-(the fast tier: no interpreter start per case) and once through the real `dreg` command
-in a process of its own (the full suite; marked `full`), which also sees what only a
-fresh process prints (import-time warnings, output at exit). The cases that reach S3 or
-Prefect run only as real processes, whose clients and settings are per process.
+The bad inputs of local data are one table, BAD_INPUTS (at the end; issue 18), one row
+per case. Each row runs as `cli.main.main` called in this process (the fast tier: no
+interpreter start per case); rows marked `process` also run through the real `dreg`
+command in a process of its own (the full suite; marked `full`), which also sees what
+only a fresh process prints (import-time warnings, output at exit). The cases that
+reach S3 or Prefect run only as real processes, whose clients and settings are per
+process, in the tests between.
 """
 
 from __future__ import annotations
@@ -145,31 +147,6 @@ def make_info_input(tmp: Path, case: str) -> str:
     return str(path)
 
 
-INFO_CASES = [
-    ("missing", "no such image"),
-    ("plain-directory", "not an OME-Zarr image"),
-    ("regular-file", "not an OME-Zarr image"),
-    ("group-without-multiscales", "not an OME-Zarr image (no multiscales metadata)"),
-    ("array-not-group", "a zarr array, not an OME-Zarr image"),
-    ("2d", "needs a 3D image with axes z, y, x"),
-    ("4d", "needs a 3D image with axes z, y, x"),
-    ("invalid-json", "unreadable zarr metadata"),
-    ("bad-metadata-values", "unreadable OME-Zarr metadata"),
-]
-
-
-@pytest.mark.parametrize(("case", "cause"), INFO_CASES, ids=[c[0] for c in INFO_CASES])
-def test_info_bad_input(run_dreg, tmp_path, case, cause):
-    uri = make_info_input(tmp_path, case)
-    result = run_dreg(["info", uri], clean_environment(AWS_SECRET_ACCESS_KEY=SECRET))
-    assert_one_clear_line(result, uri, cause)
-
-
-def test_info_unsupported_scheme(run_dreg):
-    result = run_dreg(["info", "gs://bucket/image.ome.zarr"], clean_environment())
-    assert_one_clear_line(result, "gs://bucket/image.ome.zarr", "unsupported URI scheme")
-
-
 def make_convert_input(tmp: Path, case: str) -> str:
     if case == "missing":
         return str(tmp / "missing.nii.gz")
@@ -190,38 +167,6 @@ def make_convert_input(tmp: Path, case: str) -> str:
     path = tmp / "image.nii"
     itk.imwrite(itk.image_from_array(array), str(path))
     return str(path)
-
-
-CONVERT_CASES = [
-    ("missing", "no such file"),
-    ("unsupported-extension", "unsupported format"),
-    ("junk-header", "unreadable image header"),
-    ("truncated", "cannot read voxels"),
-    ("2d", "needs a 3D image; it has 2 dimensions"),
-    ("4d", "needs a 3D image; it has 4 dimensions"),
-]
-
-
-@pytest.mark.parametrize(("case", "cause"), CONVERT_CASES, ids=[c[0] for c in CONVERT_CASES])
-def test_convert_bad_input(run_dreg, tmp_path, case, cause):
-    path = make_convert_input(tmp_path, case)
-    out = tmp_path / "out.ome.zarr"
-    result = run_dreg(["convert", path, str(out)], clean_environment())
-    assert_one_clear_line(result, path, cause)
-    assert not out.exists()
-
-
-def test_synth_bad_grid(run_dreg, tmp_path):
-    out = str(tmp_path / "pair")
-    result = run_dreg(["synth", out, "--spacing", "1,0,1"], clean_environment())
-    assert_one_clear_line(result, out, "spacing_xyz must be positive")
-
-
-def test_existing_output_is_not_replaced(run_dreg, tmp_path):
-    out = str(tmp_path / "pair")
-    assert run_dreg(["synth", out, "--shape", "8"], clean_environment()).returncode == 0
-    result = run_dreg(["synth", out, "--shape", "8"], clean_environment())
-    assert_one_clear_line(result, out, "already exists")
 
 
 # ----------------------------------------------------------------------------- S3 failures
@@ -343,7 +288,10 @@ URI_SECRET = "S3CR3TVALUE"  # a secret in a URI's user information: never printe
 @dataclass(frozen=True)
 class Bad:
     """One bad input: `build(folder, pair)` makes what the command needs and returns its
-    arguments; the line must contain `names` and `cause`, and none of `absent`."""
+    arguments; the line must contain `names` ("{input}": the command's first argument
+    after its name) and `cause`, and none of `absent`. A row with `process` runs also
+    as a `dreg` process of its own in the full suite (what only a fresh process prints:
+    import-time warnings, output at exit)."""
 
     id: str
     build: object
@@ -351,6 +299,7 @@ class Bad:
     cause: str
     absent: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    process: bool = False
 
 
 def _nan_image(path: Path, pair: dict, **create) -> str:
@@ -429,7 +378,49 @@ MHD_DETACHED = (b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = 
 MHD_LISTED = (b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_UCHAR\n"
               b"ElementDataFile = LIST\nSECRET\n")
 
+INFO_CAUSES = {
+    "missing": "no such image",
+    "plain-directory": "not an OME-Zarr image",
+    "regular-file": "not an OME-Zarr image",
+    "group-without-multiscales": "not an OME-Zarr image (no multiscales metadata)",
+    "array-not-group": "a zarr array, not an OME-Zarr image",
+    "2d": "needs a 3D image with axes z, y, x",
+    "4d": "needs a 3D image with axes z, y, x",
+    "invalid-json": "unreadable zarr metadata",
+    "bad-metadata-values": "unreadable OME-Zarr metadata",
+}
+CONVERT_CAUSES = {
+    "missing": "no such file",
+    "unsupported-extension": "unsupported format",
+    "junk-header": "unreadable image header",
+    "truncated": "cannot read voxels",
+    "2d": "needs a 3D image; it has 2 dimensions",
+    "4d": "needs a 3D image; it has 4 dimensions",
+}
+
+
+def _existing_pair(folder: Path, pair: dict) -> list[str]:
+    from dreg import synth
+    from dreg.grid import Grid
+
+    synth.write_pair(str(folder / "pair"), Grid((8, 8, 8), (1.0, 1.0, 1.0)))
+    return ["synth", str(folder / "pair"), "--shape", "8"]
+
+
 BAD_INPUTS = [
+    # What an input is: missing, not an image, not 3D, unreadable.
+    *[Bad(f"info-{case}", lambda folder, pair, c=case: ["info", make_info_input(folder, c)],
+          "{input}", cause, env=(("AWS_SECRET_ACCESS_KEY", SECRET),), process=True)
+      for case, cause in INFO_CAUSES.items()],
+    Bad("info-unsupported-scheme", lambda folder, pair: ["info", "gs://bucket/image.ome.zarr"],
+        "gs://bucket/image.ome.zarr", "unsupported URI scheme", process=True),
+    *[Bad(f"convert-{case}", lambda folder, pair, c=case: [
+          "convert", make_convert_input(folder, c), str(folder / "out.ome.zarr")],
+          "{input}", cause, process=True)
+      for case, cause in CONVERT_CAUSES.items()],
+    Bad("synth-zero-spacing", _synth("--spacing", "1,0,1"), "{input}",
+        "spacing_xyz must be positive", process=True),
+    Bad("synth-existing-output", _existing_pair, "{input}", "already exists", process=True),
     # Options: refused while the arguments are read, before OUT exists.
     Bad("register-workers-0", _register(None, "--workers", "0"), "--workers", "1"),
     Bad("register-workers-negative", _register(None, "--workers", "-4"), "--workers", "'-4'"),
@@ -552,8 +543,13 @@ def tree(folder: Path) -> dict[str, tuple[int, int]]:
             for p in folder.rglob("*")}
 
 
-@pytest.mark.parametrize("bad", BAD_INPUTS, ids=[b.id for b in BAD_INPUTS])
-def test_bad_input_table(bad, pair, tmp_path, monkeypatch, capfd):
+TABLE = [pytest.param(bad, "in-process", id=bad.id) for bad in BAD_INPUTS] + [
+    pytest.param(bad, "process", id=f"{bad.id}-process", marks=pytest.mark.full)
+    for bad in BAD_INPUTS if bad.process]
+
+
+@pytest.mark.parametrize(("bad", "mode"), TABLE)
+def test_bad_input_table(bad, mode, pair, tmp_path, monkeypatch, capfd):
     """issue 18, bad input (and items 7, 8, 9): one line naming the input and the
     cause, exit status 2, nothing written, in seconds."""
     folder = tmp_path / "work"
@@ -561,13 +557,15 @@ def test_bad_input_table(bad, pair, tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(folder)  # a relative path ("./s3:") would land here
     args = bad.build(folder, pair)
     before, pair_before = tree(folder), tree(Path(pair["fixed"]).parent)
+    env = clean_environment(**dict(bad.env))
     started = time.monotonic()
-    result = run_in_process(args, clean_environment(**dict(bad.env)), monkeypatch, capfd)
+    result = (run_process(args, env) if mode == "process"
+              else run_in_process(args, env, monkeypatch, capfd))
     seconds = time.monotonic() - started
-    line = assert_one_clear_line(result, bad.names, bad.cause)
+    line = assert_one_clear_line(result, bad.names.replace("{input}", args[1]), bad.cause)
     for text in (URI_SECRET, *bad.absent):
         assert text not in result.stderr.rstrip("\n"), line
     assert len(line) <= 1000
     assert tree(folder) == before, "something was written"
     assert tree(Path(pair["fixed"]).parent) == pair_before
-    assert seconds < 20, f"took {seconds:.1f} s"
+    assert seconds < (60 if mode == "process" else 20), f"took {seconds:.1f} s"
