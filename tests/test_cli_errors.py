@@ -355,10 +355,20 @@ def _convert(header_name: str, header: bytes):
     return build
 
 
-def _points_with_text(folder: Path, pair: dict) -> list[str]:
+def _finished(folder: Path, pair: dict) -> str:
+    """A finished registration of the pair under `folder` (its field is the truth)."""
     from helpers import finished_registration
 
-    out = finished_registration(pair, str(folder / "registration"))
+    return finished_registration(pair, str(folder / "registration"))
+
+
+def _cells(folder: Path) -> str:
+    (folder / "cells.csv").write_text("x,y,z\n4,5,6\n")
+    return str(folder / "cells.csv")
+
+
+def _points_with_text(folder: Path, pair: dict) -> list[str]:
+    out = _finished(folder, pair)
     rows = "\n".join(f"{i}.5,2,3,cell{i}" for i in range(50))
     (folder / "cells.csv").write_text(f"x,y,z,id\n{rows}\nfive,2,3,cell50\n")
     return ["transform-points", out, str(folder / "cells.csv"), str(folder / "moved.csv"),
@@ -483,6 +493,19 @@ BAD_INPUTS = [
     Bad("register-credentials-in-out",
         _register(out=f"s3://AKIAKEY:{URI_SECRET}@bucket/out"),
         "s3://***@bucket/out", "credentials", (URI_SECRET, "AKIAKEY")),
+    Bad("register-config-device", lambda folder, pair: [
+        "register", pair["fixed"], pair["moving"], str(folder / "out"), "--config", "/dev/zero"],
+        "/dev/zero", "more than a pipeline may hold"),
+    Bad("qc-fold-threshold-nan", lambda folder, pair: [
+        "qc", _finished(folder, pair), "--fold-threshold", "nan"], "fold threshold nan",
+        "a share between 0 and 1"),
+    Bad("warp-to-s3-without-bucket", lambda folder, pair: [
+        "warp", _finished(folder, pair), "--to", "s3:///warped.ome.zarr"],
+        "s3:///warped.ome.zarr", "needs a bucket"),
+    Bad("points-output-with-credentials", lambda folder, pair: [
+        "transform-points", _finished(folder, pair), _cells(folder),
+        f"s3://AKIAKEY:{URI_SECRET}@bucket/moved.csv", "--from", "fixed"],
+        "s3://***@bucket/moved.csv", "credentials", ("AKIAKEY",)),
     # Found late: text in a coordinate column, refused while planning.
     Bad("points-text-in-x", _points_with_text, "cells.csv",
         "column x holds values that are not numbers (row 50: 'five')"),
