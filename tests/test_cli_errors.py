@@ -533,6 +533,10 @@ BAD_INPUTS = [
         lambda folder, pair: ["info", _claimed_image(folder / "tiny.ome.zarr", (1024,) * 3,
                                                      (1,) * 3)],
         "tiny.ome.zarr", "chunks of 1x1x1, more than dreg accepts"),
+    Bad("convert-claimed-1e15-voxels", _convert(
+        "huge.mhd", b"ObjectType = Image\nNDims = 3\nDimSize = 100000 100000 100000\n"
+        b"ElementType = MET_FLOAT\nCompressedData = True\nElementDataFile = LOCAL\n"),
+        "huge.mhd", "voxels, more than dreg accepts"),
     # Item 9: s3:// without a bucket is no local folder "s3:".
     Bad("synth-s3-without-bucket", _synth(out="s3://"), "s3://", "needs a bucket"),
     Bad("synth-s3-without-bucket-with-key", _synth(out="s3:///pair"), "s3:///pair",
