@@ -74,6 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dreg.qc.accuracy import field_error
 
     started = time.perf_counter()
+    run_options(args, show_progress=True)  # checked before the pair is written
     folder = storage.normalize_uri(args.dir)
     pair = synth.write_pair(
         storage.join(folder, "pair"),

@@ -459,6 +459,9 @@ BAD_INPUTS = [
     Bad("register-overlap-nan", _register(
         "stages:\n  - name: affine\n    level: -1\n    transform: affine\n    overlap: .nan\n"),
         "pipeline.yaml", "overlap"),
+    Bad("demo-dask-workers-variable", lambda folder, pair: ["demo", str(folder / "d")],
+        "DREG_DASK_WORKERS='0'", "whole number from 1 to 256",
+        env=(("DREG_DASK_WORKERS", "0"),)),
     Bad("demo-seed-negative", lambda folder, pair: ["demo", str(folder / "d"), "--seed", "-1"],
         "--seed", "'-1'"),
     # Geometry that is not finite or not consistent.
