@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from cli.arguments import direction, triple
+from cli.arguments import direction, number, triple
 from dreg.errors import InputError
 from dreg.memory import release_freed_memory_promptly
 
 IDENTITY_DIRECTION = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+# Chunk edges in voxels: below 8 a volume is mostly chunk overhead; above 512 one chunk
+# (512 MiB of float32) is more than a worker should hold several of.
+CHUNK_RANGE = (8, 512)
+MAX_IO_WORKERS = 256  # threads that read and write chunks
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -80,20 +84,20 @@ def add_commands(sub) -> None:
                        default=(0.0, 0.0, 0.0), help="X,Y,Z origin (ITK order)")
     synth.add_argument("--direction", type=direction, default=IDENTITY_DIRECTION,
                        help="9 numbers, row by row; columns are the i, j, k axis directions")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--amplitude", type=float, default=2.0,
+    synth.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
+    synth.add_argument("--amplitude", type=number(float, 0), default=2.0,
                        help="peak local displacement per component, in voxels")
     synth.add_argument("--shift", type=lambda t: triple(t, float, "--shift"),
                        default=(0.0, 0.0, 0.0), help="global shift Z,Y,X in voxels")
-    synth.add_argument("--chunks", type=int, default=64)
-    synth.add_argument("--workers", type=int, default=2)
+    synth.add_argument("--chunks", type=number(int, *CHUNK_RANGE), default=64)
+    synth.add_argument("--workers", type=number(int, 1, MAX_IO_WORKERS), default=2)
     synth.add_argument("--overwrite", action="store_true")
     synth.set_defaults(run=cmd_synth)
 
     convert = sub.add_parser("convert", help="import .nii/.nii.gz/.mha/.nrrd/.tif as OME-Zarr")
     convert.add_argument("input")
     convert.add_argument("out")
-    convert.add_argument("--chunks", type=int, default=64)
-    convert.add_argument("--workers", type=int, default=2)
+    convert.add_argument("--chunks", type=number(int, *CHUNK_RANGE), default=64)
+    convert.add_argument("--workers", type=number(int, 1, MAX_IO_WORKERS), default=2)
     convert.add_argument("--overwrite", action="store_true")
     convert.set_defaults(run=cmd_convert)

@@ -7,12 +7,20 @@ import os
 import sys
 
 from cli import apply, images, qc, register
-from dreg.errors import DregError, RunFailed
+from dreg.errors import DregError, RunFailed, one_line
 from flows.events import INTERRUPT_MARKERS
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the one line every bad input gets (exit status 2):
+    `dreg: error: dreg COMMAND: argument --workers: ...`; --help still shows usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"dreg: error: {one_line(f'{self.prog}: {message}')}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dreg", description="Distributed registration of large 3D images."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except RunFailed as exc:
-        print(f"dreg: failed: {exc}", file=sys.stderr)
+        print(f"dreg: failed: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except DregError as exc:
-        print(f"dreg: error: {exc}", file=sys.stderr)
+        print(f"dreg: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dreg: interrupted", file=sys.stderr)

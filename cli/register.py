@@ -9,7 +9,7 @@ import json
 import os
 import time
 
-from cli.arguments import add_cluster_options, model_option, run_options
+from cli.arguments import add_cluster_options, model_option, number, run_options
 from dreg.io import ownership, storage
 from flows.options import RunOptions
 
@@ -35,6 +35,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     from dreg.registration.pipeline import default_pipeline, load_pipeline
     from dreg.registration.plan import plan_registration
 
+    # Options, then the pipeline, then the inputs: all before anything is written.
+    run_options(args, show_progress=True)
     pipeline = load_pipeline(args.config) if args.config else default_pipeline()
     # Validate here first: bad input fails in a second, before a server or cluster starts.
     # No chunk is listed here: the flow fingerprints the inputs where the run starts.
@@ -72,6 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dreg.qc.accuracy import field_error
 
     started = time.perf_counter()
+    run_options(args, show_progress=True)  # checked before the pair is written
     folder = storage.normalize_uri(args.dir)
     pair = synth.write_pair(
         storage.join(folder, "pair"),
@@ -96,13 +99,17 @@ def cmd_emit_ingested(args: argparse.Namespace) -> int:
     from prefect.settings import PREFECT_API_URL
 
     from dreg.errors import InputError, RunFailed
-    from flows.events import confirm_delivered, emit_ingested
+    from flows.events import check_reachable, confirm_delivered, emit_ingested
 
     api = PREFECT_API_URL.value()
     if not api:
         # Without it Prefect would send the event to a temporary server nobody watches.
         raise InputError("no Prefect API is configured: set PREFECT_API_URL to the Prefect "
                          "server that runs the deployments")
+    for uri in (args.uri, args.fixed):
+        if uri and storage.is_s3(uri):
+            storage.check_s3_uri(uri)  # a bucket, and no credentials to spread
+    check_reachable(api)
     event = emit_ingested(args.uri, version=args.version, fixed=args.fixed)
     if event is None:
         raise RunFailed(f"the event was not sent to {api}")
@@ -137,7 +144,7 @@ def add_commands(sub) -> None:
 
     demo = sub.add_parser("demo", help="make a synthetic pair, register it, print the error")
     demo.add_argument("dir", nargs="?", default="demo-out")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
     add_cluster_options(demo)
     demo.set_defaults(run=cmd_demo)
 

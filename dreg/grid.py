@@ -47,17 +47,22 @@ class Grid:
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"shape_zyx must be three positive integers, got {self.shape_zyx}")
         spacing = _as_tuple(self.spacing_xyz, 3, "spacing_xyz")
+        if not np.all(np.isfinite(spacing)):
+            raise ValueError(f"spacing_xyz must be finite, got {spacing}")
         if min(spacing) <= 0:
             raise ValueError(f"spacing_xyz must be positive, got {spacing}")
+        origin = _as_tuple(self.origin_xyz, 3, "origin_xyz")
+        if not np.all(np.isfinite(origin)):
+            raise ValueError(f"origin_xyz must be finite, got {origin}")
         direction = np.asarray(self.direction, dtype=float)
         # Orthonormal, to the precision of a float32 direction (as NIfTI stores it).
-        if direction.shape != (3, 3) or not np.allclose(
+        if direction.shape != (3, 3) or not np.all(np.isfinite(direction)) or not np.allclose(
             direction.T @ direction, np.eye(3), atol=1e-4
         ):
             raise ValueError(f"direction must be a 3x3 orthonormal matrix, got {self.direction}")
         object.__setattr__(self, "shape_zyx", shape)
         object.__setattr__(self, "spacing_xyz", spacing)
-        object.__setattr__(self, "origin_xyz", _as_tuple(self.origin_xyz, 3, "origin_xyz"))
+        object.__setattr__(self, "origin_xyz", origin)
         object.__setattr__(self, "direction", tuple(tuple(float(v) for v in r) for r in direction))
 
     @property

@@ -31,35 +31,68 @@ def _s3_under(uri: str, prefix: str) -> bool:
     return uri.rstrip("/") + "/" == prefix or uri.startswith(prefix)
 
 
-def validate_uri(uri: str, allowed_prefixes: Sequence[str], name: str = "uri") -> str:
-    """Return the normalised URI, or raise InputError naming `name` and the problem."""
+def check_form(uri: str, name: str = "uri") -> str:
+    """The checks of an untrusted URI that need no allowed prefixes: present, of sane
+    length, ``s3://BUCKET/...`` (no credentials, no ``..``) or an absolute local path.
+    Returns it stripped; raises InputError naming `name` and the problem."""
     if not isinstance(uri, str) or not uri.strip():
         raise InputError(f"{name}: missing (an s3:// URI or a local path is required)")
     uri = uri.strip()
     if len(uri) > MAX_URI_LENGTH:
         raise InputError(f"{name}: longer than {MAX_URI_LENGTH} characters")
-    if not allowed_prefixes:
-        raise InputError(f"{name}: no allowed prefixes are configured for this deployment")
     if uri.startswith("s3://"):
         if "@" in uri.split("/", 3)[2] or not S3_URI_PATTERN.match(uri):
             raise InputError(f"{name}: not a valid s3:// URI")
         if ".." in uri.split("/"):
             raise InputError(f"{name}: '..' is not allowed in an s3:// URI")
-        allowed = [p for p in allowed_prefixes if p.startswith("s3://")]
-        if not any(_s3_under(uri, p) for p in allowed):
-            raise InputError(f"{name}: {uri} is outside the allowed prefixes "
-                             f"({', '.join(allowed_prefixes)})")
-        return uri.rstrip("/")
+        return uri
     if "://" in uri or uri.startswith("file:"):
         scheme = uri.split(":", 1)[0]
         raise InputError(f"{name}: scheme '{scheme}' is not allowed (use s3:// or a local path)")
     if not os.path.isabs(uri):
         raise InputError(f"{name}: a local path must be absolute")
+    return uri
+
+
+def validate_uri(uri: str, allowed_prefixes: Sequence[str], name: str = "uri") -> str:
+    """Return the normalised URI, or raise InputError naming `name` and the problem."""
+    uri = check_form(uri, name)
+    if not allowed_prefixes:
+        raise InputError(f"{name}: no allowed prefixes are configured for this deployment")
+    if uri.startswith("s3://"):
+        allowed = [p for p in allowed_prefixes if p.startswith("s3://")]
+        if not any(_s3_under(uri, p) for p in allowed):
+            raise InputError(f"{name}: {uri} is outside the allowed prefixes "
+                             f"({', '.join(allowed_prefixes)})")
+        return uri.rstrip("/")
     roots = [p for p in allowed_prefixes if not p.startswith("s3://")]
     if not any(_local_under(uri, root) for root in roots):
         raise InputError(f"{name}: {uri} is outside the allowed prefixes "
                          f"({', '.join(allowed_prefixes)})")
     return str(Path(uri).resolve())
+
+
+MAX_LINKS_CHECKED = 10_000_000  # entries of a local image walked for links
+
+
+def check_links(uri: str, allowed_prefixes: Sequence[str], name: str = "uri") -> None:
+    """Refuse a local image (a folder of chunks) holding a symbolic link whose target
+    lies outside the allowed local prefixes: a chunk linked to any file on the worker
+    would be read as voxels, and so leak it. `uri` is a validated local path (S3 has no
+    links); the link's target is resolved fully (links of links, ..)."""
+    if uri.startswith("s3://") or not os.path.isdir(uri):
+        return
+    roots = [p for p in allowed_prefixes if not p.startswith("s3://")]
+    seen = 0
+    for folder, folders, files in os.walk(uri, followlinks=False):
+        for entry in (*folders, *files):
+            seen += 1
+            if seen > MAX_LINKS_CHECKED:
+                raise InputError(f"{name}: more than {MAX_LINKS_CHECKED} files in {uri}")
+            path = os.path.join(folder, entry)
+            if os.path.islink(path) and not any(_local_under(path, root) for root in roots):
+                raise InputError(f"{name}: {path} is a link to a place outside the allowed "
+                                 f"prefixes ({', '.join(allowed_prefixes)})")
 
 
 def validate_version(version: str | None) -> str:

@@ -9,9 +9,12 @@ the end if any did.
 
 from __future__ import annotations
 
-import yaml
+import os
+
 from prefect import flow, get_run_logger
 
+from dreg import trust
+from dreg.documents import load_yaml
 from dreg.errors import InputError, first_line
 from dreg.io import completion, storage
 from dreg.layout import RESULT_FILE
@@ -21,17 +24,52 @@ from flows.options import RunOptions
 from flows.registration import register_images
 from flows.run_names import nightly_run_name
 
+# The prefixes a manifest's entries may name, from the worker's environment (as the
+# deployment's other settings); unset: entries are checked for form only.
+ALLOWED_PREFIXES_VARIABLE = "DREG_ALLOWED_PREFIXES"
+MAX_MANIFEST_ENTRIES = 10_000
+
+
+def allowed_prefixes() -> list[str]:
+    return [p.strip() for p in os.environ.get(ALLOWED_PREFIXES_VARIABLE, "").split(",")
+            if p.strip()]
+
+
+def validated_entry(entry: dict, number: int, prefixes: list[str]) -> dict:
+    """A manifest entry checked as an event's parameters are (it is read from storage
+    that others may write): each of fixed, moving and out a plain s3:// URI or absolute
+    local path, within the allowed prefixes where they are configured, and no link in a
+    local input that leads outside them."""
+    checked = {}
+    for key in ("fixed", "moving", "out"):
+        name = f"entry {number} {key}"
+        if prefixes:
+            checked[key] = trust.validate_uri(entry[key], prefixes, name)
+            if key != "out":
+                trust.check_links(checked[key], prefixes, name)
+        else:
+            checked[key] = trust.check_form(entry[key], name)
+    return checked
+
 
 def read_manifest(uri: str) -> list[dict]:
+    """The entries of a manifest, each validated (see `validated_entry`)."""
     try:
-        entries = yaml.safe_load(storage.read_text(uri))
+        entries = load_yaml(storage.read_text(uri), uri)
     except FileNotFoundError:
         raise InputError(f"{uri}: no such manifest") from None
     if not isinstance(entries, list) or not all(
         isinstance(e, dict) and {"fixed", "moving", "out"} <= set(e) for e in entries
     ):
         raise InputError(f"{uri}: a manifest is a list of {{fixed, moving, out}} entries")
-    return entries
+    if len(entries) > MAX_MANIFEST_ENTRIES:
+        raise InputError(f"{uri}: {len(entries)} entries, more than a manifest may hold "
+                         f"({MAX_MANIFEST_ENTRIES})")
+    prefixes = allowed_prefixes()
+    try:
+        return [validated_entry(e, n, prefixes) for n, e in enumerate(entries, start=1)]
+    except InputError as exc:
+        raise InputError(f"{uri}: {exc}") from None
 
 
 def announce_batch_failure(flow, run, state) -> None:

@@ -156,6 +156,25 @@ def _run_environment() -> dict[str, str]:
     return {"PREFECT_API_URL": api} if api else {}
 
 
+def environment_workers() -> int | None:
+    """The local cluster's workers from DREG_DASK_WORKERS (None when unset or empty);
+    InputError naming the variable when it is not a whole number from 1 to MAX_WORKERS."""
+    from dreg.errors import InputError
+    from flows.options import MAX_WORKERS
+
+    text = os.environ.get(WORKERS_VARIABLE, "").strip()
+    if not text:
+        return None
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if not 1 <= workers <= MAX_WORKERS:
+        raise InputError(f"{WORKERS_VARIABLE}={text[:40]!r}: must be a whole number from 1 "
+                         f"to {MAX_WORKERS}")
+    return workers
+
+
 @contextlib.contextmanager
 def dask_cluster(address: str | None = None, workers: int | None = None,
                  warm: bool = False) -> Iterator[str]:
@@ -172,7 +191,7 @@ def dask_cluster(address: str | None = None, workers: int | None = None,
         return
     from distributed import LocalCluster
 
-    n_workers = workers or int(os.environ.get(WORKERS_VARIABLE) or 0) or os.cpu_count() or 1
+    n_workers = workers or environment_workers() or os.cpu_count() or 1
     logging.getLogger("distributed").setLevel(logging.WARNING)
     with LocalCluster(
         n_workers=n_workers,

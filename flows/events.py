@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from dreg.errors import redact
+
 if TYPE_CHECKING:
     from dreg.registration import RegistrationResult
 
@@ -37,9 +39,40 @@ DELIVERY_TIMEOUT_S = 30.0
 INTERRUPT_MARKERS = ("KeyboardInterrupt", "TerminationSignal")
 
 
+def _unreachable(api: str, exc: OSError) -> str:
+    """Why the API at `api` could not be reached, in a few words."""
+    import urllib.error
+
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"the Prefect API {api} answered HTTP {exc.code} {exc.reason}"
+    reason = getattr(exc, "reason", None) or exc
+    return (f"the Prefect API {api} could not be reached "
+            f"({getattr(reason, 'strerror', None) or reason})")
+
+
+def check_reachable(api: str, timeout_s: float = 10.0) -> None:
+    """RunFailed, saying why, when nothing answers at the Prefect API (refused, no such
+    host, timed out): checked before an event is sent, so that the cause is named in a
+    second instead of a delivery wait. Any HTTP answer counts as reachable (an API that
+    wants authentication answers 401 to a bare health check)."""
+    import urllib.error
+    import urllib.request
+
+    from dreg.errors import RunFailed
+
+    try:
+        with urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return
+    except OSError as exc:
+        raise RunFailed(redact(f"{_unreachable(api, exc)}; the event was not sent")) from None
+
+
 def confirm_delivered(api: str, event_id: str, timeout_s: float = DELIVERY_TIMEOUT_S) -> None:
-    """Wait until the server has stored the event; RunFailed if it has not in time. An
-    event that only looks sent is worse than an error."""
+    """Wait until the server has stored the event; RunFailed if it has not in time,
+    saying whether the API could not be reached at all (and why) or answered without
+    the event. An event that only looks sent is worse than an error."""
     import json
     import time
     import urllib.request
@@ -48,22 +81,31 @@ def confirm_delivered(api: str, event_id: str, timeout_s: float = DELIVERY_TIMEO
 
     query = json.dumps({"filter": {"id": {"id": [event_id]}}, "limit": 1}).encode()
     deadline = time.monotonic() + timeout_s
+    unreachable = None  # why the last attempt failed, or None once the API answered
     while time.monotonic() < deadline:
         request = urllib.request.Request(f"{api.rstrip('/')}/events/filter", data=query,
                                          method="POST",
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
+                unreachable = None
                 if json.loads(response.read()).get("events"):
                     return
-        except OSError:
-            pass  # not reachable yet: keep trying until the deadline
+        except OSError as exc:  # not reachable now: keep trying until the deadline
+            unreachable = _unreachable(api, exc)
         time.sleep(0.5)
-    raise RunFailed(f"event {event_id} was not received by {api} within {timeout_s:.0f} s")
+    cause = unreachable or "the API answered but has not stored it"
+    raise RunFailed(redact(f"event {event_id} was not received by {api} within "
+                           f"{timeout_s:.0f} s: {cause}"))
+
+
+def resource_id(kind: str, uri: str) -> str:
+    """An event resource id naming a location, its credentials (if any) redacted."""
+    return f"dreg.{kind}.{redact(uri)}"
 
 
 def volume_resource_id(uri: str) -> str:
-    return f"dreg.volume.{uri}"
+    return resource_id("volume", uri)
 
 
 def emit_ingested(uri: str, version: str = "", fixed: str | None = None) -> Any:
@@ -73,9 +115,12 @@ def emit_ingested(uri: str, version: str = "", fixed: str | None = None) -> Any:
     """
     from prefect.events import emit_event
 
+    # The URI goes out as given, credentials aside (the registration refuses a URI that
+    # carries them; the event must not spread them).
+    uri = redact(uri)
     payload = {"uri": uri, "version": version}
     if fixed:
-        payload["fixed"] = fixed
+        payload["fixed"] = redact(fixed)
     return emit_event(
         event=INGESTED,
         resource={"prefect.resource.id": volume_resource_id(uri), "dreg.uri": uri,
@@ -91,7 +136,7 @@ def _related(fixed: str | None, moving: str | None, out: str | None) -> list[dic
             related.append({"prefect.resource.id": volume_resource_id(uri),
                             "prefect.resource.role": role})
     if out:
-        related.append({"prefect.resource.id": f"dreg.output.{out}",
+        related.append({"prefect.resource.id": resource_id("output", out),
                         "prefect.resource.role": "output"})
     return related
 
@@ -101,7 +146,8 @@ def emit_completed(result: RegistrationResult) -> Any:
 
     return emit_event(
         event=COMPLETED,
-        resource={"prefect.resource.id": f"dreg.field.{result.field}", "dreg.uri": result.field},
+        resource={"prefect.resource.id": resource_id("field", result.field),
+                  "dreg.uri": redact(result.field)},
         related=_related(result.fixed, result.moving, result.output),
         payload={"output": result.output, "field": result.field, "result": result.result,
                  "flow_run_id": result.flow_run_id, "failed_blocks": result.failed_blocks,
@@ -114,10 +160,10 @@ def failed_resource(out: str | None, moving: str | None, manifest: str | None = 
     """What a failure is about: the output, else the volume (a rejected event has no
     output yet), else the batch's manifest."""
     if out:
-        return f"dreg.registration.{out}"
+        return resource_id("registration", out)
     if moving:
         return volume_resource_id(moving)
-    return f"dreg.batch.{manifest or 'unknown'}"
+    return resource_id("batch", manifest or "unknown")
 
 
 def emit_failed(reason: str, fixed: str | None, moving: str | None, out: str | None,
@@ -128,5 +174,5 @@ def emit_failed(reason: str, fixed: str | None, moving: str | None, out: str | N
         event=FAILED,
         resource={"prefect.resource.id": failed_resource(out, moving, manifest)},
         related=_related(fixed, moving, out),
-        payload={"reason": reason, "flow_run_id": flow_run_id},
+        payload={"reason": redact(reason), "flow_run_id": flow_run_id},
     )

@@ -44,9 +44,12 @@ def validated_request(moving: str, version: str, event_fixed: str, reference: st
                       out_prefix: str, allowed_prefixes: list[str], max_voxels: int) -> dict:
     """Check an event's parameters; returns the fixed, moving and output URIs to use."""
     moving = trust.validate_uri(moving, allowed_prefixes, "moving")
+    trust.check_links(moving, allowed_prefixes, "moving")
     version = trust.validate_version(version)
     fixed = (trust.validate_uri(event_fixed, allowed_prefixes, "fixed") if event_fixed
              else reference)
+    if event_fixed:
+        trust.check_links(fixed, allowed_prefixes, "fixed")
     if not fixed:
         raise trust.InputError("fixed: no reference volume configured and none in the event")
     if not out_prefix:

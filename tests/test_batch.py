@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -54,3 +55,37 @@ def test_scheduled_run_registers_only_pending_pairs(tmp_path, dask_address):
                          "field": str(tmp_path / "new" / "field.ome.zarr")}]
     assert (tmp_path / "new" / "result.json").exists()
     assert (finished / "result.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("entry, prefixes, message", [
+    ({"moving": "s3://key:secret@landing/m.ome.zarr"}, "", "entry 1 moving: not a valid s3://"),
+    ({"fixed": "relative/f.ome.zarr"}, "", "entry 1 fixed: a local path must be absolute"),
+    ({"out": "http://elsewhere/out"}, "", "entry 1 out: scheme 'http' is not allowed"),
+    ({"moving": "s3://landing/../m"}, "", "'..' is not allowed"),
+    ({"moving": 17}, "", "entry 1 moving: missing"),
+    ({"moving": "s3://other/m.ome.zarr"}, "s3://landing/,/data",
+     "entry 1 moving: s3://other/m.ome.zarr is outside the allowed prefixes"),
+    ({"out": "/etc/out"}, "s3://landing/,/data", "entry 1 out: /etc/out is outside"),
+])
+def test_manifest_entries_are_validated_like_an_event(tmp_path, monkeypatch, entry, prefixes,
+                                                      message):
+    """issue 18 item 7: the nightly manifest is read from storage others may write; its
+    entries are checked as an event's parameters are, against the worker's
+    DREG_ALLOWED_PREFIXES where set."""
+    monkeypatch.setenv("DREG_ALLOWED_PREFIXES", prefixes)
+    good = {"fixed": "s3://landing/f.ome.zarr", "moving": "s3://landing/m.ome.zarr",
+            "out": "s3://landing/out/m"}
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump([{**good, **entry}]))
+    with pytest.raises(InputError, match=re.escape(message)):
+        read_manifest(str(manifest))
+    manifest.write_text(yaml.safe_dump([good]))
+    assert read_manifest(str(manifest)) == [good]
+
+
+def test_a_manifest_with_aliases_is_refused(tmp_path):
+    """issue 18 (bad input): a YAML alias bomb in a manifest is refused unexpanded."""
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("- &e {fixed: /f, moving: /m, out: /o}\n- *e\n")
+    with pytest.raises(InputError, match="aliases and anchors"):
+        read_manifest(str(manifest))

@@ -63,3 +63,72 @@ def test_output_names_are_readable_and_unique_per_source():
     assert output_name("s3://landing/a/moving.ome.zarr", "v2") != output_name(
         "s3://landing/b/moving.ome.zarr", "v2")
     assert output_name("s3://l/a/m.ome.zarr/", "v2") == output_name("s3://l/a/m.ome.zarr", "v2")
+
+
+def image_with_link(root, target) -> str:
+    """A local image folder under `root` whose one chunk is a link to `target`."""
+    image = root / "volume.ome.zarr"
+    (image / "0" / "c" / "0" / "0").mkdir(parents=True)
+    (image / "zarr.json").write_text("{}")
+    (image / "0" / "c" / "0" / "0" / "0").symlink_to(target)
+    return str(image)
+
+
+def test_a_link_out_of_the_allowed_prefixes_is_refused(tmp_path):
+    """issue 18 item 7: a chunk of an event's local image linked to a file outside the
+    allowed prefixes (here a secret beside them) is refused, naming the link."""
+    from dreg.trust import check_links
+
+    root = tmp_path / "incoming"
+    root.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password")
+    uri = image_with_link(root, secret)
+    with pytest.raises(InputError, match=r"moving: .*/0/c/0/0/0 is a link to a place outside"):
+        check_links(uri, [str(root)], "moving")
+    # A link to a folder outside is refused too, and a link that stays inside is fine.
+    (root / "volume.ome.zarr" / "0" / "c" / "0" / "0" / "0").unlink()
+    (root / "volume.ome.zarr" / "1").symlink_to(tmp_path)
+    with pytest.raises(InputError, match="is a link to a place outside"):
+        check_links(uri, [str(root)], "moving")
+    (root / "volume.ome.zarr" / "1").unlink()
+    (root / "volume.ome.zarr" / "1").symlink_to(root / "volume.ome.zarr" / "0")
+    check_links(uri, [str(root)], "moving")
+
+
+def test_an_event_image_with_an_escaping_link_is_rejected_before_it_is_read(tmp_path):
+    """issue 18 item 7: the ingest flow's check of an event's parameters walks a local
+    image for links before anything opens it."""
+    from flows.ingest import validated_request
+
+    root = tmp_path / "incoming"
+    root.mkdir()
+    (tmp_path / "secret.txt").write_text("password")
+    uri = image_with_link(root, tmp_path / "secret.txt")
+    with pytest.raises(InputError, match="is a link to a place outside"):
+        validated_request(uri, "v1", "", str(root / "reference.ome.zarr"),
+                          str(tmp_path / "out"), [str(root)], 10**9)
+
+
+def test_credentials_in_uris_are_redacted_in_messages_and_event_resources():
+    """issue 18 (bad input): user information in a URI never leaves in text: not in an
+    error line, nor in the resource ids of the events a run emits."""
+    from dreg.errors import first_line, one_line, redact
+    from flows import events
+
+    uri = "s3://AKIAKEY:S3CR3T@bucket/volumes/a.ome.zarr"
+    assert redact(f"cannot read {uri}") == "cannot read s3://***@bucket/volumes/a.ome.zarr"
+    assert "S3CR3T" not in one_line(f"{uri}\nsecond line")
+    assert "S3CR3T" not in first_line(RuntimeError(f"{uri}: broken"))
+    texts = [events.volume_resource_id(uri), events.failed_resource(uri, None),
+             events.failed_resource(None, uri), events.failed_resource(None, None, uri),
+             repr(events._related(uri, uri, uri))]
+    assert all("S3CR3T" not in t and "AKIAKEY" not in t for t in texts), texts
+
+
+def test_an_error_line_is_bounded():
+    """issue 18 (bad input): however long the cause, the line stays short."""
+    from dreg.errors import one_line
+
+    line = one_line("cause " * 100_000)
+    assert len(line) <= 1000 and "\n" not in line and "characters, cut" in line

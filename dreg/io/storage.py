@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import TypeVar
 import fsspec
 import zarr.storage
 
-from dreg.errors import StorageError, describe
+from dreg.errors import InputError, StorageError, describe, redact
 
 T = TypeVar("T")
 ENDPOINT_VARIABLES = ("DREG_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -35,13 +36,35 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+# "s3:" or "s3:/bucket/key": a URI short of a slash, which would be a local folder "s3:".
+MISSPELT_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:(/[^/]|/?$)")
+
+
+def check_s3_uri(uri: str) -> None:
+    """Refuse an ``s3://`` URI without a bucket (``s3://``, ``s3:///key``), or one that
+    carries credentials (``s3://KEY:SECRET@bucket``: they belong in the environment, and
+    would be echoed into messages, logs and event resources)."""
+    bucket = uri.removeprefix("s3://").split("/", 1)[0]
+    if "@" in bucket:
+        raise InputError(f"{redact(uri)}: credentials in an s3:// URI are not accepted; "
+                         "give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+    if not bucket:
+        raise InputError(f"{uri}: an s3:// URI needs a bucket (s3://BUCKET/KEY)")
+
+
 def normalize_uri(uri: str | os.PathLike) -> str:
-    """An absolute local path, or an ``s3://`` URI without a trailing slash."""
+    """An absolute local path, or an ``s3://`` URI without a trailing slash. InputError
+    for an ``s3://`` URI without a bucket or with credentials in it."""
     text = str(uri)
     if is_s3(text):
+        check_s3_uri(text)
         return text.rstrip("/")
     if "://" in text:
-        raise StorageError(f"{text}: unsupported URI scheme (use a local path or s3://)")
+        raise StorageError(f"{redact(text)}: unsupported URI scheme (use a local path or s3://)",
+                           transient=False)
+    if MISSPELT_URI.match(text):
+        raise InputError(f"{redact(text)}: not a local path nor a URI (a URI is SCHEME://..., "
+                         "e.g. s3://BUCKET/KEY)")
     return str(Path(text).expanduser().resolve())
 
 
@@ -228,13 +251,36 @@ def remove_tree(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def _remove_empty_folders(folder: Path, top: Path) -> None:
+    """Remove `folder` and its parents up to `top`, while they are empty (another
+    process may have written into them meanwhile: then they stay)."""
+    for each in (folder, *folder.parents):
+        try:
+            each.rmdir()
+        except OSError:
+            return
+        if each == top:
+            return
+
+
 def check_writable(uri: str) -> None:
     """Fail early, naming the location, when nothing can be written under `uri`."""
-    probe = join(normalize_uri(uri), ".dreg-write-probe")
+    uri = normalize_uri(uri)
+    probe = join(uri, ".dreg-write-probe")
+    # The folders the probe creates are removed again: a check writes nothing, so that
+    # bad input found after it still leaves no trace.
+    created = None
+    if not is_s3(uri):
+        created = Path(uri)
+        while not created.parent.exists() and created.parent != created:
+            created = created.parent
+        created = None if created.exists() else created
     try:
         write_text(probe, "ok")
         fs, path = filesystem(probe)
         fs.rm(path)
+        if created is not None:
+            _remove_empty_folders(Path(uri), created)
     except Exception as exc:  # noqa: BLE001 - turned into a clear message
         raise StorageError(
             f"output location not writable: {describe_storage_failure(uri, exc)}"

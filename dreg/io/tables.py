@@ -44,6 +44,10 @@ PART_ROW_GROUP_ROWS = 1 << 17
 """Rows per row group of a part, and so of a Parquet output: the unit that
 concatenation holds in memory."""
 CSV_COUNT_ROWS = 1 << 18
+SAMPLE_ROWS = 1000
+"""Rows whose x, y, z are checked to be numbers while a transform is planned (a Parquet
+file's column types are checked for all rows), so that text in a coordinate column is
+refused in a second, not inside a task."""
 # Only the trailing newlines matter when looking for blank lines at the end of a CSV.
 CSV_TAIL_BYTES = 1 << 16
 
@@ -115,7 +119,34 @@ def open_points_file(uri: str, count_rows: bool = True) -> PointsFile:
         raise InputError(f"{uri}: not a readable {fmt.upper()} points file ({describe(exc)})"
                          ) from None
     _check_columns(uri, columns)
-    return PointsFile(uri=uri, format=fmt, rows=rows, columns=columns)
+    points = PointsFile(uri=uri, format=fmt, rows=rows, columns=columns)
+    if count_rows:
+        _check_coordinate_sample(points)
+    return points
+
+
+def _check_coordinate_sample(points: PointsFile) -> None:
+    """Refuse a file whose x, y, z are not numbers: by the column types of a Parquet
+    file, and by the first SAMPLE_ROWS rows of a CSV. Missing values are allowed (they
+    become NaN points); text is not."""
+    if points.format == PARQUET:
+        with _open_input(points.uri) as handle:
+            schema = pq.ParquetFile(handle).schema_arrow
+        for name in COORDINATES:
+            kind = schema.field(name).type
+            if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
+                    or pa.types.is_null(kind) or pa.types.is_decimal(kind)):
+                raise InputError(f"{points.uri}: column {name} holds {kind} values, not "
+                                 "numbers")
+        return
+    frame = read_batch(points, 0, SAMPLE_ROWS)
+    for name in COORDINATES:
+        column = frame[name]
+        numbers = pd.to_numeric(column, errors="coerce")
+        bad = column[numbers.isna() & column.notna()]
+        if len(bad):
+            raise InputError(f"{points.uri}: column {name} holds values that are not "
+                             f"numbers (row {bad.index[0]}: {str(bad.iloc[0])[:40]!r})")
 
 
 def _check_columns(uri: str, columns: Sequence[str]) -> None:

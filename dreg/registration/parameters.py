@@ -91,6 +91,7 @@ class Rule:
     low: float | None = None
     high: float | None = None
     above: bool = False  # strictly greater than `low`
+    cap: float | None = None  # a sanity bound: beyond it a value costs days or memory
     count: str = "one"
     choices: tuple[str, ...] = ()
 
@@ -99,6 +100,11 @@ def _rules(names: str, rule: Rule) -> dict[str, Rule]:
     return dict.fromkeys(names.split(), rule)
 
 
+MAX_RESOLUTIONS = 10
+MAX_ITERATIONS = 100_000
+MAX_SAMPLES = 2**24  # the voxels of the largest block (256^3)
+MAX_HISTOGRAM_BINS = 4096
+MAX_THREADS = 1024
 PIXEL_TYPES = ("char", "unsigned char", "short", "unsigned short", "int", "unsigned int",
                "long", "unsigned long", "float", "double")
 RULES: dict[str, Rule] = {
@@ -107,11 +113,15 @@ RULES: dict[str, Rule] = {
         ("Transform", "one"), ("Interpolator", "metric"), ("ResampleInterpolator", "one"),
         ("Resampler", "one"), ("ImageSampler", "metric"), ("FixedImagePyramid", "one"),
         ("MovingImagePyramid", "one"))},
-    "NumberOfResolutions": Rule("int", low=1),
-    **_rules("MaximumNumberOfIterations NumberOfSpatialSamples NumberOfHistogramBins "
-             "NumberOfFixedHistogramBins NumberOfMovingHistogramBins "
-             "NumberOfSamplesForExactGradient MaxBandCovSize",
-             Rule("int", low=1, count="resolution")),
+    # Upper bounds on counts: a value past them runs for days or exhausts memory on a
+    # block of at most 256^3 voxels (MaximumNumberOfIterations: 1000000000), never better.
+    "NumberOfResolutions": Rule("int", low=1, cap=MAX_RESOLUTIONS),
+    "MaximumNumberOfIterations": Rule("int", low=1, cap=MAX_ITERATIONS, count="resolution"),
+    **_rules("NumberOfSpatialSamples NumberOfSamplesForExactGradient",
+             Rule("int", low=1, cap=MAX_SAMPLES, count="resolution")),
+    **_rules("NumberOfHistogramBins NumberOfFixedHistogramBins NumberOfMovingHistogramBins",
+             Rule("int", low=1, cap=MAX_HISTOGRAM_BINS, count="resolution")),
+    "MaxBandCovSize": Rule("int", low=1, count="resolution"),
     **_rules("MaximumNumberOfSamplingAttempts NumberOfJacobianMeasurements "
              "NumberOfGradientMeasurements NumberOfBandStructureSamples",
              Rule("int", low=0, count="resolution")),
@@ -121,7 +131,7 @@ RULES: dict[str, Rule] = {
              Rule("int", low=0, high=5, count="resolution")),
     "FinalBSplineInterpolationOrder": Rule("int", low=0, high=5),
     "BSplineTransformSplineOrder": Rule("int", low=1, high=3),
-    "MaximumNumberOfThreads": Rule("int", low=1),
+    "MaximumNumberOfThreads": Rule("int", low=1, cap=MAX_THREADS),
     "PassiveEdgeWidth": Rule("int", low=0),
     **_rules("SP_a SP_A SP_alpha MaximumStepLength MinimumStepLength StepLength "
              "SigmoidScaleFactor", Rule("number", low=0, above=True, count="resolution")),
@@ -213,7 +223,11 @@ def _value_problem(rule: Rule, text: str, category: str) -> str | None:
         return f"must be {_number_text(rule)}"
     too_low = rule.low is not None and (number <= rule.low if rule.above else number < rule.low)
     too_high = rule.high is not None and number > rule.high
-    return f"must be {_number_text(rule)}" if too_low or too_high else None
+    if too_low or too_high:
+        return f"must be {_number_text(rule)}"
+    if rule.cap is not None and number > rule.cap:
+        return f"must be at most {rule.cap:g} (more would run for days or exhaust memory)"
+    return None
 
 
 def _component_problem(category: str, name: str) -> str | None:

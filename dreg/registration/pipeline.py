@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dreg.documents import MAX_DOCUMENT_BYTES, load_yaml
 from dreg.errors import InputError
 
 ParameterValue = str | int | float | bool | list[str | int | float | bool]
@@ -107,14 +107,20 @@ def parse_pipeline(data: dict | PipelineConfig, source: str = "pipeline") -> Pip
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
-    """Read a pipeline from a YAML file."""
+    """Read a pipeline from a YAML file (bounded in size; no aliases)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open("rb") as handle:  # bounded: a device or a huge file is not read whole
+            data = handle.read(MAX_DOCUMENT_BYTES + 1)
+        if len(data) > MAX_DOCUMENT_BYTES:
+            raise InputError(f"{path}: more than a pipeline may hold ({MAX_DOCUMENT_BYTES} "
+                             "bytes)")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise InputError(f"{path}: no such pipeline file") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML: {exc}") from None
+    except (OSError, UnicodeError) as exc:
+        raise InputError(f"{path}: unreadable pipeline file ({type(exc).__name__})") from None
+    data = load_yaml(text, str(path))
     if not isinstance(data, dict):
         raise InputError(f"{path}: a pipeline is a mapping with a 'stages' list")
     return parse_pipeline(data, str(path))
@@ -124,7 +130,8 @@ class InitialAffine(BaseModel):
     """A user-supplied starting transform: moving = matrix @ fixed + translation (world
     x, y, z, physical units), as ITK applies an affine transform with centre 0."""
 
-    model_config = ConfigDict(extra="forbid")
+    # A NaN or infinite entry would make every block's moving region undefined.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     matrix: tuple[tuple[float, float, float], tuple[float, float, float],
                   tuple[float, float, float]] = ((1, 0, 0), (0, 1, 0), (0, 0, 1))

@@ -164,13 +164,32 @@ def _stage_folder(out_uri: str, number: int, name: str) -> str:
     return storage.join(out_uri, STAGES_FOLDER, stage_folder_name(number, name))
 
 
+def _coarsest_finite(image: ome_zarr.OmeZarrImage, role: str) -> np.ndarray:
+    """The finite voxels of the image's coarsest level (small by construction, so cheap
+    to read); InputError when there are none (an all-NaN or all-infinite image)."""
+    coarsest = image.levels[-1]
+    data = ome_zarr.read_region(image, len(image.levels) - 1,
+                                tuple(slice(0, n) for n in coarsest.grid.shape_zyx))
+    finite = data[np.isfinite(data)] if data.dtype.kind == "f" else data.ravel()
+    if finite.size == 0:
+        raise InputError(f"{role} {image.uri}: no finite voxel at its coarsest level "
+                         "(the image is all NaN or infinite)")
+    return finite
+
+
 def foreground_intensity(fixed: ome_zarr.OmeZarrImage) -> float:
     """The intensity above which a fixed voxel counts as foreground: a tenth of the 99th
-    percentile of the coarsest level (small by construction, so cheap to read)."""
-    coarsest = fixed.levels[-1]
-    data = ome_zarr.read_region(fixed, len(fixed.levels) - 1,
-                                tuple(slice(0, n) for n in coarsest.grid.shape_zyx))
-    return float(FOREGROUND_FRACTION_OF_P99 * np.percentile(data, 99))
+    percentile of the coarsest level's finite voxels."""
+    return float(FOREGROUND_FRACTION_OF_P99 * np.percentile(_coarsest_finite(fixed, "FIXED"), 99))
+
+
+def check_same_units(fixed: ome_zarr.OmeZarrImage, moving: ome_zarr.OmeZarrImage) -> None:
+    """Both images' physical units must agree where both state them: a fixed image in
+    micrometers and a moving image in millimeters do not overlap as their numbers say."""
+    if fixed.unit and moving.unit and fixed.unit != moving.unit:
+        raise InputError(f"the images' units differ: fixed {fixed.uri} is in {fixed.unit}, "
+                         f"moving {moving.uri} in {moving.unit}; convert one so that both "
+                         "use the same unit")
 
 
 def plan_registration(
@@ -194,6 +213,7 @@ def plan_registration(
     # Before anything is written under OUT (the writability probe included).
     locations.check_apart(out_uri, "OUT", {"FIXED": fixed.uri, "MOVING": moving.uri})
     initial = initial or AffineTransform.identity()
+    check_same_units(fixed, moving)
     check_inputs_meet(fixed, moving, initial)
 
     stages = []
@@ -228,6 +248,7 @@ def plan_registration(
         input_versions={},
         level_versions={},
     )
+    _coarsest_finite(moving, "MOVING")
     if completion.file_is_complete(plan.result_uri) and not overwrite:
         raise InputError(
             f"{out_uri}: already holds a finished registration (result.json); "

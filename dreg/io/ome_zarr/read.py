@@ -24,6 +24,39 @@ from dreg.io.ome_zarr.metadata import (
 MAX_CHUNKS_PROBED = 64  # when a read fails, chunks tried one by one to name the bad one
 # zarr's crc32c codec raises ValueError with this text when a chunk's bytes changed.
 CHECKSUM_MISMATCH = "checksum do not match"
+# What metadata may claim, checked before anything is listed or read: a header is a few
+# bytes, and a claimed 10^5 x 10^5 x 10^5 image would otherwise make planning list (or a
+# step allocate) beyond any machine. The largest volumes this serves are a few 10^12
+# voxels; chunks are MiB, not GiB; a pyramid halves, so 32 levels span 2^32.
+MAX_LEVEL_VOXELS = 2**45
+MAX_LEVEL_CHUNKS = 2**27
+MAX_CHUNK_BYTES = 2**30
+MAX_LEVELS = 32
+
+
+def _check_claims(uri: str, path: str, array: zarr.Array) -> None:
+    """Refuse a level whose metadata claims more voxels, chunks or bytes per chunk than
+    any run could handle, naming the level and the bound."""
+    shape = [int(n) for n in array.shape]
+    chunks = [max(1, int(c)) for c in array.chunks]
+    voxels = int(np.prod(shape[-3:], dtype=object))
+    if voxels > MAX_LEVEL_VOXELS:
+        raise InputError(f"{uri}: level '{path}' claims {'x'.join(map(str, shape))} = "
+                         f"{voxels:.3g} voxels, more than dreg accepts ({MAX_LEVEL_VOXELS:.3g})")
+    count = int(np.prod([-(-n // c) for n, c in zip(shape, chunks, strict=True)], dtype=object))
+    if count > MAX_LEVEL_CHUNKS:
+        raise InputError(f"{uri}: level '{path}' has {count:.3g} chunks of "
+                         f"{'x'.join(map(str, chunks))}, more than dreg accepts "
+                         f"({MAX_LEVEL_CHUNKS:.3g}); use larger chunks")
+    try:
+        itemsize = np.dtype(str(array.dtype)).itemsize
+    except TypeError:
+        itemsize = 8
+    nbytes = int(np.prod(chunks, dtype=object)) * itemsize
+    if nbytes > MAX_CHUNK_BYTES:
+        raise InputError(f"{uri}: level '{path}' has chunks of {'x'.join(map(str, chunks))} "
+                         f"({nbytes / 2**20:.0f} MiB each), more than dreg accepts "
+                         f"({MAX_CHUNK_BYTES // 2**20} MiB)")
 
 def _open_group(uri: str) -> zarr.Group:
     """The root zarr group (v3 or v2), or an error naming what is there instead."""
@@ -71,11 +104,15 @@ def _image_from_group(uri: str, group: zarr.Group) -> OmeZarrImage:
 
     levels = []
     components = None
+    if len(multiscale["datasets"]) > MAX_LEVELS:
+        raise InputError(f"{uri}: {len(multiscale['datasets'])} levels, more than dreg "
+                         f"accepts ({MAX_LEVELS})")
     for dataset in multiscale["datasets"]:
         path = str(dataset["path"])
         array = _open_level_array(uri, group, path)
         if array.ndim != len(axes):
             raise InputError(f"{uri}: level '{path}' has {array.ndim} dimensions, axes say {axes}")
+        _check_claims(uri, path, array)
         scale, translation = _dataset_transform(multiscale, dataset, len(axes))
         if len(axes) == 4:
             components = int(array.shape[0])

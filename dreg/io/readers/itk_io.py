@@ -60,6 +60,52 @@ def _native_stderr_captured() -> Iterator[list[str]]:
             lines.extend(line.strip() for line in text.splitlines() if line.strip())
 
 
+HEADER_BYTES = 1 << 16  # a NRRD or MetaImage header is text at the start of its file
+# Where a header names the files that hold its voxels (NRRD, MetaImage).
+DATA_FILE_FIELDS = {".nrrd": ("data file", "datafile"), ".nhdr": ("data file", "datafile"),
+                    ".mha": ("elementdatafile",), ".mhd": ("elementdatafile",)}
+
+
+def _named_data_files(path: str) -> list[str]:
+    """The data files a NRRD or MetaImage header names (a single file, a LIST of files
+    on the lines after it, or a numbered pattern such as slice%03d.raw 1 10 1), as
+    written; LOCAL (voxels in the header's own file) names none."""
+    fields = DATA_FILE_FIELDS.get(os.path.splitext(path)[1].lower())
+    if not fields:
+        return []
+    with open(path, "rb") as handle:
+        text = handle.read(HEADER_BYTES).decode("latin-1")
+    lines = text.splitlines()
+    for at, line in enumerate(lines):
+        key, separator, value = line.partition("=" if path.lower().endswith((".mha", ".mhd"))
+                                               else ":")
+        if not separator or key.strip().lower() not in fields:
+            continue
+        value = value.strip()
+        words = value.split()
+        if not words or words[0] == "LOCAL":
+            return []
+        if words[0] == "LIST":
+            following = [name.strip() for name in lines[at + 1:]]
+            # A NRRD's LIST runs to the end of its header file; a MetaImage's likewise.
+            return [name for name in following if name]
+        return [value, words[0]]
+    return []
+
+
+def check_data_files(path: str) -> None:
+    """Refuse a header that names a data file outside its own folder (an absolute path,
+    or one that climbs out with .. or a symbolic link): its bytes would become the
+    image, whatever file they are. Raises InputError naming the header and the file."""
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    for name in _named_data_files(path):
+        pattern_folder = os.path.dirname(name) if "%" in name else name
+        target = os.path.realpath(os.path.join(folder, pattern_folder or "."))
+        if target != folder and not target.startswith(folder + os.sep):
+            raise InputError(f"{path}: names the data file {name[:200]!r} outside the "
+                             f"header's folder {folder}; move the data next to the header")
+
+
 @dataclass(frozen=True)
 class ItkHeader:
     """What ITK's ImageIO reads from a header: geometry, voxel type, and whether boxes
@@ -74,6 +120,7 @@ def read_header(path: str) -> ItkHeader:
     """Geometry and voxel type from ITK's ImageIO, without reading voxels."""
     import itk
 
+    check_data_files(path)  # before ITK opens any file the header names
     io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
     if io is None:
         raise InputError(f"{path}: unreadable image header (ITK recognises no format in it)")

@@ -67,7 +67,11 @@ class Reader(Protocol):
 
 
 def require_3d(path: str, sizes_xyz: list[int], components: int) -> None:
-    """Raise InputError unless the image is 3D with one component per voxel."""
+    """Raise InputError unless the image is 3D with one component per voxel, and no
+    larger than an OME-Zarr level may be (checked on the header, before any voxel is
+    read: some formats are read whole)."""
+    from dreg.io.ome_zarr.read import MAX_LEVEL_VOXELS
+
     if len(sizes_xyz) != 3:
         raise InputError(
             f"{path}: needs a 3D image; it has {len(sizes_xyz)} dimensions (sizes {sizes_xyz})"
@@ -76,3 +80,7 @@ def require_3d(path: str, sizes_xyz: list[int], components: int) -> None:
         raise InputError(
             f"{path}: needs a scalar image; it has {components} components per voxel"
         )
+    voxels = int(np.prod([int(n) for n in sizes_xyz], dtype=object))
+    if voxels > MAX_LEVEL_VOXELS:
+        raise InputError(f"{path}: its header claims {voxels:.3g} voxels, more than dreg "
+                         f"accepts ({MAX_LEVEL_VOXELS:.3g})")
