@@ -17,7 +17,7 @@ from dreg.apply.plan import WarpPlan, WarpResult, plan_warp, warp_chunks
 from dreg.io import ome_zarr
 from flows import artifacts
 from flows.cluster import dask_cluster
-from flows.options import RunOptions
+from flows.options import RunOptions, checked_for_deployment
 from flows.ownership import owning
 from flows.registration import result_storage
 from flows.run_names import warp_run_name
@@ -52,7 +52,7 @@ def warp_image(out: str, image: str | None = None, to: str | None = None,
     through OUT/field.ome.zarr; write an OME-Zarr 0.5 pyramid to `to` (default
     OUT/warped.ome.zarr)."""
     started = time.perf_counter()
-    options = options or RunOptions()
+    options = checked_for_deployment(options)  # a deployment's run: the worker's cluster
     plan = plan_warp(out, image, to, interpolation)
     get_run_logger().info(f"warping {plan.image} into {plan.dest} ({plan.interpolation})")
     storage_block = result_storage(plan.out)
