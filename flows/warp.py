@@ -66,7 +66,7 @@ def warp_image(out: str, image: str | None = None, to: str | None = None,
                             chunks=len(warp_chunks(plan)),
                             seconds=round(time.perf_counter() - started, 3),
                             flow_run_id=str(flow_run.get_id()))
-        lease.check()
+        lease.verify("marking the warped image complete")
         mark_complete(plan.dest, plan.identity, result.model_dump(mode="json"))
     artifacts.publish_output("warped", plan.out, plan.dest, result.model_dump(mode="json"),
                              "Warped image (moving image on the fixed grid)")

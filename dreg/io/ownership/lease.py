@@ -172,7 +172,8 @@ def read_owner(out_uri: str, clock: Clock = SYSTEM_CLOCK) -> dict | None:
 def lease_seconds_setting() -> float:
     """How long a lease lasts unless renewed: DREG_LEASE_SECONDS, else 60 s. A shorter
     lease lets the next run take over a dead run's output sooner; every run on one
-    output should use the same value."""
+    output should use the same value. At most MAX_LEASE_S (an hour): a longer one would
+    be a record others take for damaged (and 1e308 s broke the renewal thread)."""
     text = os.environ.get(LEASE_VARIABLE, "").strip()
     if not text:
         return DEFAULT_LEASE_S
