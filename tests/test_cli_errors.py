@@ -311,7 +311,11 @@ def test_emit_ingested_to_an_unreachable_api_is_an_error(tmp_path, closed_endpoi
     started = time.monotonic()
     done = run_process(["emit-ingested", "s3://landing/new.ome.zarr"], env)
     assert done.returncode == 1, done.stderr
-    assert "was not received by" in done.stderr.strip().splitlines()[-1]
+    # issue 18 item 4: one line naming the API, at once (not "was not received" after 30 s)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"dreg: failed: cannot reach the Prefect API at "
+                               f"{closed_endpoint}/api: "), lines
     assert done.stdout.strip() == ""
     assert time.monotonic() - started < 90
 
