@@ -134,7 +134,8 @@ def register_on_ingest(
                                     settings.max_voxels)
     except Exception as exc:
         logger.error(f"rejected: {exc}")
-        events.emit_failed(f"rejected: {exc}", event_fixed or None,
+        fixed = event_fixed or os.environ.get(REFERENCE_VARIABLE, "").strip() or None
+        events.emit_failed(f"rejected: {exc}", fixed if isinstance(fixed, str) else None,
                            moving if isinstance(moving, str) else None, None,
                            str(flow_run.get_id()))
         raise
