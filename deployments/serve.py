@@ -6,10 +6,12 @@
 prefect.yaml (next to this script) is the one definition of the deployments: this script
 builds each of them from it, with the same name, entrypoint, description, parameters,
 triggers, schedules and concurrency limit. Settings written ``{{ $NAME }}`` are read from
-the environment, as `prefect deploy` reads them (DREG_REFERENCE, DREG_OUT_PREFIX,
-DREG_ALLOWED_PREFIXES, DREG_MANIFEST, ...); an unset variable leaves its setting empty.
-The work pool and its job variables do not apply here: the flows run in this process's
-environment (DREG_DASK_ADDRESS, DREG_DASK_WORKERS, DREG_S3_ENDPOINT_URL).
+the environment, as `prefect deploy` reads them (DREG_MANIFEST, ...); an unset variable
+leaves its setting empty. The work pool and its job variables do not apply here: the
+flows run in this process's environment, and read from it at run time the Dask cluster
+(DREG_DASK_ADDRESS, DREG_DASK_WORKERS), DREG_S3_ENDPOINT_URL, and the limits of runs
+started by events (DREG_REFERENCE, DREG_OUT_PREFIX, DREG_ALLOWED_PREFIXES,
+DREG_MAX_VOXELS, DREG_PIPELINE): no run parameter can widen them.
 """
 
 from __future__ import annotations

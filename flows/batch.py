@@ -20,7 +20,7 @@ from dreg.io import completion, storage
 from dreg.layout import RESULT_FILE
 from dreg.registration import PipelineConfig
 from flows import artifacts, events
-from flows.options import RunOptions
+from flows.options import RunOptions, checked_for_deployment
 from flows.registration import register_images
 from flows.run_names import nightly_run_name
 
@@ -97,6 +97,7 @@ def register_scheduled(
 ) -> list[dict]:
     """Register every pending pair of `manifest`, or the one pair given."""
     logger = get_run_logger()
+    options = checked_for_deployment(options)  # the worker's cluster, not a parameter's
     if manifest:
         entries = pending(read_manifest(manifest))
     elif fixed and moving and out:

@@ -39,6 +39,34 @@ DELIVERY_TIMEOUT_S = 30.0
 INTERRUPT_MARKERS = ("KeyboardInterrupt", "TerminationSignal")
 
 
+def api_headers() -> dict[str, str]:
+    """The credentials Prefect's own clients send: HTTP basic authentication with
+    PREFECT_API_AUTH_STRING (a self-hosted server started with
+    PREFECT_SERVER_API_AUTH_STRING), else a bearer PREFECT_API_KEY (Prefect Cloud)."""
+    import base64
+
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY
+
+    if auth := PREFECT_API_AUTH_STRING.value():
+        return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+    if key := PREFECT_API_KEY.value():
+        return {"Authorization": f"Bearer {key}"}
+    return {}
+
+
+def _refused(api: str, status: int) -> Exception:
+    from prefect.settings import PREFECT_API_AUTH_STRING
+
+    from dreg.errors import InputError
+
+    if PREFECT_API_AUTH_STRING.value():
+        cause = "the credentials in PREFECT_API_AUTH_STRING are not the server's"
+    else:
+        cause = ("set PREFECT_API_AUTH_STRING to the server's PREFECT_SERVER_API_AUTH_STRING "
+                 "(or PREFECT_API_KEY for Prefect Cloud)")
+    return InputError(f"{api}: the Prefect API refused the request (HTTP {status}): {cause}")
+
+
 def _unreachable(api: str, exc: OSError) -> str:
     """Why the API at `api` could not be reached, in a few words."""
     import urllib.error
@@ -50,21 +78,37 @@ def _unreachable(api: str, exc: OSError) -> str:
             f"({getattr(reason, 'strerror', None) or reason})")
 
 
-def check_reachable(api: str, timeout_s: float = 10.0) -> None:
-    """RunFailed, saying why, when nothing answers at the Prefect API (refused, no such
-    host, timed out): checked before an event is sent, so that the cause is named in a
-    second instead of a delivery wait. Any HTTP answer counts as reachable (an API that
-    wants authentication answers 401 to a bare health check)."""
+def _call(api: str, path: str, data: bytes | None = None, timeout: float = 10) -> bytes:
+    """One request to the API with the client's credentials: the answer's body; the
+    refusal of the credentials (401, 403) as one InputError line, at once."""
     import urllib.error
     import urllib.request
+
+    request = urllib.request.Request(
+        f"{api.rstrip('/')}/{path}", data=data, method="POST" if data is not None else "GET",
+        headers={"Content-Type": "application/json", **api_headers()})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise _refused(api, exc.code) from None
+        raise
+
+
+def check_api(api: str, timeout_s: float = 10) -> None:
+    """Fail at once, in one line, when the API at `api` cannot be reached (refused, no
+    such host, timed out) or refuses this client's credentials (a request that needs
+    them: the server's version). Checked before an event is sent, so that the cause is
+    named in a second instead of after a delivery wait."""
+    import urllib.error
 
     from dreg.errors import RunFailed
 
     try:
-        with urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=timeout_s):
-            return
+        _call(api, "admin/version", timeout=timeout_s)
     except urllib.error.HTTPError:
-        return
+        return  # it answers and took the credentials; the event itself will tell the rest
     except OSError as exc:
         raise RunFailed(redact(f"{_unreachable(api, exc)}; the event was not sent")) from None
 
@@ -72,10 +116,10 @@ def check_reachable(api: str, timeout_s: float = 10.0) -> None:
 def confirm_delivered(api: str, event_id: str, timeout_s: float = DELIVERY_TIMEOUT_S) -> None:
     """Wait until the server has stored the event; RunFailed if it has not in time,
     saying whether the API could not be reached at all (and why) or answered without
-    the event. An event that only looks sent is worse than an error."""
+    the event. An event that only looks sent is worse than an error; refused
+    credentials fail at once."""
     import json
     import time
-    import urllib.request
 
     from dreg.errors import RunFailed
 
@@ -83,14 +127,10 @@ def confirm_delivered(api: str, event_id: str, timeout_s: float = DELIVERY_TIMEO
     deadline = time.monotonic() + timeout_s
     unreachable = None  # why the last attempt failed, or None once the API answered
     while time.monotonic() < deadline:
-        request = urllib.request.Request(f"{api.rstrip('/')}/events/filter", data=query,
-                                         method="POST",
-                                         headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                unreachable = None
-                if json.loads(response.read()).get("events"):
-                    return
+            unreachable = None
+            if json.loads(_call(api, "events/filter", query)).get("events"):
+                return
         except OSError as exc:  # not reachable now: keep trying until the deadline
             unreachable = _unreachable(api, exc)
         time.sleep(0.5)
@@ -111,9 +151,15 @@ def volume_resource_id(uri: str) -> str:
 def emit_ingested(uri: str, version: str = "", fixed: str | None = None) -> Any:
     """Announce a new volume at `uri` (call this from the ingestion system).
 
-    Needs PREFECT_API_URL pointing at the Prefect server. Returns the emitted event.
+    Needs PREFECT_API_URL pointing at the Prefect server (and PREFECT_API_AUTH_STRING
+    where the server asks for it: refused credentials or an unreachable server fail at
+    once, in one line). Returns the emitted event.
     """
     from prefect.events import emit_event
+    from prefect.settings import PREFECT_API_URL
+
+    if api := PREFECT_API_URL.value():
+        check_api(api)
 
     # The URI goes out as given, credentials aside (the registration refuses a URI that
     # carries them; the event must not spread them).

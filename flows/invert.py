@@ -57,7 +57,7 @@ def invert_field(out: str, options: RunOptions | None = None) -> InvertResult:
                               flow_run_id=str(flow_run.get_id()))
         write_json(plan.report, {**result.record(plan.out),
                                  "per_chunk": [_without_histogram(c) for c in chunks]})
-        lease.check()
+        lease.verify("marking the inverse complete")
         mark_complete(plan.dest, plan.identity, result.model_dump(mode="json"))
         write_scene(plan.out, plan.fixed, plan.moving, inverse=True)
     artifacts.publish_output("inverse", plan.out, plan.dest, result.model_dump(mode="json"),

@@ -98,7 +98,8 @@ def quality_control(out: str, fold_threshold: float = FOLD_THRESHOLD,
     result = load_result(out)
     with owning(result.output) as lease:
         report = run_quality_control(result, options, fold_threshold)
-        lease.check()  # never rewrite the completion mark of an output another run owns
+        # never rewrite the completion mark of an output another run owns
+        lease.verify("recording the verdict")
         record_verdict(result, report)
     artifacts.publish_qc(report)
     return report

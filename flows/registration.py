@@ -54,7 +54,7 @@ from dreg.registration.store import block_key, load_entry
 from flows import artifacts, events
 from flows.cluster import BLOCK_RESOURCE, block_workers, dask_cluster
 from flows.options import RunOptions
-from flows.ownership import owning
+from flows.ownership import fence, owning
 from flows.qc import check_registration
 from flows.run_names import register_run_name
 from tasks.publish import write_json, write_result, write_scene
@@ -92,8 +92,11 @@ def register_blocks(ctx, blocks, stage: StagePlan, workers: int,
     every block gets a result, in the blocks' order."""
     batches = plan_batches(blocks, workers, options.batch_size)
     task = register_batch.with_options(retries=options.block_retries)
+    futures = []
     with dask.annotate(resources={BLOCK_RESOURCE: 1}):
-        futures = [task.submit(ctx, batch) for batch in batches]
+        for number, batch in enumerate(batches, start=1):
+            fence(stage.folder, f"submitting batch {number} of stage {stage.folder}")
+            futures.append(task.submit(ctx, batch))
     progress = artifacts.Progress(len(blocks), f"stage {stage.number}-{stage.name}",
                                   options.show_progress,
                                   key=artifacts.artifact_key(f"progress-{stage.number}",
@@ -101,6 +104,7 @@ def register_blocks(ctx, blocks, stage: StagePlan, workers: int,
     sizes = {id(f): len(b) for f, b in zip(futures, batches, strict=True)}
     for future in as_completed(futures):
         progress.advance(sizes[id(future)])
+        fence(stage.folder, f"going on with stage {stage.folder}")
     results: list[BlockResult] = []
     for future, batch in zip(futures, batches, strict=True):
         # wait() takes the final state from the task runner itself; without it, `state`
@@ -124,20 +128,25 @@ def reduce_field(plan: RegistrationPlan, stage: StagePlan, previous, results,
     if not destinations:
         return voxels  # every block was stored and the field was already made from them
     fixed_info = fixed_description(ome_zarr.open_image(plan.fixed_uri))
-    created = [create_field.submit(uri, stage.field_grid, fixed_info, plan.moving_uri)
-               for uri in destinations]
+    created = []
+    for uri in destinations:  # creating a field replaces whatever is there
+        fence(uri, f"creating the field {uri}", verify=True)
+        created.append(create_field.submit(uri, stage.field_grid, fixed_info,
+                                           plan.moving_uri))
     for future in created:
         future.result()  # a field that could not be created fails the stage, here
     chunks = ome_zarr.chunk_regions(stage.field_grid.shape_zyx, (FIELD_CHUNK,) * 3)
-    futures = [
-        reduce_chunk.submit(index, blocks_for_chunk(results, chunk), chunk, stage.field_grid,
-                            stage.fixed_grid.shape_zyx, float(stage.config.field_grid_factor),
-                            previous, destinations)
-        for index, chunk in enumerate(chunks)
-    ]
+    futures = []
+    for index, chunk in enumerate(chunks):
+        fence(destinations[0], f"writing chunk {index} of {', '.join(destinations)}")
+        futures.append(reduce_chunk.submit(
+            index, blocks_for_chunk(results, chunk), chunk, stage.field_grid,
+            stage.fixed_grid.shape_zyx, float(stage.config.field_grid_factor), previous,
+            destinations))
     for future in futures:
         future.result()  # a failed chunk fails the stage
     for uri in destinations:
+        fence(uri, f"marking {uri} complete", verify=True)
         completion.mark_complete(uri, identity)
     return voxels
 
@@ -171,8 +180,10 @@ def register_stage(
                            reduce_seconds=finished - registered)
     summary = summarize_stage(stage, results, identity, voxels, timings,
                               str(flow_run.get_id()))
+    fence(stage.folder, f"recording stage {stage.folder}", verify=True)
     write_json(stage.table_uri, [r.row() for r in results])
     write_json(stage.summary_uri, summary.document(plan.out_uri))
+    fence(stage.folder, f"removing the earlier fields of {stage.folder}", verify=True)
     remove_stale_fields(stage, summary.field)
     logger.info(f"stage {stage.number}-{stage.name}: {summary.counts} "
                 f"({summary.reused} stored blocks reused) in {summary.seconds} s")
@@ -187,6 +198,7 @@ def run_stages(plan: RegistrationPlan, options: RunOptions) -> list[StageSummary
         runner = DaskTaskRunner(address=address)
         workers = block_workers(address)
         for stage in plan.stages:
+            fence(plan.out_uri, f"stage {stage.folder}", verify=True)
             final = plan.field_uri if stage is plan.stages[-1] else None
             summary = register_stage.with_options(task_runner=runner)(
                 plan, stage, summaries[-1] if summaries else None, final, workers, options)
@@ -236,6 +248,7 @@ def register_images(
         # Replacing a finished result: withdraw its completion mark before touching it,
         # and what was derived from its field (warped image, inverse): it would be stale.
         for uri in [plan.result_uri, *derived_outputs(plan.out_uri)]:
+            fence(uri, f"removing {uri}", verify=True)
             storage.remove_tree(uri)
         summaries = run_stages(plan, options)
         check_inputs_unchanged(plan)
@@ -243,8 +256,10 @@ def register_images(
                                      time.perf_counter() - started)
         if options.qc:
             result = check_registration(result, options)
+        fence(plan.out_uri, f"writing the scene of {plan.out_uri}", verify=True)
         write_scene(plan.out_uri, plan.fixed_uri, plan.moving_uri)
-        lease.check()  # never mark complete an output another run may have written
+        # never mark complete an output another run may have written
+        lease.verify(f"writing {plan.result_uri}")
         write_result(plan.result_uri, result)
     artifacts.publish_result(result)
     events.emit_completed(result)

@@ -17,7 +17,7 @@ from dreg.apply.plan import WarpPlan, WarpResult, plan_warp, warp_chunks
 from dreg.io import ome_zarr
 from flows import artifacts
 from flows.cluster import dask_cluster
-from flows.options import RunOptions
+from flows.options import RunOptions, checked_for_deployment
 from flows.ownership import owning
 from flows.run_names import warp_run_name
 from tasks.apply import downsample_chunk, mark_complete, prepare_warped, warp_chunk
@@ -51,7 +51,7 @@ def warp_image(out: str, image: str | None = None, to: str | None = None,
     through OUT/field.ome.zarr; write an OME-Zarr 0.5 pyramid to `to` (default
     OUT/warped.ome.zarr)."""
     started = time.perf_counter()
-    options = options or RunOptions()
+    options = checked_for_deployment(options)  # a deployment's run: the worker's cluster
     plan = plan_warp(out, image, to, interpolation, overwrite=options.overwrite)
     get_run_logger().info(f"warping {plan.image} into {plan.dest} ({plan.interpolation})")
     with owning(plan.out) as lease:
@@ -64,7 +64,7 @@ def warp_image(out: str, image: str | None = None, to: str | None = None,
                             chunks=len(warp_chunks(plan)),
                             seconds=round(time.perf_counter() - started, 3),
                             flow_run_id=str(flow_run.get_id()))
-        lease.check()
+        lease.verify("marking the warped image complete")
         mark_complete(plan.dest, plan.identity, result.model_dump(mode="json"))
     artifacts.publish_output("warped", plan.out, plan.dest, result.model_dump(mode="json"),
                              "Warped image (moving image on the fixed grid)")

@@ -395,9 +395,17 @@ def test_a_second_run_on_one_output_is_refused_naming_the_owner(prefect_api, das
 
 
 def test_a_repeated_ingest_event_with_the_same_inputs_is_a_no_op(prefect_api, dask_address,
-                                                                tmp_path):
+                                                                tmp_path, monkeypatch):
+    import yaml
+
     from dreg.registration import PipelineConfig, StageConfig
     from flows.ingest import register_on_ingest
+
+    def configure(pipeline) -> None:
+        """The worker's settings (issue 18 item 4: not run parameters)."""
+        path = tmp_path / f"pipeline-{len(list(tmp_path.glob('pipeline-*')))}.yaml"
+        path.write_text(yaml.safe_dump(pipeline.model_dump(mode="json", exclude_none=True)))
+        monkeypatch.setenv("DREG_PIPELINE", str(path))
 
     pair = synth.write_pair(str(tmp_path / "in"), Grid((32, 32, 32), (1.0, 1.0, 1.0)),
                             seed=5, amplitude_voxels=0.0, shift_voxels=(1.0, 0.0, 0.0),
@@ -405,10 +413,12 @@ def test_a_repeated_ingest_event_with_the_same_inputs_is_a_no_op(prefect_api, da
     pipeline = PipelineConfig(stages=[StageConfig(
         name="t", level=0, transform="translation",
         parameters={"MaximumNumberOfIterations": 20})])
-    request = dict(moving=pair["moving"], version="v1", reference=pair["fixed"],
-                   out_prefix=str(tmp_path / "results"), allowed_prefixes=[str(tmp_path)],
-                   pipeline=pipeline, options=RunOptions(dask_address=dask_address),
-                   warp=False)
+    monkeypatch.setenv("DREG_REFERENCE", pair["fixed"])
+    monkeypatch.setenv("DREG_OUT_PREFIX", str(tmp_path / "results"))
+    monkeypatch.setenv("DREG_ALLOWED_PREFIXES", str(tmp_path))
+    monkeypatch.setenv("DREG_DASK_ADDRESS", dask_address)
+    configure(pipeline)
+    request = dict(moving=pair["moving"], version="v1", warp=False)
     first = register_on_ingest(**request)
     result_file = Path(first.result)
     written = result_file.stat().st_mtime_ns
@@ -418,13 +428,15 @@ def test_a_repeated_ingest_event_with_the_same_inputs_is_a_no_op(prefect_api, da
     # Other inputs (another pipeline) are not "the same": that is a refusal, not a no-op.
     other = pipeline.model_copy(update={"stages": [pipeline.stages[0].model_copy(
         update={"parameters": {"MaximumNumberOfIterations": 21}})]})
+    configure(other)
     with pytest.raises(Exception, match="already holds a finished registration"):
-        register_on_ingest(**{**request, "pipeline": other})
+        register_on_ingest(**request)
     # A run started by an event may not load code named by its parameters.
     untrusted = pipeline.model_copy(update={"stages": [pipeline.stages[0].model_copy(
         update={"method": METHOD})]})
+    configure(untrusted)
     with pytest.raises(Exception, match=f"pipeline: method '{METHOD}' is not allowed here"):
-        register_on_ingest(**{**request, "pipeline": untrusted})
+        register_on_ingest(**request)
 
 
 @pytest.mark.s3

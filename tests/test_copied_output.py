@@ -199,9 +199,9 @@ def test_an_older_result_with_absolute_locations_reads_as_the_out_given(pair, tm
     assert not Path(out).exists()
 
 
-def test_the_warp_trigger_checks_the_events_output(tmp_path):
+def test_the_warp_trigger_checks_the_events_output(tmp_path, monkeypatch):
     """issue 18 item 1: the warp deployment's `out` comes from an event: it must lie
-    under the deployment's output prefix, like every event URI; a rejected one fails
+    under the worker's output prefix, like every event URI; a rejected one fails
     before anything is read or written."""
     import yaml
 
@@ -217,17 +217,19 @@ def test_the_warp_trigger_checks_the_events_output(tmp_path):
                           ("s3://KEY:SECRET@results/regs/a", "not a valid s3:// URI"),
                           ("file:///etc", "scheme 'file' is not allowed"),
                           ("", "missing")):
+        monkeypatch.setenv("DREG_OUT_PREFIX", prefix)
         with pytest.raises(InputError, match=expected):
-            warp_on_completion.fn(out=out, out_prefix=prefix)
-    with pytest.raises(InputError, match="out_prefix: the deployment has no output prefix"):
-        warp_on_completion.fn(out=f"{prefix}/a", out_prefix="")
+            warp_on_completion.fn(out=out)
+    monkeypatch.setenv("DREG_OUT_PREFIX", "")
+    with pytest.raises(InputError, match="DREG_OUT_PREFIX: the worker has no output prefix"):
+        warp_on_completion.fn(out=f"{prefix}/a")
     assert not (tmp_path / "elsewhere").exists() and not Path(prefix).exists()
 
     root = Path(__file__).resolve().parents[1]
     (warp,) = [d for d in yaml.safe_load((root / "deployments/prefect.yaml").read_text())[
         "deployments"] if d["name"] == "warp"]
     assert warp["entrypoint"] == "flows.ingest:warp_on_completion"
-    assert warp["parameters"]["out_prefix"] == "{{ $DREG_OUT_PREFIX }}"
+    assert "out_prefix" not in warp.get("parameters", {})  # the worker's, not the run's
     assert warp["triggers"][0]["parameters"] == {"out": "{{ event.payload.output }}"}
 
 

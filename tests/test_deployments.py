@@ -61,8 +61,27 @@ def test_serve_script_serves_what_prefect_yaml_declares():
                 assert trigger[key] == value, (name, key)
 
     by_name = {d["name"]: d for d in served}
-    assert by_name["register-on-ingest"]["parameters"]["reference"] == "value-of-DREG_REFERENCE"
+    # issue 18 item 4: the trust boundary is no run parameter: the reference, the output
+    # prefix, the allowed prefixes, the voxel limit and the pipeline reach the flow-run
+    # process's environment (job variables), read at run time; nothing sets them as
+    # parameters, and the flow has no parameter to widen them.
+    assert by_name["register-on-ingest"]["parameters"] == {}
+    env = yaml.safe_load(DEFINITION.read_text())["definitions"]["work_pool"][
+        "job_variables"]["env"]
+    for name in ("DREG_REFERENCE", "DREG_OUT_PREFIX", "DREG_ALLOWED_PREFIXES",
+                 "DREG_MAX_VOXELS", "DREG_PIPELINE", "DREG_DASK_ADDRESS"):
+        assert env[name] == "{{ $" + name + " }}", name
     assert by_name["register-on-ingest"]["triggers"][0]["parameters"]["moving"] == (
         "{{ event.payload.uri }}")
     assert by_name["register-scheduled"]["schedules"][0]["cron"] == "0 2 * * *"
     assert by_name["warp"]["triggers"][0]["enabled"] is False
+
+
+def test_the_ingest_flow_takes_no_limit_from_its_parameters():
+    """issue 18 item 4: the flow's parameters cannot widen what the worker allows."""
+    import inspect
+
+    from flows.ingest import register_on_ingest
+
+    parameters = set(inspect.signature(register_on_ingest.fn).parameters)
+    assert parameters == {"moving", "version", "event_fixed", "max_voxels", "options", "warp"}

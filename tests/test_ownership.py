@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import pickle
 import re
+import subprocess
 import threading
 import time
 import uuid
@@ -20,6 +21,7 @@ import s3_server
 from dreg.errors import InputError, StorageError
 from dreg.io import ownership, storage
 from dreg.io.ownership import LeaseLost, OwnedElsewhere, acquire, is_stale, read_owner
+from dreg.io.ownership import process as owner_process
 from dreg.io.ownership import s3 as s3_records
 from dreg.io.ownership.records import record_name
 
@@ -38,6 +40,14 @@ class ManualClock(ownership.Clock):
     def now(self) -> float:
         with self._changed:
             return self._now
+
+    # Storage's clock is this clock too: a record was written when its writer's clock
+    # (this one, in these tests) said it was renewed.
+    def storage_now(self, backend) -> float:
+        return self.now()
+
+    def written(self, record: dict) -> float:
+        return float(record["renewed"])
 
     def advance(self, seconds: float) -> None:
         with self._changed:
@@ -85,8 +95,10 @@ def out(request, tmp_path):
     return server.uri(f"owned-{uuid.uuid4().hex[:8]}")
 
 
-def write_lease(out: str, owner: str, expires: float, generation: int | None = None) -> None:
-    """A lease record as a run on another machine would have left it."""
+def write_lease(out: str, owner: str, expires: float, generation: int | None = None,
+                renewed: float | None = None) -> None:
+    """A lease record as a run on another machine would have left it (a 60 s lease unless
+    `renewed` says otherwise)."""
     if generation is None:
         current = read_owner(out)
         generation = (current["generation"] if current else 0) + 1
@@ -94,8 +106,8 @@ def write_lease(out: str, owner: str, expires: float, generation: int | None = N
         "owner": owner,
         "host": "elsewhere",
         "pid": 4242,
-        "acquired": expires - 60,
-        "renewed": expires - 60,
+        "acquired": expires - 60 if renewed is None else renewed,
+        "renewed": expires - 60 if renewed is None else renewed,
         "expires": expires,
         "token": uuid.uuid4().hex,
         "generation": generation,
@@ -163,20 +175,20 @@ def test_a_lease_is_stale_exactly_skew_seconds_after_it_expires(out):
     clock = ManualClock()
     acquire(out, "run-a", lease_seconds=30, clock=clock)
     clock.advance(30 + ownership.CLOCK_SKEW_S)
-    assert not is_stale(read_owner(out), clock.now())
+    assert not is_stale(read_owner(out, clock), clock.now())
     with pytest.raises(OwnedElsewhere, match=r"lease renewed 35 s ago, expires in 0 s\)"):
         acquire(out, "run-b", lease_seconds=60, clock=clock)
     clock.advance(0.5)
-    assert is_stale(read_owner(out), clock.now())
+    assert is_stale(read_owner(out, clock), clock.now())
     assert acquire(out, "run-b", lease_seconds=60, clock=clock).previous["owner"] == "run-a"
 
 
 def test_dead_owner_from_another_machine_is_stale(out):
     clock = ManualClock()
     write_lease(out, "run-dead", expires=clock.now() - 3600)
-    lease = read_owner(out)
+    lease = read_owner(out, clock)
     assert lease["owner"] == "run-dead" and is_stale(lease, clock.now())
-    assert not is_stale(dict(lease, expires=clock.now() + 1), clock.now())
+    assert not is_stale(dict(lease, written=clock.now() - 1), clock.now())
     taken = acquire(out, "run-b", clock=clock)
     assert taken.previous["owner"] == "run-dead"
     assert read_owner(out)["owner"] == "run-b"
@@ -205,6 +217,8 @@ def test_old_generations_are_pruned(out):
 
 @pytest.mark.parametrize("stale_first", [False, True], ids=["fresh", "takeover"])
 def test_thread_race_has_one_winner(out, stale_first):
+    # The dead owner's record was just written: its age is told by the writer's clock.
+    clock = ManualClock(time.time())
     if stale_first:
         write_lease(out, "run-dead", expires=time.time() - 3600)
     else:
@@ -215,7 +229,7 @@ def test_thread_race_has_one_winner(out, stale_first):
     def contend(i: int) -> None:
         barrier.wait()
         try:
-            results[i] = acquire(out, f"run-{i}", lease_seconds=10)
+            results[i] = acquire(out, f"run-{i}", lease_seconds=10, clock=clock)
         except OwnedElsewhere as exc:
             results[i] = exc
 
@@ -234,10 +248,11 @@ def test_thread_race_has_one_winner(out, stale_first):
 
 def _contend_in_process(out: str, index: int, barrier, queue) -> None:
     """Two rounds: acquire a fresh OUT, then take over the stale lease the test wrote."""
+    clock = ManualClock(time.time())  # dates records as their writers' clocks did
     for round_ in ("fresh", "takeover"):
         barrier.wait()  # all start together
         try:
-            acquire(out, f"proc-{round_}-{index}", lease_seconds=10)
+            acquire(out, f"proc-{round_}-{index}", lease_seconds=10, clock=clock)
             queue.put((round_, index, "won"))
         except OwnedElsewhere as exc:
             queue.put((round_, index, str(exc)))
@@ -435,3 +450,183 @@ def test_a_bad_lease_length_is_refused_naming_the_variable(out, monkeypatch, val
     for attempt in (lambda: acquire(out, "run-a"), lambda: ownership.check_free(out)):
         with pytest.raises(InputError, match=f"DREG_LEASE_SECONDS={value!r}: must be a num"):
             attempt()
+
+
+# --- issue 18 item 5: staleness by storage's clock, a bounded lease, fencing ---------------
+
+
+def test_a_live_owner_whose_clock_is_behind_is_not_taken_over(out):
+    """issue 18 item 5: the record was written just now (storage's clock), though its
+    writer's clock says an hour ago: its lease is live."""
+    write_lease(out, "run-behind", expires=time.time() - 3600)
+    with pytest.raises(OwnedElsewhere, match=r"run run-behind .*lease renewed [01] s ago, "
+                                             r"expires in (59|60) s\)"):
+        acquire(out, "run-b")
+    with pytest.raises(OwnedElsewhere, match="run-behind"):
+        ownership.check_free(out)
+
+
+def test_a_dead_owner_whose_clock_is_ahead_is_taken_over(tmp_path):
+    """issue 18 item 5: a record last written two minutes ago (by its modification time)
+    is stale, though its writer's clock dated it an hour ahead."""
+    out = str(tmp_path / "out")
+    write_lease(out, "run-ahead", expires=time.time() + 3660)
+    two_minutes_ago = time.time() - 120
+    path = tmp_path / "out" / ownership.LEASE_DIR / record_name(1)
+    os.utime(path, (two_minutes_ago, two_minutes_ago))
+    assert is_stale(read_owner(out), time.time())
+    assert acquire(out, "run-b").previous["owner"] == "run-ahead"
+
+
+def test_a_record_claiming_more_than_the_longest_lease_is_damaged(out):
+    """issue 18 item 5: a lease ten years long is no run to wait for: damaged, held only
+    for the grace of an unreadable record."""
+    now = time.time()
+    write_lease(out, "run-forever", expires=now + 10 * 365 * 86400, renewed=now)
+    with pytest.raises(OwnedElsewhere, match="being written or is damaged"):
+        acquire(out, "run-b")
+    clock = ManualClock(now + ownership.UNREADABLE_GRACE_S + ownership.CLOCK_SKEW_S + 2)
+    assert acquire(out, "run-b", clock=clock).owner == "run-b"
+
+
+@pytest.mark.parametrize("value", ["1e308", "inf", "3601"])
+def test_a_lease_longer_than_the_longest_is_refused(out, monkeypatch, value):
+    """issue 18 item 5: DREG_LEASE_SECONDS=1e308 killed the renewal thread."""
+    monkeypatch.setenv(ownership.LEASE_VARIABLE, value)
+    with pytest.raises(InputError, match=f"DREG_LEASE_SECONDS={value!r}: .*at most 3600"):
+        acquire(out, "run-a")
+    with pytest.raises(InputError, match="at most 3600"):
+        acquire(out, "run-a", lease_seconds=1e308)
+    monkeypatch.setenv(ownership.LEASE_VARIABLE, "3600")
+    acquire(out, "run-a").release()
+
+
+class _BrokenClock(ManualClock):
+    def wait(self, stop, seconds):
+        raise OverflowError("timeout value is too large")
+
+
+def test_a_renewer_that_dies_fails_the_run(tmp_path):
+    """issue 18 item 5: a renewal thread that dies of anything is noticed by the run."""
+    lease = acquire(str(tmp_path / "out"), "run-a", lease_seconds=30, clock=_BrokenClock())
+    with pytest.raises(LeaseLost, match="renewal .* stopped: OverflowError"):
+        with lease.keep_alive():
+            deadline = time.monotonic() + 10
+            while lease._failure is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            lease.check("creating the field")
+
+
+def test_verify_sees_a_takeover_before_the_renewer_does(out):
+    """issue 18 item 5: a run that lost OUT between renewals stops before its next write
+    (one read of the lease), naming what it was about to do."""
+    clock = ManualClock()
+    lease = acquire(out, "run-a", lease_seconds=30, clock=clock)
+    lease.verify("stage 1")
+    write_lease(out, "run-b", expires=clock.now() + 60)
+    lease.check()  # the local check cannot know
+    with pytest.raises(LeaseLost, match="before creating the field: run run-b took it over"):
+        lease.verify("creating the field")
+    with pytest.raises(LeaseLost, match="run-b took it over"):
+        lease.check("writing a chunk")  # from now on, the local check knows too
+
+
+def test_flows_fence_every_write_under_the_held_out(tmp_path):
+    """issue 18 item 5: the flows' fence checks the lease of the OUT that contains the
+    written location, before each stage, field creation or removal and batch."""
+    from flows.ownership import fence, holding
+
+    out = str(tmp_path / "out")
+    clock = ManualClock()
+    lease = acquire(out, "run-a", lease_seconds=30, clock=clock)
+    inside = str(tmp_path / "out" / "stages" / "1-affine" / "field-x.ome.zarr")
+    fence(inside, "creating the field")  # no lease held here yet: nothing to check
+    with holding(lease):
+        fence(inside, "creating the field", verify=True)
+        fence(str(tmp_path / "outside"), "anything", verify=True)
+        write_lease(out, "run-b", expires=clock.now() + 60)
+        fence(str(tmp_path / "out-other"), "anything", verify=True)  # another OUT
+        with pytest.raises(LeaseLost, match="before removing the field: run run-b took it over"):
+            fence(inside, "removing the field", verify=True)
+        with pytest.raises(LeaseLost, match="submitting batch 3"):
+            fence(inside, "submitting batch 3")
+        clock.advance(31)
+    fence(inside, "after the run")  # released from the fence with the block
+
+
+# --- issue 18 item 12: an owner that died on this very machine ------------------------------
+
+
+def dead_process() -> tuple[int, int]:
+    """The pid and start time of a process that ran here and is gone."""
+    child = subprocess.Popen(["sleep", "30"])
+    started = owner_process.start_time(child.pid)[0]
+    child.kill()
+    child.wait()
+    return child.pid, started
+
+
+def write_local_lease(out: str, owner: str, pid: int, started: int, **changes) -> None:
+    """A live lease record as a run on this machine, in this boot, would have left it."""
+    now = time.time()
+    record = {"owner": owner, **owner_process.identity(), "pid": pid, "pid_start": started,
+              "acquired": now, "renewed": now, "expires": now + 60,
+              "token": uuid.uuid4().hex, "generation": 1, "released": None, **changes}
+    storage.write_text(storage.join(out, ownership.LEASE_DIR, record_name(1)),
+                       json.dumps(record))
+
+
+needs_proc = pytest.mark.skipif(owner_process.boot_id() is None, reason="no /proc boot id")
+
+
+@needs_proc
+def test_an_owner_that_died_on_this_machine_is_taken_over_at_once(out):
+    """issue 18 item 12: its lease is live, but its pid is gone from this host and boot:
+    taken over at once, saying so; never 'stop it'."""
+    pid, started = dead_process()
+    write_local_lease(out, "run-dead", pid, started)
+    told = []
+    notice = ownership.check_free(out, tell=told.append)
+    assert told == [notice]
+    assert f"run run-dead (pid {pid} on this machine) is no longer running" in notice
+    assert "taking over" in notice and "stop it" not in notice
+    lease = acquire(out, "run-b")
+    assert lease.owner_gone and lease.previous["owner"] == "run-dead"
+    assert read_owner(out)["took_over_from"] == "run-dead"
+
+
+@needs_proc
+def test_a_reused_pid_is_an_owner_gone(out):
+    """issue 18 item 12: the pid runs, but a process started at another time holds it."""
+    me = owner_process.identity()
+    write_local_lease(out, "run-dead", me["pid"], me["pid_start"] + 1)
+    assert acquire(out, "run-b").owner_gone
+
+
+@needs_proc
+def test_a_live_owner_on_this_machine_is_still_refused(out):
+    """issue 18 item 12: the owner's process runs (this one): refused, as before."""
+    me = owner_process.identity()
+    write_local_lease(out, "run-live", me["pid"], me["pid_start"])
+    with pytest.raises(OwnedElsewhere, match=r"run run-live .*wait for it to finish or "
+                                             r"stop it$"):
+        acquire(out, "run-b")
+    with pytest.raises(OwnedElsewhere):
+        ownership.check_free(out)
+
+
+@pytest.mark.parametrize("changes", [{"boot_id": "another-boot"}, {"host": "elsewhere"},
+                                     {"pid_namespace": "pid:[1]"},
+                                     {"boot_id": None, "pid_start": None}],
+                         ids=["another boot", "another host", "another container",
+                              "an old record"])
+def test_an_owner_that_cannot_be_checked_is_waited_for(out, changes):
+    """issue 18 item 12: a dead pid of another boot, host or container (or a record
+    without the fields) cannot be checked: the lease is waited for, as before, and the
+    message says when OUT is free if that run is gone."""
+    pid, started = dead_process()
+    write_local_lease(out, "run-unknown", pid, started, **changes)
+    with pytest.raises(OwnedElsewhere, match=r"run run-unknown .*wait for it to finish or "
+                                             r"stop it; if it is no longer running, OUT is "
+                                             r"free in (64|65) s"):
+        acquire(out, "run-b")

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dreg.grid import region_to_list
+from dreg.errors import StorageError
+from dreg.grid import region_shape, region_to_list
 from dreg.io import storage
 from dreg.registration.tiling import Block
 
@@ -65,3 +66,26 @@ def save_residual(uri: str, residual: np.ndarray) -> None:
 
 def load_residual(uri: str) -> np.ndarray:
     return np.load(io.BytesIO(storage.read_bytes(uri)))
+
+
+def check_residual(residual: object, block: Block, uri: str, values: bool = True) -> None:
+    """Raise StorageError naming `uri` unless `residual` is what a block's residual must be
+    to be used: a float32 array (3, z, y, x) of the block's field box, every value finite
+    (unless `values` is off: the caller checks the part it uses). The reduce's compiled
+    loops index it by the block's box: a smaller array would be read past its end."""
+    expected = (3, *region_shape(block.field_box))
+    if not isinstance(residual, np.ndarray):
+        raise StorageError(f"{uri}: not a block residual (not an array)", transient=False)
+    if residual.dtype != np.float32 or tuple(residual.shape) != expected:
+        raise StorageError(f"{uri}: a block residual must be float32 of shape {expected}, "
+                           f"found {residual.dtype} of shape {tuple(residual.shape)}",
+                           transient=False)
+    if values:
+        check_finite(residual, uri)
+
+
+def check_finite(residual: np.ndarray, uri: str) -> None:
+    """Raise StorageError naming `uri` if (part of) a residual holds NaN or infinity."""
+    if not np.isfinite(residual).all():
+        raise StorageError(f"{uri}: the block residual holds values that are not finite",
+                           transient=False)

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from dreg.compiled import jit
+from dreg.errors import StorageError
 from dreg.field import AffineTransform, as_transform, displacement_of, trilinear
 from dreg.grid import (
     Grid,
@@ -35,8 +36,14 @@ from dreg.grid import (
     vectors_to_components,
 )
 from dreg.io import mapped, ome_zarr, storage
-from dreg.registration.outcome import OK, BlockResult, load_residual
-from dreg.registration.tiling import axis_weights, tile
+from dreg.registration.outcome import (
+    OK,
+    BlockResult,
+    check_finite,
+    check_residual,
+    load_residual,
+)
+from dreg.registration.tiling import Block, axis_weights, tile
 
 
 def blocks_for_chunk(results: Sequence[BlockResult], chunk: Region) -> list[BlockResult]:
@@ -78,23 +85,32 @@ def _normalise(numerator, denominator):
 S3_FETCHES = 8  # residuals fetched from S3 at once
 
 
-def _residual_part(uri: str, source: tuple[slice, ...]) -> np.ndarray:
-    """The part `source` of a block's residual, float32.
+def _residual_part(uri: str, block: Block, source: tuple[slice, ...]) -> np.ndarray:
+    """The part `source` of a block's residual, float32, checked: the whole residual must
+    have the block's shape and dtype (the compiled loops index it by the block's box), the
+    part must be finite; StorageError naming the file otherwise.
 
     A local .npy is memory-mapped, so only the pages of the part a chunk needs are read
     (a block reaches up to eight chunks, most of them by a thin slab); anything else is
     read whole by `load_residual`, and the part copied out of it."""
-    if not storage.is_s3(uri) and uri.endswith(".npy"):
-        residual = mapped.npy(uri)  # a local path, as the block task wrote it
-        return np.asarray(residual[source], dtype=np.float32)
-    return np.array(load_residual(uri)[source], dtype=np.float32)
+    try:
+        if not storage.is_s3(uri) and uri.endswith(".npy"):
+            residual = mapped.npy(uri)  # a local path, as the block task wrote it
+        else:
+            residual = load_residual(uri)
+    except ValueError as exc:  # not a .npy file, or a truncated one
+        raise StorageError(f"{uri}: not a block residual ({exc})", transient=False) from None
+    check_residual(residual, block, uri, values=False)
+    part = np.asarray(residual[source], dtype=np.float32)
+    check_finite(part, uri)
+    return part
 
 
-def _residual_parts(items: list[tuple[str, tuple[slice, ...]]]):
-    """`_residual_part` of each (uri, source), in order. From S3 (where each residual is
-    a request, and its latency the cost) up to `S3_FETCHES` at a time."""
-    if not any(storage.is_s3(uri) for uri, _ in items):
-        return (_residual_part(uri, source) for uri, source in items)
+def _residual_parts(items: list[tuple[str, Block, tuple[slice, ...]]]):
+    """`_residual_part` of each (uri, block, source), in order. From S3 (where each
+    residual is a request, and its latency the cost) up to `S3_FETCHES` at a time."""
+    if not any(storage.is_s3(uri) for uri, _, _ in items):
+        return (_residual_part(*item) for item in items)
     pool = ThreadPoolExecutor(max_workers=S3_FETCHES)
     parts = pool.map(lambda item: _residual_part(*item), items)
     pool.shutdown(wait=False)  # the submitted fetches still run; map yields them in order
@@ -123,7 +139,8 @@ def _blend_into(numerator: np.ndarray, denominator: np.ndarray,
     reaching = [(result, overlap) for result in results if result.status == OK
                 and (overlap := intersect_regions(result.block.field_box, chunk)) is not None]
     parts = _residual_parts([
-        (result.residual_uri, (slice(None), *relative_region(overlap, result.block.field_box)))
+        (result.residual_uri, result.block,
+         (slice(None), *relative_region(overlap, result.block.field_box)))
         for result, overlap in reaching])
     for (result, overlap), part in zip(reaching, parts, strict=True):
         wz, wy, wx = axis_weights(result.block, overlap, image_shape_zyx, factor)

@@ -16,7 +16,9 @@ again, never reused on faith.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -24,7 +26,7 @@ import numpy as np
 from dreg.errors import StorageError
 from dreg.grid import region_to_list
 from dreg.io import storage
-from dreg.registration.outcome import OK, BlockResult, residual_bytes
+from dreg.registration.outcome import OK, STATUSES, BlockResult, check_residual, residual_bytes
 from dreg.registration.tiling import Block
 
 RECORD_VERSION = 1
@@ -90,15 +92,19 @@ def _write(uri: str, data: bytes) -> None:
 
 def load_entry(store_dir: str, key: str, block: Block) -> BlockResult | None:
     """The stored outcome of a block, or None (a miss) when the store has no complete,
-    intact entry for this very key."""
+    intact, well-formed entry for this very key: a record that is not an object, lacks
+    a field or holds a value of the wrong type, or a residual that does not match its
+    checksum or is not a finite float32 array of the block's shape, is a miss."""
     try:
         record = json.loads(storage.read_text(entry_uri(store_dir, block, key, ".json")))
     except Exception:  # noqa: BLE001 - absent, partial or unreadable: register again
         return None
-    if record.get("version") != RECORD_VERSION or record.get("key") != key:
+    parsed = _parse_record(record, key)
+    if parsed is None:
         return None
+    status, reason, metric_before, metric_after, seconds = parsed
     residual_uri = None
-    if record["status"] == OK:
+    if status == OK:
         residual_uri = entry_uri(store_dir, block, key, ".npy")
         try:
             data = storage.read_bytes(residual_uri)
@@ -106,7 +112,40 @@ def load_entry(store_dir: str, key: str, block: Block) -> BlockResult | None:
             return None
         if hashlib.sha256(data).hexdigest() != record.get("residual_sha256"):
             return None
-    return BlockResult(block, record["status"], record.get("reason", ""),
-                       record.get("metric_before"), record.get("metric_after"),
-                       float(record.get("seconds", 0.0)), residual_uri=residual_uri,
-                       reused=True)
+        try:
+            check_residual(np.load(io.BytesIO(data), allow_pickle=False), block,
+                           residual_uri)
+        except (StorageError, ValueError, OSError):  # not an array, or not this block's
+            return None
+    return BlockResult(block, status, reason, metric_before, metric_after, seconds,
+                       residual_uri=residual_uri, reused=True)
+
+
+def _number(value: object) -> bool:
+    """Whether a record's value is a JSON number; a bool or a number written as text is
+    not."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _parse_record(record: object, key: str) -> tuple | None:
+    """(status, reason, metric before, metric after, seconds) of a well-formed record of
+    this key, else None."""
+    if not isinstance(record, dict):
+        return None
+    if record.get("version") != RECORD_VERSION or record.get("key") != key:
+        return None
+    status, reason = record.get("status"), record.get("reason", "")
+    if status not in STATUSES or not isinstance(reason, str):
+        return None
+    if status == OK and not isinstance(record.get("residual_sha256"), str):
+        return None
+    before, after = record.get("metric_before"), record.get("metric_after")
+    seconds = record.get("seconds", 0.0)
+    # A metric may be null (not measured) or even NaN (as elastix reported it); the
+    # time a block took is a finite count of seconds.
+    if not all(value is None or _number(value) for value in (before, after)):
+        return None
+    if not (_number(seconds) and math.isfinite(seconds) and seconds >= 0):
+        return None
+    return status, reason, before, after, float(seconds)
+

@@ -1,28 +1,39 @@
 """What owning OUT means: a lease with a heartbeat, how it is taken, renewed, released
 and judged stale, and the errors a run sees.
 
-Clocks: ``expires`` is written with the owner's clock; another run treats the lease as
-stale only ``skew`` seconds after that (CLOCK_SKEW_S), and the owner treats it as lost as
-soon as ``expires`` passes without a renewal. The lease reads the time, and waits
-between renewals, through a `Clock`: this machine's unless a test passes its own. (An
-unreadable record's age comes from its modification time: storage's clock.)
+Clocks: a record's ``renewed`` and ``expires`` are written with the owner's clock, and
+their difference is the lease's length. Another run judges the lease by storage's clock
+alone: it is stale once the record's age (storage's time now minus the record's
+modification time, as storage dated it) passes its length plus ``skew`` (CLOCK_SKEW_S),
+so a host whose clock is ahead or behind neither takes over a live run early nor waits
+for a dead one. The owner treats its lease as lost as soon as its own ``expires`` passes
+without a renewal (measured from before its write: never later than others see it). A
+record claiming a lease longer than MAX_LEASE_S is damaged. The lease reads the time,
+and waits between renewals, through a `Clock`: this machine's and storage's, unless a
+test passes its own.
+
+An owner that provably died on this very machine (same host, boot and pid namespace; its
+pid gone or another process's: `process.owner_is_gone`) is taken over at once, without
+waiting for its lease to run out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from dreg.errors import DregError, InputError, StorageError
 from dreg.io import storage
 from dreg.io.ownership.local import LocalBackend
+from dreg.io.ownership.process import can_check, identity, owner_is_gone
 from dreg.io.ownership.records import (
     LEASE_DIR,
+    MAX_LEASE_S,
     MAX_ROUNDS,
     Backend,
     create,
@@ -38,17 +49,25 @@ LEASE_VARIABLE = "DREG_LEASE_SECONDS"
 
 
 class Clock:
-    """Where the lease reads the time and waits between renewals: this machine's clock.
-    Tests pass a clock they move by hand, so that expiry and renewal are exact and
-    instant."""
+    """Where the lease reads the time and waits between renewals: this machine's clock,
+    and storage's clock for judging other runs' records. Tests pass a clock they move by
+    hand (for both), so that expiry, staleness and renewal are exact and instant."""
 
     def now(self) -> float:
-        """Seconds since the epoch, the unit of a record's times."""
+        """Seconds since the epoch, the unit of a record's times (this machine's)."""
         return time.time()
 
     def wait(self, stop: threading.Event, seconds: float) -> bool:
         """Wait `seconds`, or less if `stop` is set; whether it is set."""
         return stop.wait(seconds)
+
+    def storage_now(self, backend: Backend) -> float:
+        """Storage's time now, by the clock that dates its records."""
+        return backend.now()
+
+    def written(self, record: dict) -> float:
+        """When storage says `record` was written (its modification time)."""
+        return float(record["modified"])
 
 
 SYSTEM_CLOCK = Clock()
@@ -71,9 +90,24 @@ class LeaseLost(DregError):
     """This run no longer owns OUT (taken over, released, or not renewed in time)."""
 
 
+def lease_length(lease: dict) -> float:
+    """How long a record's lease lasts unless renewed: its expiry minus its renewal, both
+    by its writer's clock (so neither's offset matters)."""
+    return float(lease.get("expires") or 0.0) - float(
+        lease.get("renewed") or lease.get("acquired") or 0.0)
+
+
+def lease_age(lease: dict, now: float) -> float:
+    """Seconds since the record was written, by storage's clock (`now` and the record's
+    ``written`` time); a record without it (made by hand) is dated by its ``renewed``."""
+    written = lease.get("written", lease.get("renewed") or lease.get("acquired") or 0.0)
+    return now - float(written)
+
+
 def describe_owner(uri: str, lease: dict, now: float | None = None) -> str:
     """'<OUT>: in use by run <id> (host h, pid p; lease renewed n s ago, expires in m s);
-    wait for it to finish or stop it'."""
+    wait for it to finish or stop it', with `now` storage's time. For an owner elsewhere
+    (which cannot be checked from here), when OUT is free if that run is gone."""
     now = SYSTEM_CLOCK.now() if now is None else now
     if lease.get("unreadable"):
         return (
@@ -81,8 +115,8 @@ def describe_owner(uri: str, lease: dict, now: float | None = None) -> str:
             f"{record_name(lease['generation'])} is being written or is damaged); "
             "try again in a minute"
         )
-    renewed = float(lease.get("renewed") or lease.get("acquired") or 0.0)
-    expires = float(lease.get("expires") or 0.0)
+    age = lease_age(lease, now)
+    left = lease_length(lease) - age
     where = ", ".join(
         part
         for part in (
@@ -91,36 +125,55 @@ def describe_owner(uri: str, lease: dict, now: float | None = None) -> str:
         )
         if part
     )
+    advice = "wait for it to finish or stop it"
+    if not can_check(lease):  # its process cannot be checked from here: it may be gone
+        advice += (f"; if it is no longer running, OUT is free in "
+                   f"{max(0.0, left + CLOCK_SKEW_S):.0f} s")
     return (
         f"{uri}: in use by run {lease.get('owner')} ({where + '; ' if where else ''}"
-        f"lease renewed {max(0.0, now - renewed):.0f} s ago, "
-        f"expires in {max(0.0, expires - now):.0f} s); wait for it to finish or stop it"
+        f"lease renewed {max(0.0, age):.0f} s ago, "
+        f"expires in {max(0.0, left):.0f} s); {advice}"
     )
 
 
+def describe_takeover(uri: str, lease: dict) -> str:
+    """What a run says when it takes over OUT from a run whose process is gone."""
+    return (f"{uri}: run {lease.get('owner')} (pid {lease.get('pid')} on this machine) is "
+            "no longer running; taking over its output")
+
+
 def is_stale(lease: dict, now: float | None = None, skew: float = CLOCK_SKEW_S) -> bool:
-    """Whether a lease's owner missed its renewal: `now` (another machine's clock) is
-    more than `skew` seconds past the lease's expiry. A released lease is stale too."""
+    """Whether a lease's owner missed its renewal: at `now` (storage's time), the record
+    is older than its lease length plus `skew` seconds. A released lease is stale too."""
     if lease.get("released"):
         return True
     now = SYSTEM_CLOCK.now() if now is None else now
-    return now > float(lease.get("expires") or 0.0) + skew
+    return lease_age(lease, now) > lease_length(lease) + skew
 
 
-def read_owner(out_uri: str) -> dict | None:
+def _observed(record: dict | None, clock: Clock) -> dict | None:
+    """`record` with ``written``: when storage dated it, as `clock` tells."""
+    if record is not None and "modified" in record:
+        record["written"] = clock.written(record)
+    return record
+
+
+def read_owner(out_uri: str, clock: Clock = SYSTEM_CLOCK) -> dict | None:
     """The current lease record of OUT, or None if nobody holds it (never taken, or
-    released). A stale lease is returned: check it with `is_stale`."""
+    released). A stale lease is returned: check it with `is_stale` (against storage's
+    time, `clock.storage_now`)."""
     uri = storage.normalize_uri(out_uri)
     _, _, record = latest(_backend(uri), uri)
     if record is None or record.get("released"):
         return None
-    return record
+    return _observed(record, clock)
 
 
 def lease_seconds_setting() -> float:
     """How long a lease lasts unless renewed: DREG_LEASE_SECONDS, else 60 s. A shorter
     lease lets the next run take over a dead run's output sooner; every run on one
-    output should use the same value."""
+    output should use the same value. At most MAX_LEASE_S (an hour): a longer one would
+    be a record others take for damaged (and 1e308 s broke the renewal thread)."""
     text = os.environ.get(LEASE_VARIABLE, "").strip()
     if not text:
         return DEFAULT_LEASE_S
@@ -128,8 +181,9 @@ def lease_seconds_setting() -> float:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value >= 3:
-        raise InputError(f"{LEASE_VARIABLE}={text!r}: must be a number of seconds, at least 3")
+    if not 3 <= value <= MAX_LEASE_S:
+        raise InputError(f"{LEASE_VARIABLE}={text!r}: must be a number of seconds, at least 3 "
+                         f"and at most {MAX_LEASE_S:.0f}")
     return value
 
 
@@ -146,7 +200,8 @@ def acquire(
     record and judges other runs' leases stale; the Lease keeps it for its renewals.
 
     Succeeds if OUT has no lease, if its lease was released or is stale (its owner died;
-    it is taken over: `Lease.previous` is the stale record), or if it is held by the same
+    it is taken over: `Lease.previous` is the stale record), if its owner provably died
+    on this machine (taken over at once: `Lease.owner_gone`), or if it is held by the same
     run id (a retried flow: the earlier attempt loses its lease). Otherwise raises
     OwnedElsewhere naming the owner. Of concurrent callers exactly one wins.
     """
@@ -154,26 +209,24 @@ def acquire(
         raise InputError(f"invalid run id for the ownership of {out_uri}: {owner!r}")
     if lease_seconds is None:
         lease_seconds = lease_seconds_setting()
-    if not lease_seconds > 0:
-        raise InputError(f"lease_seconds must be positive, got {lease_seconds}")
+    if not 0 < lease_seconds <= MAX_LEASE_S:
+        raise InputError(f"lease_seconds must be positive and at most {MAX_LEASE_S:.0f}, "
+                         f"got {lease_seconds}")
     uri = storage.normalize_uri(out_uri)
     backend = _backend(uri)
     backend.check_atomic()
     token = uuid.uuid4().hex
     for _ in range(MAX_ROUNDS):
         generations, generation, record = latest(backend, uri)
+        gone = False
+        if record is not None and record.get("owner") != owner:
+            gone = _refuse_unless_free(uri, backend, _observed(record, clock), clock,
+                                       skew_seconds)
         now = clock.now()
-        if (
-            record is not None
-            and record.get("owner") != owner
-            and not is_stale(record, now, skew_seconds)
-        ):
-            raise OwnedElsewhere(uri, record, now)
         previous = None if record is None or record.get("released") else record
         new = {
             "owner": owner,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
+            **identity(),
             "acquired": now,
             "renewed": now,
             "expires": now + lease_seconds,
@@ -184,8 +237,23 @@ def acquire(
         }
         if create(backend, uri, generation + 1, new):
             prune(backend, generations, generation + 1)
-            return Lease(uri, new, lease_seconds, previous, clock)
+            return Lease(uri, new, lease_seconds, previous, clock, owner_gone=gone)
     raise StorageError(f"{uri}: could not take ownership: the ownership record keeps changing")
+
+
+def _refuse_unless_free(uri: str, backend: Backend, record: dict, clock: Clock,
+                        skew_seconds: float) -> bool:
+    """Raise OwnedElsewhere if another run's `record` holds OUT: its lease is live (by
+    storage's clock) and its process is not provably gone. Returns whether it is taken
+    over because its process is gone (a live lease whose owner died on this machine)."""
+    if record.get("released"):
+        return False
+    now = clock.storage_now(backend)
+    if is_stale(record, now, skew_seconds):
+        return False
+    if not record.get("unreadable") and owner_is_gone(record):
+        return True
+    raise OwnedElsewhere(uri, record, now)
 
 
 class Lease:
@@ -200,6 +268,7 @@ class Lease:
         lease_seconds: float,
         previous: dict | None,
         clock: Clock = SYSTEM_CLOCK,
+        owner_gone: bool = False,
     ):
         self.uri = uri
         self.owner: str = record["owner"]
@@ -207,6 +276,9 @@ class Lease:
         self.lease_seconds = lease_seconds
         self.record = dict(record)
         self.previous = previous
+        # Taken over before the previous owner's lease ran out: its process was found
+        # gone on this machine.
+        self.owner_gone = owner_gone
         self.clock = clock
         self._lock = threading.Lock()
         self._released = False
@@ -279,21 +351,52 @@ class Lease:
                 self.record = tombstone
                 prune(backend, generations, generation + 1)
 
-    def check(self) -> None:
+    def check(self, before: str = "") -> None:
         """Raise LeaseLost if this run may no longer write to OUT: a renewal found the
-        lease taken over, or the lease expired without being renewed."""
+        lease taken over, the renewer stopped, or the lease expired without being renewed.
+        `before` names what the run was about to do (for the message). Reads no storage:
+        cheap enough before every write."""
+        stopped = f"; stopped before {before}" if before else ""
         if self._failure is not None:
-            raise self._failure
+            raise LeaseLost(f"{self._failure}{stopped}")
         if self._released:
-            raise LeaseLost(f"{self.uri}: run {self.owner} already released OUT")
+            raise LeaseLost(f"{self.uri}: run {self.owner} already released OUT{stopped}")
         if self.clock.now() > self.expires:
             cause = f" ({storage.describe_storage_failure(self.uri, self.last_error)})"
             raise LeaseLost(
                 f"{self.uri}: the ownership lease of run {self.owner} expired without "
-                f"renewal{cause if self.last_error else ''}"
+                f"renewal{cause if self.last_error else ''}{stopped}"
             )
 
+    def verify(self, before: str = "") -> None:
+        """`check`, then read the lease from storage: raise LeaseLost if another run has
+        taken it over (one read; for the steps between stages). A storage error here is
+        left to the renewer, which retries until the lease expires."""
+        self.check(before)
+        try:
+            generation_record = latest(_backend(self.uri), self.uri)
+        except StorageError:
+            return
+        _, generation, record = generation_record
+        # A renewal may have written a newer generation of ours meanwhile.
+        if record is not None and record.get("token") == self.token and not record.get(
+                "released") and generation >= self.generation:
+            return
+        lost = self._lost(record, "checked before " + (before or "writing"))
+        if self._failure is None:
+            self._failure = lost
+        raise lost
+
     def _renew_loop(self, stop: threading.Event, interval: float) -> None:
+        try:
+            self._renew_until(stop, interval)
+        except BaseException as exc:  # noqa: BLE001 - a renewer that dies must be noticed
+            if not self._released:
+                self._failure = LeaseLost(
+                    f"{self.uri}: the renewal of the ownership lease of run {self.owner} "
+                    f"stopped: {type(exc).__name__}: {exc}")
+
+    def _renew_until(self, stop: threading.Event, interval: float) -> None:
         while not self.clock.wait(stop, interval):
             try:
                 self.renew()
@@ -345,12 +448,24 @@ def _backend(uri: str) -> Backend:
     return S3Backend(uri) if storage.is_s3(uri) else LocalBackend(uri)
 
 
-def check_free(out_uri: str, *, clock: Clock = SYSTEM_CLOCK) -> None:
+def check_free(out_uri: str, *, clock: Clock = SYSTEM_CLOCK,
+               tell: Callable[[str], None] | None = None) -> str | None:
     """Refuse at once, naming the owner, when another run holds a live lease on OUT, or
     when the lease length setting is bad: the fast check a command makes before it starts
-    a server or a cluster."""
+    a server or a cluster. When the owner's lease is live but its process is gone from
+    this machine (the command's run will take OUT over at once), says so: `tell` gets
+    the line (default: ``dreg: <line>`` on stderr), which is also returned."""
     lease_seconds_setting()
-    lease = read_owner(out_uri)
-    now = clock.now()
-    if lease is not None and not is_stale(lease, now):
-        raise OwnedElsewhere(storage.normalize_uri(out_uri), lease, now)
+    uri = storage.normalize_uri(out_uri)
+    backend = _backend(uri)
+    _, _, record = latest(backend, uri)
+    if record is None or record.get("released"):
+        return None
+    if not _refuse_unless_free(uri, backend, _observed(record, clock), clock, CLOCK_SKEW_S):
+        return None
+    notice = describe_takeover(uri, record)
+    if tell is None:
+        print(f"dreg: {notice}", file=sys.stderr)
+    else:
+        tell(notice)
+    return notice

@@ -76,6 +76,20 @@ class LocalBackend(Backend):
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
 
+    def now(self) -> float:
+        """The file system's clock: the modification time of a file created now (on a
+        network file system the server's clock, which dates the records too)."""
+        probe = self.directory / f"tmp-now-{uuid.uuid4().hex}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                return os.fstat(fd).st_mtime
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError:  # no folder (no record either) or read-only: this machine's clock
+            return time.time()
+
     def delete(self, generation: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.directory / record_name(generation))

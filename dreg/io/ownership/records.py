@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
+import time
 
 from dreg.errors import StorageError
 
@@ -22,6 +24,9 @@ UNREADABLE_GRACE_S = 30.0
 # Compare-and-swap rounds before giving up on a location that keeps changing under us.
 MAX_ROUNDS = 20
 KEEP_GENERATIONS = 2
+# The longest lease there may be (DREG_LEASE_SECONDS is bounded by it): a record that
+# claims a longer one is damaged, not a run to wait for.
+MAX_LEASE_S = 3600.0
 
 GENERATION = re.compile(r"^(\d+)\.json$")
 
@@ -48,6 +53,11 @@ class Backend:
     def delete(self, generation: int) -> None:
         raise NotImplementedError
 
+    def now(self) -> float:
+        """The storage's clock now (seconds since the epoch): the clock that dates its
+        records' modification times."""
+        return time.time()
+
     def check_atomic(self) -> None:
         """Raise StorageError if `create` cannot be atomic here."""
 
@@ -56,12 +66,16 @@ class Backend:
 
 
 def parse(generation: int, data: bytes, modified: float) -> dict:
-    """A generation's record; one that cannot be parsed is held by nobody in particular
-    until UNREADABLE_GRACE_S after its modification time (storage's clock)."""
+    """A generation's record, with ``modified``: when storage says it was written (its
+    modification time, storage's clock). A record that cannot be parsed, or that is
+    damaged (fields of the wrong type, a lease longer than MAX_LEASE_S), is held by
+    nobody in particular until UNREADABLE_GRACE_S after its modification time."""
     try:
         record = json.loads(data)
         if not isinstance(record, dict) or not record.get("token"):
             raise ValueError("not a lease record")
+        if not well_formed(record):
+            raise ValueError("a damaged lease record")
     except ValueError:
         return {
             "owner": None,
@@ -69,9 +83,30 @@ def parse(generation: int, data: bytes, modified: float) -> dict:
             "generation": generation,
             "renewed": modified,
             "expires": modified + UNREADABLE_GRACE_S,
+            "modified": modified,
         }
     record["generation"] = generation
+    record["modified"] = modified
     return record
+
+
+def _number(value: object) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def well_formed(record: dict) -> bool:
+    """Whether a parsed record has what judging it needs: a run id, a token, finite
+    times, and a lease length (expires - renewed, both by its writer's clock) within
+    (0, MAX_LEASE_S] unless it is released."""
+    if not isinstance(record.get("owner"), str) or not isinstance(record.get("token"), str):
+        return False
+    if not all(_number(record.get(name)) for name in ("renewed", "expires")):
+        return False
+    if record.get("released") not in (None, False) and not _number(record["released"]):
+        return False
+    length = float(record["expires"]) - float(record["renewed"])
+    return bool(record.get("released")) or 0 < length <= MAX_LEASE_S
 
 
 def latest(backend: Backend, uri: str) -> tuple[list[int], int, dict | None]:

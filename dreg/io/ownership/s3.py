@@ -9,8 +9,10 @@ is refused rather than letting two runs both own OUT. No conditional delete or
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import os
 import threading
+import time
 import uuid
 
 from dreg.errors import StorageError
@@ -77,6 +79,29 @@ class S3Backend(Backend):
         self.bucket = bucket
         self.prefix = f"{prefix.strip('/')}/{LEASE_DIR}/".lstrip("/")
         self.client = _s3_client()
+        # The store's clock, from the Date header of its last answer: (its time, this
+        # machine's monotonic time when it answered).
+        self._server_time: tuple[float, float] | None = None
+
+    def _note_time(self, response: dict) -> None:
+        headers = (response.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
+        try:
+            stamp = email.utils.parsedate_to_datetime(headers["date"]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            return
+        self._server_time = (stamp, time.monotonic())
+
+    def now(self) -> float:
+        """The store's clock: the Date of its last answer plus the time since (S3 dates
+        LastModified with the same clock, to the second)."""
+        if self._server_time is None:
+            with contextlib.suppress(Exception):
+                self._note_time(self.client.list_objects_v2(
+                    Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1))
+        if self._server_time is None:
+            return time.time()
+        stamp, at = self._server_time
+        return stamp + (time.monotonic() - at)
 
     def _fail(self, exc: BaseException) -> StorageError:
         return StorageError(
@@ -105,6 +130,7 @@ class S3Backend(Backend):
     def read(self, generation: int) -> tuple[bytes, float] | None:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(generation))
+            self._note_time(response)
             return response["Body"].read(), response["LastModified"].timestamp()
         except Exception as exc:  # noqa: BLE001 - turned into a clear message
             if _is_missing(exc):
