@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        return _run(args)
     except RunFailed as exc:
         print(f"dreg: failed: {exc}", file=sys.stderr)
         return 1
@@ -41,6 +41,21 @@ def main(argv: list[str] | None = None) -> int:
             print("dreg: interrupted", file=sys.stderr)
             return 130
         raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; a command that runs flows (it has cluster options) on Prefect's
+    temporary API server stops that server, and waits for it, before returning."""
+    if not hasattr(args, "dask_address"):
+        return args.run(args)
+    from flows.children import stop_temporary_server, use_temporary_server
+
+    if not use_temporary_server():
+        return args.run(args)
+    try:
+        return args.run(args)
+    finally:
+        stop_temporary_server()
 
 
 if __name__ == "__main__":
