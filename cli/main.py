@@ -44,18 +44,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Run the command; a command that runs flows (it has cluster options) on Prefect's
-    temporary API server stops that server, and waits for it, before returning."""
-    if not hasattr(args, "dask_address"):
-        return args.run(args)
-    from flows.children import stop_temporary_server, use_temporary_server
-
-    if not use_temporary_server():
-        return args.run(args)
+    """Run the command; if it started Prefect's temporary API server (see
+    `flows.children.use_temporary_server`), stop that server and wait for it before
+    returning."""
     try:
         return args.run(args)
     finally:
-        stop_temporary_server()
+        if "flows.children" in sys.modules:
+            from flows.children import stop_temporary_server
+
+            stop_temporary_server()
 
 
 if __name__ == "__main__":

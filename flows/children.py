@@ -20,6 +20,7 @@ import contextlib
 import logging
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -104,8 +105,10 @@ def _temporary_server_class():
 
 def use_temporary_server() -> bool:
     """When no Prefect API is configured: make the temporary server that Prefect starts
-    on first use the shielded one above. Call before anything uses Prefect's client.
-    Returns whether a temporary server will be used."""
+    on first use the shielded one above. A command calls it once its input is checked,
+    just before its flow (importing the server takes seconds: bad input is refused
+    without it), and `stop_temporary_server` as it ends. Returns whether a temporary
+    server will be used."""
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
@@ -122,6 +125,8 @@ def use_temporary_server() -> bool:
 def stop_temporary_server() -> None:
     """Send the logs and events still queued (bounded), then stop the temporary server,
     if one was started, and wait for it. Nothing when none was."""
+    if "prefect.server.api.server" not in sys.modules:
+        return
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
     from prefect.server.api.server import SubprocessASGIServer
