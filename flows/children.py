@@ -82,6 +82,10 @@ def _temporary_server_class():
             except RuntimeError as exc:
                 if "Timed out" not in str(exc):
                     raise
+                if self.server_process is not None:
+                    # It never served: killed, it cannot print its shutdown's traceback.
+                    self.server_process.kill()
+                    self.server_process.wait()
                 self.stop()
                 raise RunFailed(
                     f"the temporary Prefect API server did not answer within {timeout} s "
