@@ -44,16 +44,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Run the command; if it started Prefect's temporary API server (see
-    `flows.children.use_temporary_server`), stop that server and wait for it before
-    returning."""
+    """Run the command; if it ran a flow, stop the processes that started with it (the
+    temporary API server, see `flows.children`) and wait for them before returning."""
     try:
         return args.run(args)
     finally:
         if "flows.children" in sys.modules:
-            from flows.children import stop_temporary_server
+            from flows.children import stop_children
 
-            stop_temporary_server()
+            stop_children()
 
 
 if __name__ == "__main__":

@@ -17,12 +17,12 @@ nanny restarts a worker from such a thread).
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from multiprocessing import resource_tracker
 
 # Prefect's default for the temporary server's start-up is 20 s: a busy machine (load
 # twice its cores) takes longer than that to import the server and migrate its
@@ -33,8 +33,6 @@ STARTUP_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 # Bounds of the shutdown: sending the last logs and events, then the server's stop.
 DRAIN_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 5.0
-
-_log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -111,7 +109,7 @@ def use_temporary_server() -> bool:
     """When no Prefect API is configured: make the temporary server that Prefect starts
     on first use the shielded one above. A command calls it once its input is checked,
     just before its flow (importing the server takes seconds: bad input is refused
-    without it), and `stop_temporary_server` as it ends. Returns whether a temporary
+    without it), and `stop_children` as it ends. Returns whether a temporary
     server will be used."""
     from prefect.settings import PREFECT_API_URL
 
@@ -126,11 +124,21 @@ def use_temporary_server() -> bool:
     return True
 
 
-def stop_temporary_server() -> None:
-    """Send the logs and events still queued (bounded), then stop the temporary server,
-    if one was started, and wait for it. Nothing when none was."""
-    if "prefect.server.api.server" not in sys.modules:
-        return
+def stop_children() -> None:
+    """What a command does last: send the logs and events still queued (bounded), stop
+    the temporary API server if one was started, and stop the multiprocessing resource
+    tracker if a local cluster started one; wait for each, so that no process of the
+    command outlives it."""
+    if "prefect.server.api.server" in sys.modules:
+        _stop_temporary_server()
+    # Private, but the only way to wait for it: left alone, it exits only after this
+    # process does, on seeing its pipe closed.
+    stop = getattr(resource_tracker._resource_tracker, "_stop", None)
+    if stop is not None:
+        stop()
+
+
+def _stop_temporary_server() -> None:
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
     from prefect.server.api.server import SubprocessASGIServer

@@ -223,18 +223,6 @@ def dask_cluster(address: str | None = None, workers: int | None = None,
             resources=WORKER_RESOURCES,
             security=security,
         )
-    try:
-        with cluster, dask.config.set(_client_config(security)):
-            configure_workers(cluster.scheduler_address, warm, environ)
-            yield cluster.scheduler_address
-    finally:
-        _stop_resource_tracker()
-
-
-def _stop_resource_tracker() -> None:
-    """Stop the multiprocessing resource tracker that the cluster's workers needed and
-    wait for it, so that no process of this command outlives it (the next cluster
-    starts it again)."""
-    stop = getattr(resource_tracker._resource_tracker, "_stop", None)
-    if stop is not None:
-        stop()
+    with cluster, dask.config.set(_client_config(security)):
+        configure_workers(cluster.scheduler_address, warm, environ)
+        yield cluster.scheduler_address
