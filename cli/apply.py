@@ -17,7 +17,11 @@ from flows.options import RunOptions
 
 
 def _options(args: argparse.Namespace):
+    """The run's options, once the input is checked and the flow is about to run."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.children import use_temporary_server
+
+    use_temporary_server()
     return run_options(args)
 
 

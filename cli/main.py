@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     apply_private_mode()
     try:
-        return args.run(args)
+        return _run(args)
     except RunFailed as exc:
         print(f"dreg: failed: {one_line(str(exc))}", file=sys.stderr)
         return 1
@@ -66,6 +66,18 @@ def main(argv: list[str] | None = None) -> int:
             print("dreg: interrupted", file=sys.stderr)
             return 130
         raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; if it ran a flow, stop the processes that started with it (the
+    temporary API server, see `flows.children`) and wait for them before returning."""
+    try:
+        return args.run(args)
+    finally:
+        if "flows.children" in sys.modules:
+            from flows.children import stop_children
+
+            stop_children()
 
 
 if __name__ == "__main__":

@@ -21,11 +21,17 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
+from multiprocessing import resource_tracker
 
+import dask
 from distributed.diagnostics.plugin import WorkerPlugin
+
+from flows.children import sigint_blocked
 
 ADDRESS_VARIABLE = "DREG_DASK_ADDRESS"
 WORKERS_VARIABLE = "DREG_DASK_WORKERS"
+# A local cluster talks TLS unless this is 0 (see `local_security`).
+TLS_VARIABLE = "DREG_DASK_TLS"
 THREADS_PER_WORKER = 1
 # Read by OpenMP, MKL, OpenBLAS and ITK when they start their thread pools.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
@@ -175,11 +181,36 @@ def environment_workers() -> int | None:
     return workers
 
 
+def local_security():
+    """TLS for a local cluster, with a key and certificate made for it in memory (Dask's
+    `Security.temporary`): only this process and the cluster's own processes hold the
+    key, so another user of the machine can neither submit work to the workers nor read
+    what passes between them. None (plain TCP) when DREG_DASK_TLS is 0."""
+    if os.environ.get(TLS_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    from distributed.security import Security
+
+    return Security.temporary()
+
+
+def _client_config(security) -> dict:
+    """Dask settings under which every client this process opens (ours, and Prefect's
+    task runner) connects with `security`; nothing to change for plain TCP."""
+    if security is None:
+        return {}
+    return {"distributed.comm.require-encryption": True,
+            "distributed.comm.tls.ca-file": security.tls_ca_file,
+            "distributed.comm.tls.client.cert": security.tls_client_cert,
+            "distributed.comm.tls.client.key": security.tls_client_key}
+
+
 @contextlib.contextmanager
 def dask_cluster(address: str | None = None, workers: int | None = None,
                  warm: bool = False) -> Iterator[str]:
     """Yield the address of a Dask cluster, starting a local one if none is given.
 
+    A local cluster listens on 127.0.0.1 with TLS (`local_security`); while inside, this
+    process's Dask clients use its key. A cluster given by address is used as it is.
     Every worker, now or later, is set up by `WorkerSetup`; with `warm`, it also pays
     elastix's first-use cost first (registration needs it; warping, inverting and
     moving points do not)."""
@@ -192,15 +223,25 @@ def dask_cluster(address: str | None = None, workers: int | None = None,
     from distributed import LocalCluster
 
     n_workers = workers or environment_workers() or os.cpu_count() or 1
+    security = local_security()
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    with LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=THREADS_PER_WORKER,
-        processes=True,
-        dashboard_address=None,
-        silence_logs=logging.WARNING,
-        env={**{name: str(THREADS_PER_WORKER) for name in THREAD_VARIABLES}, **environ},
-        resources=WORKER_RESOURCES,
-    ) as cluster:
+    # The cluster's event loop thread starts here, and the nannies start (and restart)
+    # their workers from threads it creates: all with SIGINT blocked, so a terminal's
+    # Ctrl-C reaches only this process, which closes the cluster in order. The
+    # multiprocessing resource tracker unblocks SIGINT in the thread that first starts
+    # it, so it is started before.
+    resource_tracker.ensure_running()
+    with sigint_blocked():
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=THREADS_PER_WORKER,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.WARNING,
+            env={**{name: str(THREADS_PER_WORKER) for name in THREAD_VARIABLES}, **environ},
+            resources=WORKER_RESOURCES,
+            security=security,
+        )
+    with cluster, dask.config.set(_client_config(security)):
         configure_workers(cluster.scheduler_address, warm, environ)
         yield cluster.scheduler_address
