@@ -202,16 +202,16 @@ def test_convert_overwrite_replaces_only_an_image_dreg_wrote(run_here, tmp_path)
     output of another kind) is refused."""
     run_dreg = run_here
     path = str(tmp_path / "image.mha")
-    itk.imwrite(itk.image_from_array(np.zeros((4, 5, 6), np.uint8)), path)
+    itk.imwrite(itk.image_from_array(np.zeros((16, 16, 16), np.uint8)), path)
     out = tmp_path / "out.ome.zarr"
     assert run_dreg(["convert", path, str(out)], clean_environment()).returncode == 0
     assert_one_clear_line(run_dreg(["convert", path, str(out)], clean_environment()),
                           str(out), "already exists (pass --overwrite")
-    again = run_dreg(["convert", path, str(out), "--overwrite", "--chunks", "4"],
+    again = run_dreg(["convert", path, str(out), "--overwrite", "--chunks", "8"],
                      clean_environment())
     assert again.returncode == 0, again.stderr
     assert json.loads((out / "0" / "zarr.json").read_text())["chunk_grid"][
-        "configuration"]["chunk_shape"] == [4, 4, 4]
+        "configuration"]["chunk_shape"] == [8, 8, 8]
     from dreg.field import create_field
     from dreg.grid import Grid
 
