@@ -17,6 +17,7 @@ nanny restarts a worker from such a thread).
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import signal
 import subprocess
 import sys
@@ -132,9 +133,11 @@ def stop_children() -> None:
     if "prefect.server.api.server" in sys.modules:
         _stop_temporary_server()
     # Private, but the only way to wait for it: left alone, it exits only after this
-    # process does, on seeing its pipe closed.
+    # process does, on seeing its pipe closed. Only once no child process is left: a
+    # live child holds the tracker's pipe too, and stopping would wait for that child
+    # (a cluster this process still runs when `dreg` is called inside a program).
     stop = getattr(resource_tracker._resource_tracker, "_stop", None)
-    if stop is not None:
+    if stop is not None and not multiprocessing.active_children():
         stop()
 
 
