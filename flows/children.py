@@ -69,6 +69,10 @@ def _temporary_server_class():
         """Prefect's temporary API server, started with SIGINT blocked and a start-up
         wait that a busy machine can meet; a start-up that times out is one line."""
 
+        # What `stop_children` stops: a temporary server another part of the program
+        # started (a test harness's, an embedding program's) is not this command's.
+        owned_by_dreg = True
+
         def _run_uvicorn_command(self) -> subprocess.Popen:
             with sigint_blocked():
                 return super()._run_uvicorn_command()
@@ -147,7 +151,8 @@ def _stop_temporary_server() -> None:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer._instances.get(None)
-    if server is None or server.server_process is None:
+    if (server is None or server.server_process is None
+            or not getattr(server, "owned_by_dreg", False)):
         return
     if server.server_process.poll() is None:
         # Sent before the server goes: afterwards they would retry against a dead port.

@@ -280,3 +280,20 @@ def test_the_local_cluster_talks_tls_and_its_workers_ignore_ctrl_c(prefect_api, 
     assert not _sigint_blocked_here()  # only while the cluster starts
     monkeypatch.setenv(TLS_VARIABLE, "0")
     assert local_security() is None
+
+
+def test_a_command_inside_a_program_stops_only_what_it_started(prefect_api, dask_address):
+    """`dreg` called inside a program (here, under the test harness's server, with a
+    cluster of the program's own running): its last step leaves the program's API
+    server serving and returns at once, instead of stopping that server or waiting for
+    the multiprocessing resource tracker that the program's cluster still holds."""
+    import threading
+    import urllib.request
+
+    from flows.children import stop_children
+
+    done = threading.Event()
+    threading.Thread(target=lambda: (stop_children(), done.set()), daemon=True).start()
+    assert done.wait(30), "stop_children waited for processes this command did not start"
+    with urllib.request.urlopen(f"{prefect_api.rstrip('/')}/health", timeout=10) as answer:
+        assert answer.status == 200
