@@ -96,10 +96,14 @@ def worker_pids(address: str) -> dict[str, int]:
     from distributed import Client
 
     with Client(address, timeout="20s") as client:
-        names = {worker: info["name"]
-                 for worker, info in client.scheduler_info()["workers"].items()}
-        pids = client.run(os.getpid)
-    return {names[worker]: pid for worker, pid in pids.items()}
+        # Each worker answers with its own name, so a worker that joins between two
+        # calls to the scheduler cannot leave a process without a name.
+        answers = client.run(_name_and_pid)
+    return dict(answers.values())
+
+
+def _name_and_pid(dask_worker) -> tuple[str, int]:
+    return dask_worker.name, os.getpid()
 
 
 def both_workers(address: str) -> dict[str, int] | None:
