@@ -4,21 +4,26 @@ An event can name any string as an image. Before it is used: the scheme must be 
 serve (``s3://`` or a local path), it must lie under one of the prefixes the deployment
 allows (an S3 bucket/prefix, or a local root: resolved, so ``..`` cannot climb out), it
 must carry no credentials and be of sane length, and the version must be a plain label.
+The numbers a deployment sets in its environment (workers, lease length, voxel limit)
+are checked here too, so a typo fails before any work is spent.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from dreg.errors import InputError
 
 MAX_URI_LENGTH = 1024
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9._:+-]{0,128}$")
 S3_URI_PATTERN = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?$")
+Number = TypeVar("Number", int, float)
 
 
 def _local_under(path: str, root: str) -> bool:
@@ -129,3 +134,29 @@ def output_name(moving_uri: str, version: str) -> str:
     name in different folders must not share an output)."""
     digest = hashlib.sha256(moving_uri.rstrip("/").encode()).hexdigest()[:8]
     return f"{readable_name(moving_uri, version)}-{digest}"
+
+
+def bounded_setting(
+    variable: str,
+    parse: Callable[[str], Number],
+    low: float,
+    high: float,
+    requirement: str,
+    default: Number | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Number | None:
+    """The number `parse` reads from the environment variable, from `low` to `high`;
+    `default` when the variable is unset or blank. Anything else (not a number, NaN,
+    out of range) is an InputError naming the variable, its text and `requirement`
+    ("must be …"), before any work is spent."""
+    environ = os.environ if environ is None else environ
+    text = environ.get(variable, "").strip()
+    if not text:
+        return default
+    try:
+        value = parse(text)
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:
+        raise InputError(f"{variable}={text[:40]!r}: must be {requirement}")
+    return value

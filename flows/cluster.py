@@ -165,20 +165,11 @@ def _run_environment() -> dict[str, str]:
 def environment_workers() -> int | None:
     """The local cluster's workers from DREG_DASK_WORKERS (None when unset or empty);
     InputError naming the variable when it is not a whole number from 1 to MAX_WORKERS."""
-    from dreg.errors import InputError
+    from dreg.trust import bounded_setting
     from flows.options import MAX_WORKERS
 
-    text = os.environ.get(WORKERS_VARIABLE, "").strip()
-    if not text:
-        return None
-    try:
-        workers = int(text)
-    except ValueError:
-        workers = 0
-    if not 1 <= workers <= MAX_WORKERS:
-        raise InputError(f"{WORKERS_VARIABLE}={text[:40]!r}: must be a whole number from 1 "
-                         f"to {MAX_WORKERS}")
-    return workers
+    return bounded_setting(WORKERS_VARIABLE, int, 1, MAX_WORKERS,
+                           f"a whole number from 1 to {MAX_WORKERS}")
 
 
 def local_security():

@@ -19,6 +19,7 @@ output prefix (DREG_OUT_PREFIX), where event-started registrations write.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -71,14 +72,9 @@ class IngestSettings:
         DREG_MAX_VOXELS (default 2**40) and DREG_PIPELINE (a pipeline YAML file on the
         worker; default: the built-in pipeline), read where the flow runs."""
         environ = os.environ if environ is None else environ
-        text = environ.get(MAX_VOXELS_VARIABLE, "").strip()
-        try:
-            max_voxels = int(text) if text else DEFAULT_MAX_VOXELS
-        except ValueError:
-            max_voxels = 0
-        if max_voxels < 1:
-            raise trust.InputError(f"{MAX_VOXELS_VARIABLE}={text!r}: must be a whole number "
-                                   "of voxels, at least 1")
+        max_voxels = trust.bounded_setting(MAX_VOXELS_VARIABLE, int, 1, math.inf,
+                                           "a whole number of voxels, at least 1",
+                                           default=DEFAULT_MAX_VOXELS, environ=environ)
         pipeline_file = environ.get(PIPELINE_VARIABLE, "").strip()
         return cls(reference=environ.get(REFERENCE_VARIABLE, "").strip(),
                    out_prefix=environ.get(OUT_PREFIX_VARIABLE, "").strip(),

@@ -20,7 +20,6 @@ waiting for its lease to run out.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import threading
 import time
@@ -42,6 +41,7 @@ from dreg.io.ownership.records import (
     record_name,
 )
 from dreg.io.ownership.s3 import S3Backend
+from dreg.trust import bounded_setting
 
 CLOCK_SKEW_S = 5.0
 DEFAULT_LEASE_S = 60.0
@@ -174,17 +174,9 @@ def lease_seconds_setting() -> float:
     lease lets the next run take over a dead run's output sooner; every run on one
     output should use the same value. At most MAX_LEASE_S (an hour): a longer one would
     be a record others take for damaged (and 1e308 s broke the renewal thread)."""
-    text = os.environ.get(LEASE_VARIABLE, "").strip()
-    if not text:
-        return DEFAULT_LEASE_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 3 <= value <= MAX_LEASE_S:
-        raise InputError(f"{LEASE_VARIABLE}={text!r}: must be a number of seconds, at least 3 "
-                         f"and at most {MAX_LEASE_S:.0f}")
-    return value
+    return bounded_setting(LEASE_VARIABLE, float, 3, MAX_LEASE_S,
+                           f"a number of seconds, at least 3 and at most {MAX_LEASE_S:.0f}",
+                           default=DEFAULT_LEASE_S)
 
 
 def acquire(
