@@ -2,7 +2,9 @@
 # Quick start: `bash scripts/dev.sh demo` runs the main job on demo data;
 # `bash scripts/dev.sh test` runs the whole test suite, `test-fast` its fast tier (no
 # Prefect server, Dask cluster, S3 server or elastix: tests not marked `full`). All set
-# up .venv first.
+# up .venv first. Tests run in two processes (pytest-xdist), a module's tests in one of
+# them so its servers and clusters are started once; `-n 0` after the command runs
+# them in this process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
@@ -28,11 +30,11 @@ case "$cmd" in
     ;;
   test)
     setup
-    exec .venv/bin/python -m pytest "$@"
+    exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@"
     ;;
   test-fast)
     setup
-    exec .venv/bin/python -m pytest -m "not full" "$@"
+    exec .venv/bin/python -m pytest -n 2 --dist loadfile -m "not full" "$@"
     ;;
   setup)
     setup

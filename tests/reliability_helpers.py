@@ -28,12 +28,9 @@ from exact_registrar import METHOD, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# Variables of the caller that would change what a child does (another cluster, a
-# fault injected on purpose, another API).
 # The pipeline of the process-level tests: one stage of 16^3 blocks, registered by the
 # exact registrar (tests/exact_registrar.py) at about a quarter of a second per block,
-# so that a run can be interrupted mid-stage without loading elastix. ELASTIX_PIPELINE:
-# the same stage, cheap B-splines by elastix, for the test that checks elastix's threads.
+# so that a run can be interrupted mid-stage without loading elastix.
 STAGE = "1-bspline"
 PIPELINE = f"""\
 stages:
@@ -46,18 +43,8 @@ stages:
     parameters:
       seconds: 0.25
 """
-ELASTIX_PIPELINE = """\
-stages:
-  - name: bspline
-    level: 0
-    block_size: 16
-    overlap: 0.25
-    transform: bspline
-    parameters:
-      MaximumNumberOfIterations: 10
-      NumberOfResolutions: 1
-      FinalGridSpacingInVoxels: 4
-"""
+# Variables of the caller that would change what a child does (another cluster, a
+# fault injected on purpose, another API).
 DROPPED_VARIABLES = ("DREG_DASK_ADDRESS", "DREG_DASK_WORKERS", "DREG_FAULT_INJECT",
                      "PREFECT_API_URL", "PREFECT_UI_API_URL", "PREFECT_PROFILE")
 

@@ -8,8 +8,9 @@ the `dask scheduler` and `dask worker` CLIs. The pair is made with `dreg synth`.
 
 The pipeline is one stage of 16-voxel blocks on a 64³ pair: 64 blocks, registered by
 the exact registrar at a quarter of a second each (no elastix: the tests are about
-processes, not registration), long enough to be interrupted mid-stage. The test of a
-worker joining mid-run uses elastix, whose thread count it checks.
+processes, not registration), long enough to be interrupted mid-stage. That a joining
+worker sets elastix's threads up before its first block is checked in
+test_worker_setup.py.
 
 Each test prints one JSON line of its figures (seconds from the start of the process);
 all of them are also written to ``<pytest basetemp>/reliability-figures.json``.
@@ -30,7 +31,6 @@ import s3_server
 from exact_registrar import METHOD
 from reliability_helpers import (
     BIN,
-    ELASTIX_PIPELINE,
     PIPELINE,
     STAGE,
     block_name,
@@ -95,14 +95,13 @@ def inputs(tmp_path_factory, server):
     assert made.returncode == 0, made.stderr
     pair = json.loads(made.stdout.strip().splitlines()[-1])
     (root / "pipeline.yaml").write_text(PIPELINE)
-    (root / "elastix.yaml").write_text(ELASTIX_PIPELINE)
     return {"fixed": pair["fixed"], "moving": pair["moving"],
-            "pipeline": root / "pipeline.yaml", "elastix": root / "elastix.yaml"}
+            "pipeline": root / "pipeline.yaml"}
 
 
-def register_args(inputs: dict, out: Path, *extra: str, pipeline: str = "pipeline") -> list:
+def register_args(inputs: dict, out: Path, *extra: str) -> list:
     return [BIN / "dreg", "register", inputs["fixed"], inputs["moving"], out,
-            "--config", inputs[pipeline], "--workers", "2", *extra]
+            "--config", inputs["pipeline"], "--workers", "2", *extra]
 
 
 def mid_stage(out: Path, at_least: int):
@@ -111,17 +110,17 @@ def mid_stage(out: Path, at_least: int):
     return found if len(found) >= at_least else None
 
 
-def uninterrupted(server, inputs, root: Path, pipeline: str) -> dict:
+def uninterrupted(server, inputs, root: Path) -> dict:
     """An uninterrupted run of the command: its field, counts and time."""
     _, env = server
     out = root / "out"
-    run, seconds = run_to_end(register_args(inputs, out, pipeline=pipeline), env,
+    run, seconds = run_to_end(register_args(inputs, out), env,
                               root / "register.log", RUN_TIMEOUT_S)
     line = run.last_json()
     figures = {"seconds": round(seconds, 1), "flow_seconds": line["seconds"],
                "block_counts": line["block_counts"],
                "blocks_stored": len(stored_blocks(out, STAGE))}
-    report("uninterrupted_run" + ("" if pipeline == "pipeline" else f"_{pipeline}"), figures)
+    report("uninterrupted_run", figures)
     assert sum(line["block_counts"]["bspline"].values()) == BLOCKS
     return {"field": read_field(line["field"]), "block_counts": line["block_counts"],
             "blocks_stored": figures["blocks_stored"], "seconds": seconds}
@@ -129,12 +128,7 @@ def uninterrupted(server, inputs, root: Path, pipeline: str) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(server, inputs, tmp_path_factory):
-    return uninterrupted(server, inputs, tmp_path_factory.mktemp("reference"), "pipeline")
-
-
-@pytest.fixture(scope="module")
-def elastix_reference(server, inputs, tmp_path_factory):
-    return uninterrupted(server, inputs, tmp_path_factory.mktemp("elastix"), "elastix")
+    return uninterrupted(server, inputs, tmp_path_factory.mktemp("reference"))
 
 
 def test_sigkill_of_the_whole_run_then_resume(server, inputs, tmp_path, request):
@@ -227,8 +221,7 @@ def worker_pids(address: str) -> set[int]:
         return set(client.run(os.getpid).values())
 
 
-def test_a_worker_killed_and_a_new_one_joining_mid_run(server, inputs, elastix_reference,
-                                                       tmp_path):
+def test_a_worker_killed_and_a_new_one_joining_mid_run(server, inputs, reference, tmp_path):
     """SIGKILL of one of two workers of an external cluster mid-stage, then a new worker
     joins: it is set up (one thread) before its first block, takes blocks, and the run
     completes with a field bit-identical to the uninterrupted run's. Workers run without
@@ -261,8 +254,8 @@ def test_a_worker_killed_and_a_new_one_joining_mid_run(server, inputs, elastix_r
         wait_for(lambda: worker_pids(address) == {first.pid, second.pid}, 180,
                  "both workers registered", scheduler, interval=1)
 
-        run = start(register_args(inputs, out, "--dask-address", address,
-                                  pipeline="elastix"), env, tmp_path / "register.log")
+        run = start(register_args(inputs, out, "--dask-address", address), env,
+                    tmp_path / "register.log")
         started.append(run)
         wait_for(lambda: mid_stage(out, INTERRUPT_AT), MID_STAGE_TIMEOUT_S,
                  "blocks stored before the worker is killed", run)
@@ -291,17 +284,16 @@ def test_a_worker_killed_and_a_new_one_joining_mid_run(server, inputs, elastix_r
         "blocks_stored_when_the_new_worker_started": at_join,
         "tasks_run_by_the_new_worker": executed[joined_address],
         "run_seconds": round(seconds, 1),
-        "uninterrupted_seconds": round(elastix_reference["seconds"], 1),
+        "uninterrupted_seconds": round(reference["seconds"], 1),
     })
     assert set(by_pid) == {second.pid, joining.pid}
     for _, state in by_pid.values():
-        # Both registered blocks (so loaded elastix), each with one thread.
+        # Both were set up before they registered blocks, each with one thread.
         assert state["configured"] and state["pool_threads"] == [1]
-        assert state.get("itk_threads") == 1, state
         assert state["environ"] == dict.fromkeys(THREAD_VARIABLES, "1")
     assert executed[joined_address] > 0, "the new worker ran no task"
-    assert line["block_counts"] == elastix_reference["block_counts"]
-    np.testing.assert_array_equal(read_field(line["field"]), elastix_reference["field"])
+    assert line["block_counts"] == reference["block_counts"]
+    np.testing.assert_array_equal(read_field(line["field"]), reference["field"])
 
 
 FINAL_FAILURE_STATES = {"CANCELLED", "CRASHED", "FAILED"}
