@@ -183,7 +183,10 @@ def commands_at_once(commands: dict[str, list], folder: Path) -> dict[str, dict]
     """Start the `dreg` commands together, each on the embedded defaults with a Prefect
     home of its own, and run them to their ends: by name, the exit status, seconds,
     output, and what of its process group was alive the moment it exited."""
-    runs = {name: start(args, environment(folder / name), folder / f"{name}.log")
+    homes = {name: folder / "homes" / name for name in commands}
+    for home in homes.values():
+        home.mkdir(parents=True)
+    runs = {name: start(args, environment(homes[name]), folder / f"{name}.log")
             for name, args in commands.items()}
     outcomes: dict[str, dict] = {}
     deadline = time.monotonic() + RUN_TIMEOUT_S
