@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from multiprocessing import resource_tracker
+from pathlib import Path
 
 # Prefect's default for the temporary server's start-up is 20 s: a busy machine (load
 # twice its cores) takes longer than that to import the server and migrate its
@@ -120,6 +122,7 @@ def use_temporary_server() -> bool:
 
     if PREFECT_API_URL.value():
         return False
+    check_database_folder()
     from prefect.server.api.server import SubprocessASGIServer
 
     if None not in SubprocessASGIServer._instances:
@@ -127,6 +130,30 @@ def use_temporary_server() -> bool:
         # constructing ours registers it there.
         _temporary_server_class()()
     return True
+
+
+def check_database_folder() -> None:
+    """The temporary server keeps its SQLite database in PREFECT_HOME: a folder that
+    cannot be made or written is an InputError naming it, at once (the server would
+    fail to start, again and again, until the start-up wait ran out)."""
+    from prefect.settings import get_current_settings
+
+    from dreg.errors import InputError
+
+    url = get_current_settings().server.database.connection_url.get_secret_value()
+    scheme, _, path = url.partition(":///")
+    if not scheme.startswith("sqlite") or not path or path == ":memory:":
+        return
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        problem = None if os.access(folder, os.W_OK | os.X_OK) else "not writable"
+    except OSError as exc:
+        problem = exc.strerror or str(exc)
+    if problem:
+        raise InputError(f"{folder}: {problem}; the temporary Prefect API server keeps its "
+                         f"database there (set PREFECT_HOME to a folder you can write, or "
+                         f"PREFECT_API_URL to a running server)")
 
 
 def stop_children() -> None:

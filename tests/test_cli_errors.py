@@ -330,6 +330,22 @@ def test_a_bad_lease_length_is_refused_before_a_registration_starts(tmp_path):
     assert not any((tmp_path / "out").rglob("*"))  # nothing written (planning may make OUT)
 
 
+@pytest.mark.full  # two processes: synth, then register
+def test_a_prefect_home_that_cannot_be_made_is_one_line_at_once(tmp_path):
+    """Without PREFECT_API_URL the temporary API server keeps its database in
+    PREFECT_HOME: a home under a file is refused at once, naming it, before any server
+    start (which would fail until its start-up wait ran out) and before OUT is made."""
+    pair = tmp_path / "pair"
+    assert run_process(["synth", str(pair), "--shape", "32"], clean_environment()).returncode == 0
+    (tmp_path / "a-file").write_text("")
+    env = {k: v for k, v in clean_environment().items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "a-file" / "home")
+    result = run_process(["register", str(pair / "fixed.ome.zarr"),
+                          str(pair / "moving.ome.zarr"), str(tmp_path / "out")], env)
+    assert_one_clear_line(result, str(tmp_path / "a-file" / "home"), "Not a directory")
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- the table
 # issue 18 (bad input): one row per bad input. Each row makes what it needs under a fresh
 # folder (the working directory too), runs `dreg` in this process, and checks the one
