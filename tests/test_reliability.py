@@ -387,15 +387,16 @@ def test_a_full_disk_is_a_clear_error_and_the_freed_run_resumes(server, tmp_path
         assert not (out / "result.json").exists()
         subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
         # The failed run could not write its release record on the full disk, so its lease
-        # holds until it goes stale (an owner is never judged dead by guesswork).
+        # is still live; but its process is gone from this machine, so the next run takes
+        # OUT over at once (issue 18 item 12), saying so.
         from dreg.io import ownership
 
-        deadline = time.monotonic() + 120
-        while (lease := ownership.read_owner(str(out))) and not ownership.is_stale(lease):
-            assert time.monotonic() < deadline, lease
-            time.sleep(2)
+        lease = ownership.read_owner(str(out))
+        assert lease is not None and not ownership.is_stale(lease)
         freed = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
         assert freed.returncode == 0, freed.stderr[-3000:]
+        assert f"(pid {lease['pid']} on this machine) is no longer running; taking over " \
+               "its output" in freed.stderr
         assert (out / "result.json").exists()
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
