@@ -51,6 +51,10 @@ CASES = {
 
 # One script runs on a temporary API of its own (no PREFECT_API_URL), as a user runs it.
 ON_ITS_OWN_API = "overhead"
+# Scripts whose `dreg` commands may run on the session's Dask cluster (DREG_DASK_ADDRESS,
+# as on a platform with a cluster of its own): no cluster to start, elastix already
+# loaded, twice.
+ON_THE_SESSION_CLUSTER = {"rerun"}
 
 
 def test_every_script_has_a_case():
@@ -82,6 +86,8 @@ def test_script_prints_its_figures_last(name, tmp_path, request):
         env["PREFECT_HOME"] = str(tmp_path / "home")
     elif runs_flows:
         env["PREFECT_API_URL"] = request.getfixturevalue("prefect_api")
+    if name in ON_THE_SESSION_CLUSTER:
+        env["DREG_DASK_ADDRESS"] = request.getfixturevalue("dask_address")
     figures = run_script(name, [*args, "--dir", str(tmp_path / "work")], env)
     for key in keys:
         value = figures[key]
