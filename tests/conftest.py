@@ -41,26 +41,9 @@ FULL_MODULES = {
 }
 
 
-# ----------------------------------------------------------------------------- order
-# The suite runs in two processes, a module's tests in one of them (`--dist loadfile`),
-# modules handed out in collection order. The longest modules go first (longest first
-# balances the two; measured with --durations=0), so that neither process is left with a
-# long module at the end while the other waits.
-LONGEST_MODULES = ("test_reliability.py", "test_bench.py", "test_processes.py",
-                   "test_apply.py", "test_registration.py", "test_dask_cli_cluster.py",
-                   "test_operations.py", "test_out_of_core.py", "test_qc.py",
-                   "test_cli_errors.py", "test_copied_output.py")
-
-
-def running_order(item) -> int:
-    name = item.path.name
-    return LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         markers = {mark.name for mark in item.iter_markers()}
         if (SERVER_FIXTURES & set(item.fixturenames) or HEAVY_MARKERS & markers
                 or item.path.name in FULL_MODULES):
             item.add_marker(pytest.mark.full)
-    items.sort(key=running_order)  # stable: a module's tests keep their order
