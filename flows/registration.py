@@ -190,22 +190,22 @@ def register_stage(
     return summary
 
 
-def run_stages(plan: RegistrationPlan, options: RunOptions) -> list[StageSummary]:
-    """Every stage coarse to fine, on one Dask cluster; a stage with too many failed
-    blocks stops the run."""
+def run_stages(plan: RegistrationPlan, options: RunOptions, address: str
+               ) -> list[StageSummary]:
+    """Every stage coarse to fine, on the Dask cluster at `address`; a stage with too
+    many failed blocks stops the run."""
     summaries: list[StageSummary] = []
-    with dask_cluster(options.dask_address, options.workers, warm=False) as address:
-        runner = DaskTaskRunner(address=address)
-        workers = block_workers(address)
-        for stage in plan.stages:
-            fence(plan.out_uri, f"stage {stage.folder}", verify=True)
-            final = plan.field_uri if stage is plan.stages[-1] else None
-            summary = register_stage.with_options(task_runner=runner)(
-                plan, stage, summaries[-1] if summaries else None, final, workers, options)
-            summaries.append(summary)
-            if final:
-                check_last_stage(summaries)
-            check_failed_share(summary, options.max_failed_share)
+    runner = DaskTaskRunner(address=address)
+    workers = block_workers(address)
+    for stage in plan.stages:
+        fence(plan.out_uri, f"stage {stage.folder}", verify=True)
+        final = plan.field_uri if stage is plan.stages[-1] else None
+        summary = register_stage.with_options(task_runner=runner)(
+            plan, stage, summaries[-1] if summaries else None, final, workers, options)
+        summaries.append(summary)
+        if final:
+            check_last_stage(summaries)
+        check_failed_share(summary, options.max_failed_share)
     return summaries
 
 
@@ -250,12 +250,15 @@ def register_images(
         for uri in [plan.result_uri, *derived_outputs(plan.out_uri)]:
             fence(uri, f"removing {uri}", verify=True)
             storage.remove_tree(uri)
-        summaries = run_stages(plan, options)
-        check_inputs_unchanged(plan)
-        result = registration_result(plan, summaries, str(flow_run.get_id()),
-                                     time.perf_counter() - started)
-        if options.qc:
-            result = check_registration(result, options)
+        # One cluster for the stages and QC: a local one starts once per run.
+        with dask_cluster(options.dask_address, options.workers, warm=False) as address:
+            summaries = run_stages(plan, options, address)
+            check_inputs_unchanged(plan)
+            result = registration_result(plan, summaries, str(flow_run.get_id()),
+                                         time.perf_counter() - started)
+            if options.qc:
+                result = check_registration(
+                    result, options.model_copy(update={"dask_address": address}))
         fence(plan.out_uri, f"writing the scene of {plan.out_uri}", verify=True)
         write_scene(plan.out_uri, plan.fixed_uri, plan.moving_uri)
         # never mark complete an output another run may have written
