@@ -83,12 +83,23 @@ def check_displacement_field(uri: str, unit: str | None) -> None:
 
 
 def check_scene(uri: str, bijection: bool, unit: str | None) -> None:
-    """scene.schema: transformations between referenced coordinate systems."""
-    ome = zarr.open_group(uri, mode="r").attrs["ome"]
+    """scene.schema: transformations between referenced coordinate systems. A reference
+    without a `path` names a system the scene declares (0.6rc0, "scene" metadata): dreg's
+    scene declares "fixed" and "moving" and records the images' URIs under ``dreg``."""
+    attrs = zarr.open_group(uri, mode="r").attrs
+    ome = attrs["ome"]
     assert ome["version"] == "0.6rc0"
+    systems = {s["name"]: s for s in ome["scene"]["coordinateSystems"]}
+    assert set(systems) == {"fixed", "moving"}
+    for system in systems.values():
+        check_axes(system["axes"])
+        assert [(a["name"], a["type"], a.get("unit")) for a in system["axes"]] == [
+            (n, "space", unit) for n in "zyx"]
     (transform,) = ome["scene"]["coordinateTransformations"]
     check_io(transform["input"], "name")
     check_io(transform["output"], "name")
+    assert (transform["input"], transform["output"]) == ({"name": "fixed"}, {"name": "moving"})
+    assert attrs["dreg"]["fixed"]["uri"] and attrs["dreg"]["moving"]["uri"]
     if bijection:
         assert transform["type"] == "bijection"
         parts = [transform["forward"], transform["inverse"]]
