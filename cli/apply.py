@@ -17,12 +17,20 @@ from flows.options import RunOptions
 
 
 def _options(args: argparse.Namespace):
-    """The run's options, once the input is checked and the flow is about to run."""
+    """The run's options, once the input is checked: the temporary API server (when no
+    API is configured) starts here and comes up while the command imports its flow."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    options = run_options(args)
     from flows.children import use_temporary_server
 
     use_temporary_server()
-    return run_options(args)
+    return options
+
+
+def _served() -> None:
+    from flows.children import wait_for_temporary_server
+
+    wait_for_temporary_server()
 
 
 def cmd_warp(args: argparse.Namespace) -> int:
@@ -30,9 +38,11 @@ def cmd_warp(args: argparse.Namespace) -> int:
 
     ownership.check_free(plan_warp(args.out, args.image, args.to, args.interpolation,
                                    overwrite=args.overwrite).out)
+    options = _options(args)
     from flows.warp import warp_image
 
-    result = warp_image(args.out, args.image, args.to, args.interpolation, _options(args))
+    _served()
+    result = warp_image(args.out, args.image, args.to, args.interpolation, options)
     print(result.model_dump_json())
     return 0
 
@@ -41,9 +51,11 @@ def cmd_invert(args: argparse.Namespace) -> int:
     from dreg.apply.plan import plan_invert
 
     ownership.check_free(plan_invert(args.out).out)
+    options = _options(args)
     from flows.invert import invert_field
 
-    print(invert_field(args.out, _options(args)).model_dump_json())
+    _served()
+    print(invert_field(args.out, options).model_dump_json())
     return 0
 
 
@@ -52,10 +64,11 @@ def cmd_transform_points(args: argparse.Namespace) -> int:
 
     if plan_points(args.out, args.input, args.output, args.source).needs_inverse:
         ownership.check_free(args.out)
+    options = _options(args)
     from flows.points import transform_points_file
 
-    result = transform_points_file(args.out, args.input, args.output, args.source,
-                                   _options(args))
+    _served()
+    result = transform_points_file(args.out, args.input, args.output, args.source, options)
     print(json.dumps(result.model_dump(mode="json")))
     return 0
 

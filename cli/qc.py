@@ -16,11 +16,14 @@ def cmd_qc(args: argparse.Namespace) -> int:
     # Check first: a finished registration, readable inputs, a sane threshold (exit 2).
     plan = plan_qc(load_result(args.out), args.fold_threshold)
     ownership.check_free(plan.out)
-    from flows.children import use_temporary_server
+    options = run_options(args)
+    from flows.children import use_temporary_server, wait_for_temporary_server
+
+    use_temporary_server()  # comes up while the flow is imported
     from flows.qc import quality_control
 
-    use_temporary_server()
-    report = quality_control(args.out, args.fold_threshold, run_options(args))
+    wait_for_temporary_server()
+    report = quality_control(args.out, args.fold_threshold, options)
     print(json.dumps(report.model_dump(mode="json", include={
         "output", "qc", "reason", "jacobian", "similarity", "page", "folder", "seconds",
         "flow_run_id"})))

@@ -18,11 +18,12 @@ DEMO_SHAPE = (64, 80, 96)
 
 def _run_registration(args: argparse.Namespace, pipeline):
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.children import use_temporary_server
+    from flows.children import use_temporary_server, wait_for_temporary_server
+
+    use_temporary_server()  # comes up while the flow is imported
     from flows.registration import register_images
 
-    use_temporary_server()
-
+    wait_for_temporary_server()
     return register_images(fixed=args.fixed, moving=args.moving, out=args.out,
                            pipeline=pipeline, options=run_options(args, show_progress=True))
 

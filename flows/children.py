@@ -20,6 +20,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,74 +63,142 @@ def startup_timeout() -> int:
     return STARTUP_TIMEOUT_S if given == prefect_default else int(given)
 
 
-def _temporary_server_class():
-    from prefect.server.api.server import SubprocessASGIServer
+class TemporaryServer:
+    """Prefect's API server as this command's child: started with SIGINT blocked on a
+    free loopback port, reported to through PREFECT_API_URL, stopped by `stop_children`.
 
-    from dreg.errors import RunFailed
+    dreg starts it itself rather than through Prefect's own temporary server: that one
+    imports the whole server (seconds) into this process only to launch it, and starts it
+    on the first API call, after this process has imported everything else; this one
+    starts first and comes up while the command imports its flows."""
 
-    class TemporaryServer(SubprocessASGIServer):
-        """Prefect's temporary API server, started with SIGINT blocked and a start-up
-        wait that a busy machine can meet; a start-up that times out is one line."""
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.previous_url: str | None = os.environ.get(API_URL_VARIABLE)
 
-        # What `stop_children` stops: a temporary server another part of the program
-        # started (a test harness's, an embedding program's) is not this command's.
-        owned_by_dreg = True
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
 
-        def _run_uvicorn_command(self) -> subprocess.Popen:
-            with sigint_blocked():
-                return super()._run_uvicorn_command()
+    def start(self) -> None:
+        """Launch the server and point this process (and the processes it starts) at it.
+        Returns at once: `wait_until_serving` waits for it."""
+        from prefect.settings import get_current_settings
 
-        def start(self, timeout: int | None = None) -> None:
-            timeout = timeout or startup_timeout()
-            started = time.monotonic()
-            try:
-                super().start(timeout=timeout)
-            except RuntimeError as exc:
-                if "Timed out" not in str(exc):
-                    raise
-                if self.server_process is not None:
-                    # It never served: killed, it cannot print its shutdown's traceback.
-                    self.server_process.kill()
-                    self.server_process.wait()
-                self.stop()
-                raise RunFailed(
-                    f"the temporary Prefect API server did not answer within {timeout} s "
-                    f"(waited {time.monotonic() - started:.0f} s; a busy machine?); set "
-                    f"{STARTUP_SETTING} higher, or PREFECT_API_URL to a running server"
-                ) from None
+        environment = {**os.environ, **SERVER_ENVIRONMENT,
+                       **get_current_settings().to_environment_variables(exclude_unset=True)}
+        environment.pop(API_URL_VARIABLE, None)
+        self.port = _free_port()
+        # Prefect's own command for its temporary server (the app factory, no UI).
+        command = [sys.executable, "-m", "uvicorn", "--app-dir", _prefect_parent(),
+                   "--factory", "prefect.server.api.server:create_app",
+                   "--host", "127.0.0.1", "--port", str(self.port),
+                   "--log-level", "error", "--lifespan", "on"]
+        with sigint_blocked():
+            self.process = subprocess.Popen(command, env=environment)
+        _point_prefect_at(self.api_url)
 
-        def stop(self) -> None:
-            process = self.server_process
-            if process is not None and process.poll() is None:
-                process.terminate()
+    def wait_until_serving(self, timeout: int | None = None) -> None:
+        """Return once the server answers its health check; RunFailed, one line, when it
+        exits or does not answer within the start-up wait."""
+        import httpx
+
+        from dreg.errors import RunFailed
+
+        timeout = timeout or startup_timeout()
+        started = time.monotonic()
+        with httpx.Client() as client:
+            while time.monotonic() - started < timeout:
+                if self.process.poll() is not None:
+                    code = self.process.returncode
+                    self.stop()
+                    raise RunFailed(f"the temporary Prefect API server exited with code {code} "
+                                    f"before it served; set PREFECT_API_URL to a running server")
                 try:
-                    process.wait(timeout=STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            super().stop()
+                    if client.get(f"{self.api_url}/health", timeout=5).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+        # It never served: killed, it cannot print its shutdown's traceback.
+        self.process.kill()
+        self.stop()
+        raise RunFailed(
+            f"the temporary Prefect API server did not answer within {timeout} s "
+            f"(waited {time.monotonic() - started:.0f} s; a busy machine?); set "
+            f"{STARTUP_SETTING} higher, or PREFECT_API_URL to a running server")
 
-    return TemporaryServer
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after STOP_TIMEOUT_S), wait for it, and
+        point Prefect back at what was configured before."""
+        process, self.process = self.process, None
+        if process is not None:
+            if process.poll() is None:
+                process.terminate()
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        _point_prefect_at(self.previous_url)
+
+
+API_URL_VARIABLE = "PREFECT_API_URL"
+# What Prefect sets for its own temporary server: no UI, and the server's ephemeral mode.
+SERVER_ENVIRONMENT = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                      "PREFECT__SERVER_FINAL": "1"}
+_temporary_server: TemporaryServer | None = None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _prefect_parent() -> str:
+    import prefect
+
+    return str(Path(prefect.__file__).parent.parent)
+
+
+def _point_prefect_at(api_url: str | None) -> None:
+    """Set PREFECT_API_URL for this process, its later children, and Prefect's settings
+    (which Prefect read when it was imported)."""
+    from prefect.context import refresh_global_settings_context
+
+    if api_url is None:
+        os.environ.pop(API_URL_VARIABLE, None)
+    else:
+        os.environ[API_URL_VARIABLE] = api_url
+    refresh_global_settings_context()
 
 
 def use_temporary_server() -> bool:
-    """When no Prefect API is configured: make the temporary server that Prefect starts
-    on first use the shielded one above. A command calls it once its input is checked,
-    just before its flow (importing the server takes seconds: bad input is refused
-    without it), and `stop_children` as it ends. Returns whether a temporary
-    server will be used."""
+    """When no Prefect API is configured: start a temporary server of this command's
+    own. A command calls it once its input is checked (bad input is refused without a
+    server), then imports its flows while the server comes up, calls
+    `wait_for_temporary_server` before its flow, and `stop_children` as it ends. Returns
+    whether a temporary server is used."""
+    global _temporary_server
     from prefect.settings import PREFECT_API_URL
 
+    if _temporary_server is not None:
+        return True
     if PREFECT_API_URL.value():
         return False
     check_database_folder()
-    from prefect.server.api.server import SubprocessASGIServer
-
-    if None not in SubprocessASGIServer._instances:
-        # Prefect asks SubprocessASGIServer() for the instance registered under no port:
-        # constructing ours registers it there.
-        _temporary_server_class()()
+    server = TemporaryServer()
+    server.start()
+    _temporary_server = server
     return True
+
+
+def wait_for_temporary_server() -> None:
+    """Return once this command's temporary server serves (at once when there is none)."""
+    if _temporary_server is not None:
+        _temporary_server.wait_until_serving()
 
 
 def check_database_folder() -> None:
@@ -158,11 +227,10 @@ def check_database_folder() -> None:
 
 def stop_children() -> None:
     """What a command does last: send the logs and events still queued (bounded), stop
-    the temporary API server if one was started, and stop the multiprocessing resource
-    tracker if a local cluster started one; wait for each, so that no process of the
-    command outlives it."""
-    if "prefect.server.api.server" in sys.modules:
-        _stop_temporary_server()
+    the temporary API server if this command started one, and stop the multiprocessing
+    resource tracker if a local cluster started one; wait for each, so that no process
+    of the command outlives it."""
+    _stop_temporary_server()
     # Private, but the only way to wait for it: left alone, it exits only after this
     # process does, on seeing its pipe closed. Only once no child process is left: a
     # live child holds the tracker's pipe too, and stopping would wait for that child
@@ -173,15 +241,16 @@ def stop_children() -> None:
 
 
 def _stop_temporary_server() -> None:
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer._instances.get(None)
-    if (server is None or server.server_process is None
-            or not getattr(server, "owned_by_dreg", False)):
+    global _temporary_server
+    server, _temporary_server = _temporary_server, None
+    if server is None:
+        # None started, or a server another part of the program started (a test
+        # harness's, an embedding program's): not this command's to stop.
         return
-    if server.server_process.poll() is None:
+    if server.process is not None and server.process.poll() is None:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
         # Sent before the server goes: afterwards they would retry against a dead port.
         APILogWorker.drain_all(timeout=DRAIN_TIMEOUT_S)
         EventsWorker.drain_all(timeout=DRAIN_TIMEOUT_S)
