@@ -183,6 +183,28 @@ def test_a_coarse_view_reads_the_pyramid_level_not_full_resolution(tmp_path):
     np.testing.assert_allclose(box, expected, rtol=1e-6)
     assert volume.voxels_read == expected.size * 4
 
+    # A chunk that cannot be read is the browser's error (HTTP 400), one line naming it.
+    chunk = next(p for p in Path(image.uri, image.levels[2].path).rglob("*")
+                 if p.is_file() and "c" in p.parts)
+    chunk.write_bytes(b"not a chunk")
+    with pytest.raises(ValueError, match="level 2|chunk"):
+        decoded(volume, (0, 0, 0), (5, 10, 33), (4, 4, 4))
+
+
+def test_a_type_neuroglancer_has_no_volumes_of_is_sent_as_float32(tmp_path):
+    """Issue 22 item 3: an int64 image is served as float32 (Neuroglancer has no int64
+    image volumes), its values kept."""
+    grid = Grid((4, 5, 6), (1.0, 1.0, 1.0))
+    image = ome_zarr.create_image(str(tmp_path / "labels.ome.zarr"), [grid], "int64",
+                                  chunks=8)
+    values = np.arange(120, dtype=np.int64).reshape(4, 5, 6) * 1000
+    ome_zarr.write_region(image, 0, whole_region(grid.shape_zyx), values)
+    volume = viewer.PyramidVolume(viewer.pyramid_levels(image),
+                                  viewer.space(["z", "y", "x"], None))
+    assert volume.info()["dataType"] == "float32"
+    box = decoded(volume, (0, 0, 0), (4, 5, 6))
+    assert box.dtype == np.float32 and np.array_equal(box, values.astype(np.float32))
+
 
 def listening_addresses(port: int) -> list[str]:
     """The local addresses of the sockets listening on `port` (IPv4 and IPv6), from the

@@ -30,7 +30,7 @@ import numpy as np
 from neuroglancer import downsample
 from neuroglancer.chunks import encode_jpeg, encode_npz
 
-from dreg.errors import InputError
+from dreg.errors import DregError, InputError, one_line
 from dreg.field import open_field
 from dreg.grid import Grid, Region, region_from_bounds
 from dreg.io import ome_zarr, storage
@@ -45,6 +45,8 @@ FIXED, WARPED, JACOBIAN = "fixed", "warped", "det J"
 METRES = {"angstrom": 1e-10, "picometer": 1e-12, "nanometer": 1e-9, "micrometer": 1e-6,
           "millimeter": 1e-3, "centimeter": 1e-2, "decimeter": 1e-1, "meter": 1.0,
           "kilometer": 1e3, "inch": 0.0254, "foot": 0.3048}
+# The data types Neuroglancer's volumes carry; others are sent as float32.
+SERVED_DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "float32"}
 JACOBIAN_RANGE = (0.5, 1.5)  # the colour scale of det J: blue below 1, red above
 PANEL_PIXELS = 500  # the zoom at start shows the fixed image's extent in about this
 
@@ -156,6 +158,8 @@ class PyramidVolume(neuroglancer.LocalVolume):
         # Downsampling as far as the pyramid reaches, then at most 4 x 4 x 4 on the fly.
         super().__init__(levels[0], dimensions=dimensions, volume_type="image",
                          max_downsampling=8 ** (len(levels) - 1) * 64)
+        if self.data_type not in SERVED_DTYPES:  # e.g. int64, bool: sent as float32
+            self.data_type = "float32"
         self.levels = levels
         self.served = 0
         self.voxels_read = 0
@@ -176,11 +180,14 @@ class PyramidVolume(neuroglancer.LocalVolume):
         level, rest = self.levels[k], factor // 2**k
         box = tuple(slice(int(a * r), int(min(n, b * r)))
                     for a, b, r, n in zip(start, end, rest, level.shape, strict=True))
-        data = level[box]
+        try:
+            data = level[box]
+        except DregError as exc:  # a chunk that cannot be read: the browser is told why
+            raise ValueError(one_line(str(exc))) from None
         with self._lock:
             self.served += 1
             self.voxels_read += int(data.size)
-        data = data.astype(np.float32, copy=False) if data.dtype == np.float64 else data
+        data = data.astype(self.data_type, copy=False)
         if np.any(rest != 1):
             data = downsample.downsample_with_averaging(data, rest).astype(data.dtype)
         if data_format == "jpeg":
