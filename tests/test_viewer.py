@@ -81,6 +81,7 @@ def panel_colours(rgb: np.ndarray) -> dict[str, float]:
 
 
 @needs_chromium
+@pytest.mark.full  # a browser
 def test_the_viewer_loads_and_draws_every_layer_in_chromium(out, tmp_path):
     """Issue 22 item 3: the viewer of a finished OUT serves fixed, warped and det J; in
     headless Chromium (WebGL on SwiftShader, the default flags) every layer asks for its
@@ -236,6 +237,7 @@ def start_view(out: str, runtime: Path, *extra: str) -> tuple[subprocess.Popen, 
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc/net")
+@pytest.mark.full  # a process that serves
 def test_view_listens_on_loopback_only_and_stops_cleanly(out, tmp_path, monkeypatch):
     """Issue 22 items 3 and 4: `dreg view OUT` prints its URL, then a JSON line; its
     server listens on 127.0.0.1 only; it records itself for the QC page while it runs;
@@ -260,6 +262,7 @@ def test_view_listens_on_loopback_only_and_stops_cleanly(out, tmp_path, monkeypa
     assert listening_addresses(port) == [] and viewer_record.running_viewer_url(out) is None
 
 
+@pytest.mark.full  # a process that serves
 def test_view_without_a_warped_image_shows_the_rest_and_says_so(pair, tmp_path):
     """Issue 22 item 3: with no OUT/warped.ome.zarr the viewer shows fixed and det J and
     names the missing layer and how to make it, in one line; SIGTERM stops it like
@@ -307,6 +310,7 @@ def test_a_port_in_use_is_one_line(out, capsys):
         f"dreg: error: --port {port}: cannot serve on 127.0.0.1:{port}"), lines
 
 
+@pytest.mark.full  # loads Prefect (the artifact's markdown)
 def test_the_qc_page_links_a_running_viewer_and_the_artifact_names_the_command(
         out, tmp_path, monkeypatch):
     """Issue 22 item 4: the QC page always says how to open the viewer (`dreg view OUT`),
