@@ -341,3 +341,15 @@ def test_the_qc_page_links_a_running_viewer_and_the_artifact_names_the_command(
     assert 'id="viewer-link"' not in page and command in page and not record.exists()
 
     assert f"`{command}`" in qc_markdown(report, {})
+
+
+def test_det_j_colours_span_what_the_qc_measured(tmp_path):
+    """Issue 22 item 3: det J's colour scale is 1 ± the spread in OUT/qc/qc.json (so a
+    gentle deformation shows), within bounds; 0.5 to 1.5 when OUT has no QC."""
+    out = tmp_path / "out"
+    assert viewer.jacobian_range(str(out)) == (0.5, 1.5)
+    (out / "qc").mkdir(parents=True)
+    for p01, top, expected in [(0.9, 1.2, (0.8, 1.2)), (0.999, 1.001, (0.95, 1.05)),
+                               (-3.0, 9.0, (0.5, 1.5))]:
+        (out / "qc" / "qc.json").write_text(json.dumps({"jacobian": {"p01": p01, "max": top}}))
+        assert viewer.jacobian_range(str(out)) == pytest.approx(expected)

@@ -21,6 +21,7 @@ from level k is off by at most half a voxel of that level.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from dreg.errors import DregError, InputError, one_line
 from dreg.field import open_field
 from dreg.grid import Grid, Region, region_from_bounds
 from dreg.io import ome_zarr, storage
-from dreg.layout import WARPED_NAME
+from dreg.layout import QC_FILE, QC_FOLDER, WARPED_NAME
 from dreg.qc.jacobian import region_determinant
 from dreg.qc.plan import current_warped, intensity_range
 from dreg.registration.records import load_result
@@ -47,8 +48,9 @@ METRES = {"angstrom": 1e-10, "picometer": 1e-12, "nanometer": 1e-9, "micrometer"
           "kilometer": 1e3, "inch": 0.0254, "foot": 0.3048}
 # The data types Neuroglancer's volumes carry; others are sent as float32.
 SERVED_DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "float32"}
-JACOBIAN_RANGE = (0.5, 1.5)  # the colour scale of det J: blue below 1, red above
-PANEL_PIXELS = 500  # the zoom at start shows the fixed image's extent in about this
+JACOBIAN_RANGE = (0.5, 1.5)  # the colour scale of det J (blue below 1, red above) ...
+JACOBIAN_HALF_WIDTH = (0.05, 0.5)  # ... or, when OUT has a QC, 1 ± its spread, within these
+PANEL_PIXELS = 600  # the zoom at start shows the fixed image's x and y extent in about this
 
 # Fixed in magenta and warped in green, added: where they agree the overlay is grey.
 CHANNEL_SHADER = """#uicontrol invlerp normalized
@@ -72,6 +74,7 @@ class ViewPlan:
     field: ome_zarr.OmeZarrImage
     warped: ome_zarr.OmeZarrImage | None
     missing: list[str] = field(default_factory=list)
+    jacobian_range: tuple[float, float] = JACOBIAN_RANGE
 
 
 def plan_view(out_uri: str) -> ViewPlan:
@@ -89,7 +92,21 @@ def plan_view(out_uri: str) -> ViewPlan:
                  else "does not exist")
         missing.append(f"{WARPED}: {where} {state} (make it with `dreg warp {result.output}`)")
     return ViewPlan(out=result.output, fixed=fixed, field=field_image, warped=warped,
-                    missing=missing)
+                    missing=missing, jacobian_range=jacobian_range(result.output))
+
+
+def jacobian_range(out: str) -> tuple[float, float]:
+    """det J's colour scale: 1 ± the spread OUT's QC measured (its 1st percentile and
+    maximum, qc.json), so that a gentle deformation is not all white; JACOBIAN_RANGE
+    without a QC."""
+    try:
+        numbers = json.loads(storage.read_text(storage.join(out, QC_FOLDER, QC_FILE)))[
+            "jacobian"]
+        spread = max(1.0 - float(numbers["p01"]), float(numbers["max"]) - 1.0)
+    except (OSError, DregError, ValueError, KeyError, TypeError):
+        return JACOBIAN_RANGE
+    half = float(np.clip(spread, *JACOBIAN_HALF_WIDTH))
+    return (1.0 - half, 1.0 + half)
 
 
 # ----------------------------------------------------------------------------- arrays
@@ -269,7 +286,7 @@ def start_viewer(plan: ViewPlan, port: int = 0) -> RunningViewer:
     with viewer.txn() as state:
         state.dimensions = world
         state.position = (lows + highs) / 2
-        state.cross_section_scale = float(np.max(highs - lows) / PANEL_PIXELS)
+        state.cross_section_scale = float(np.max((highs - lows)[:2]) / PANEL_PIXELS)
         for name, image in images.items():
             red, green, blue = colours[name]
             state.layers[name] = neuroglancer.ImageLayer(
@@ -280,7 +297,8 @@ def start_viewer(plan: ViewPlan, port: int = 0) -> RunningViewer:
         state.layers[JACOBIAN] = neuroglancer.ImageLayer(
             source=layer_source(volumes[JACOBIAN], grids[JACOBIAN], world),
             shader=JACOBIAN_SHADER,
-            shader_controls={"normalized": {"range": list(JACOBIAN_RANGE)}}, opacity=1.0)
+            shader_controls={"normalized": {"range": list(plan.jacobian_range)}},
+            opacity=1.0)
         # Fixed and warped overlaid on the left, det J on the right, same place and zoom.
         state.layout = neuroglancer.row_layout([
             neuroglancer.LayerGroupViewer(layers=list(images), layout="xy"),
