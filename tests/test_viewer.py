@@ -326,6 +326,7 @@ def test_the_qc_page_links_a_running_viewer_and_the_artifact_names_the_command(
     command = f"dreg view {out}"
     page = Path(report.page).read_text()
     assert command in page and 'id="viewer-link"' not in page
+    assert not list(tmp_path.glob("dreg-viewers-*"))  # looking for a viewer creates nothing
 
     running = viewer.start_viewer(viewer.plan_view(out))
     try:

@@ -26,14 +26,15 @@ FOLDER_NAME = "dreg-viewers"
 ANSWER_TIMEOUT_S = 1.0
 
 
-def records_folder() -> Path:
-    """The user's folder of viewer records, created owner-only. Refuses (OSError) a
-    folder that another user owns or that others may write to."""
+def records_folder(create: bool = True) -> Path:
+    """The user's folder of viewer records, created owner-only (when `create`). Refuses
+    (OSError) a folder that another user owns or that others may write to."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime) if runtime and Path(runtime).is_dir() else Path(
         tempfile.gettempdir())
     folder = base / f"{FOLDER_NAME}-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
+    if create:
+        folder.mkdir(mode=0o700, exist_ok=True)
     status = folder.stat()
     if status.st_uid != os.getuid() or status.st_mode & 0o077:
         raise OSError(f"{folder}: not a private folder of this user")
@@ -72,8 +73,8 @@ def running_viewer_url(out_uri: str) -> str | None:
     """The URL of a running viewer of OUT on this machine, or None. Records of viewers
     that no longer answer are removed."""
     try:
-        folder = records_folder()
-    except OSError:
+        folder = records_folder(create=False)
+    except OSError:  # no viewer has run (no folder), or not a folder to trust
         return None
     out = storage.normalize_uri(out_uri)
     newest: tuple[float, str] | None = None
