@@ -6,9 +6,10 @@ viewer and, for each layer, the voxels of the boxes it asks for. Each layer here
 `PyramidVolume`: a box is read from OME-Zarr with `read_region` (only the chunks it
 touches), never a whole level. A coarse view asks for a box at a downsampling factor;
 it is read from the image's own pyramid level of that factor (or the finest level whose
-factor divides it, averaging the rest), so zooming out on a large volume reads about as
-many voxels as the screen shows. det J is computed for each box as it is asked for
-(`dreg.qc.jacobian`, a one-voxel halo), on the field's own grid.
+factor divides it, averaging the rest), so a zoomed-out view of a large volume reads the
+coarse chunks that cross it, not the full-resolution voxels under them. det J is
+computed for each box as it is asked for (`dreg.qc.jacobian`, a one-voxel halo), on the
+field's own grid.
 
 Every layer is placed in physical space by its grid (spacing, origin, direction), so
 layers on different grids overlay: the field's grid is coarser than the image's by the
