@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from cli import apply, images, qc, register
+from cli import apply, images, qc, register, view
 from dreg.errors import DregError, RunFailed, one_line
 from flows.events import INTERRUPT_MARKERS
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dreg", description="Distributed registration of large 3D images."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (images, register, apply, qc):
+    for group in (images, register, apply, qc, view):
         group.add_commands(sub)
     return parser
 

@@ -19,7 +19,7 @@ from prefect.artifacts import (
 from dreg.io import storage
 from dreg.layout import QC_FILE
 from dreg.qc.check import load_report
-from dreg.qc.page import data_uri
+from dreg.qc.page import data_uri, viewer_command
 from dreg.qc.plan import qc_folder
 from dreg.qc.report import QcReport, summary_rows
 from dreg.registration import STATUSES, RegistrationResult, StageSummary
@@ -111,6 +111,8 @@ def qc_markdown(report: QcReport, pngs: dict[str, bytes]) -> str:
     if report.reason:
         lines += ["", f"**{report.reason}**"]
     lines += ["", f"Pictures and numbers also in `{report.page}` (one page, opens offline).",
+              "", f"Fixed, warped and det J in 3D in a web viewer (Neuroglancer): run "
+              f"`{viewer_command(report.output)}` and open the URL it prints.",
               "", "| measure | value |", "|---|---|"]
     lines += [f"| {cell(r['measure'])} | {cell(r['value'])} |" for r in summary_rows(report)]
     for picture in report.pictures:

@@ -16,6 +16,7 @@ from dreg.qc.page import render_page
 from dreg.qc.plan import QcPlan, brick_regions
 from dreg.qc.report import QcReport, build_report
 from dreg.qc.stages import read_table, stage_numbers
+from dreg.qc.viewer_record import running_viewer_url
 
 
 def clear(plan: QcPlan) -> None:
@@ -37,10 +38,12 @@ def stages_of(plan: QcPlan) -> list[dict]:
 
 
 def write_report(report: QcReport) -> str:
-    """qc.json, then index.html (the pictures embedded); returns the page's location."""
+    """qc.json, then index.html (the pictures embedded, and a link to a viewer of OUT
+    that runs on this machine now); returns the page's location."""
     storage.write_text(storage.join(report.folder, QC_FILE), report.document())
     pngs = {p.name: storage.read_bytes(p.uri) for p in report.pictures}
-    storage.write_text(report.page, render_page(report, pngs))
+    storage.write_text(report.page, render_page(report, pngs,
+                                                running_viewer_url(report.output)))
     return report.page
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import shlex
 
 from dreg.qc.report import QcReport, summary_rows
 
@@ -30,8 +31,28 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def render_page(report: QcReport, pngs: dict[str, bytes]) -> str:
-    """The page's HTML: verdict, the numbers, every stage, then every picture."""
+def viewer_command(out: str) -> str:
+    """The command that opens OUT in the web viewer."""
+    return f"dreg view {shlex.quote(out)}"
+
+
+def viewer_section(out: str, viewer_url: str | None) -> str:
+    """How to look at the volumes in 3D: the command always (a page outlives any viewer),
+    and the link to a viewer of OUT that was running when the page was written."""
+    e = html.escape
+    running = (f' A viewer of this output was running when this page was written: '
+               f'<a id="viewer-link" href="{e(viewer_url)}">{e(viewer_url)}</a> (it answers '
+               f'only while that <code>dreg view</code> runs, on the machine that ran it).'
+               if viewer_url else "")
+    return (f'<p id="viewer">Fixed, warped and det J in 3D, in a web viewer (Neuroglancer): '
+            f'run <code>{e(viewer_command(out))}</code> and open the URL it prints.'
+            f'{running}</p>')
+
+
+def render_page(report: QcReport, pngs: dict[str, bytes], viewer_url: str | None = None
+                ) -> str:
+    """The page's HTML: verdict, the numbers, every stage, then every picture; and how to
+    open the web viewer (with `viewer_url`, the link to one that is running)."""
     e = html.escape
     rows = "\n".join(f"<tr><th>{e(r['measure'])}</th><td>{e(r['value'])}</td></tr>"
                      for r in summary_rows(report))
@@ -55,6 +76,7 @@ def render_page(report: QcReport, pngs: dict[str, bytes]) -> str:
 <p>Output <code>{e(report.output)}</code>, field <code>{e(report.field)}</code></p>
 <p class="{e(report.qc)}"><strong>QC: {e(report.qc)}</strong>{reason}</p>
 <table>{rows}</table>
+{viewer_section(report.output, viewer_url)}
 {fold_table}
 {figures}
 </body></html>
