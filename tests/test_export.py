@@ -356,3 +356,20 @@ def test_the_export_command_prints_json_or_one_error_line(out, tmp_path, capsys)
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("dreg: error: ")
     assert "already exists" in error[0]
+
+
+def test_a_metaimage_is_written_slab_by_slab(out, tmp_path, monkeypatch):
+    """issue 22 item 1: the .mha export streams (ITK's writer pastes one slab of z planes
+    at a time into the file) and the file holds the whole field exactly."""
+    import itk
+
+    field = open_field(storage.join(out, "field.ome.zarr"))
+    nz, ny, nx = field.levels[0].grid.shape_zyx
+    monkeypatch.setattr(export, "SLAB_VOXELS", 3 * ny * nx)  # 3 planes of 8-plane chunks
+    slabs = []
+    monkeypatch.setattr(export, "stream_metaimage", lambda *args, real=export.stream_metaimage:
+                        slabs.append(real(*args, slab_voxels=export.SLAB_VOXELS)))
+    dest = str(tmp_path / "field.mha")
+    export.export(out, dest)
+    assert slabs == [math.ceil(nz / 3)] and slabs[0] > 1
+    assert np.array_equal(itk.array_from_image(itk.imread(dest)), export.read_vectors(field))

@@ -16,10 +16,13 @@ DEST's extension picks the format:
   along the array axes, on the fixed image's full-resolution grid), only where it is
   defined: fixed and moving on one grid (`learn2reg_problem`).
 
-Files are built in memory (ITK's writers need the whole image: the NIfTI, NRRD and
-MetaImage writers stream only from a streaming pipeline), so a field larger than
-DREG_EXPORT_MAX_VOXELS is refused with a line pointing to the OME-Zarr field. Each file is
-written under a temporary name in DEST's folder and renamed onto DEST when whole.
+A MetaImage (.mha) is written slab by slab of z planes through ITK's writer (its paste
+region: only ITK's MetaImage writer takes one; the NIfTI and NRRD writers refuse it), so
+its export holds one slab at a time. The other formats are built in memory (the ITK
+writers and transform files need the whole image). A field larger than
+DREG_EXPORT_MAX_VOXELS is refused with a line pointing to the OME-Zarr field: the tools
+that read these files load the whole field too. Each file is written under a temporary
+name in DEST's folder and renamed onto DEST when whole.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ MAX_VOXELS_VARIABLE = "DREG_EXPORT_MAX_VOXELS"
 # 2**26 voxels: a field of 400^3 (a fixed image of 800^3 at the usual factor 2) is 0.8 GB
 # of float32 vectors in memory, and twice that as the doubles a transform file holds.
 DEFAULT_MAX_VOXELS = 2**26
+SLAB_VOXELS = 2**22  # voxels of one slab of a streamed MetaImage (48 MiB of vectors)
 
 
 class ExportResult(BaseModel):
@@ -203,15 +207,22 @@ def learn2reg_problem(result: RegistrationResult) -> str:
 # ----------------------------------------------------------------------------- arrays
 
 
-def read_vectors(field: ome_zarr.OmeZarrImage) -> np.ndarray:
-    """A field's level 0 as world vectors, shape (z, y, x, 3) with components (x, y, z),
-    float32: ITK's layout of a vector image. Read chunk by chunk into one array, so the
-    field is held once."""
+def read_vectors(field: ome_zarr.OmeZarrImage, planes: tuple[int, int] | None = None
+                 ) -> np.ndarray:
+    """A field's level 0 (or its z planes from `planes` start to stop) as world vectors,
+    shape (z, y, x, 3) with components (x, y, z), float32: ITK's layout of a vector image.
+    Read chunk by chunk into one array, so the field is held once."""
     level = field.levels[0]
-    vectors = np.empty((*level.grid.shape_zyx, 3), dtype=np.float32)
-    for region in ome_zarr.chunk_regions(level.grid.shape_zyx, level.chunks_zyx):
-        components = ome_zarr.read_region(field, 0, region)  # (3, z, y, x), z, y, x
-        vectors[region] = np.moveaxis(components[::-1], 0, -1)
+    nz, ny, nx = level.grid.shape_zyx
+    start, stop = planes or (0, nz)
+    vectors = np.empty((stop - start, ny, nx, 3), dtype=np.float32)
+    for region in ome_zarr.chunk_regions((nz, ny, nx), level.chunks_zyx):
+        z = slice(max(region[0].start, start), min(region[0].stop, stop))
+        if z.start >= z.stop:
+            continue
+        components = ome_zarr.read_region(field, 0, (z, *region[1:]))  # (3, z, y, x)
+        local = (slice(z.start - start, z.stop - start), *region[1:])
+        vectors[local] = np.moveaxis(components[::-1], 0, -1)
     return vectors
 
 
@@ -279,6 +290,51 @@ def write_image(vectors: np.ndarray, grid: Grid, path: str, suffix: str) -> None
         image.GetMetaDataDictionary()["intent_code"] = str(NIFTI_INTENT_DISPVECT)
     # NRRD and MetaImage raw: float displacements barely compress (as in the zarr field).
     itk.imwrite(image, path, compression=suffix == ".nii.gz")
+
+
+def slab_planes(field: ome_zarr.OmeZarrImage, slab_voxels: int) -> int:
+    """z planes per slab of a streamed export: whole chunks along z where they fit in
+    `slab_voxels`, so that each chunk is decoded once; else as many planes as fit (one at
+    least)."""
+    level = field.levels[0]
+    nz, ny, nx = level.grid.shape_zyx
+    fitting = max(1, slab_voxels // (ny * nx))
+    depth = level.chunks_zyx[0]
+    return min(nz, fitting // depth * depth if fitting >= depth else fitting)
+
+
+def stream_metaimage(field: ome_zarr.OmeZarrImage, path: str,
+                     slab_voxels: int = SLAB_VOXELS) -> int:
+    """Write a field as a MetaImage of (x, y, z) vectors, slab of z planes by slab, through
+    ITK's writer with a paste region: the first slab creates the file with the whole
+    grid's header, the others are written into it. Returns the number of slabs."""
+    import itk
+
+    grid = field.levels[0].grid
+    nz, ny, nx = grid.shape_zyx
+    image_type = itk.Image[itk.Vector[itk.F, 3], 3]
+    largest = itk.ImageRegion[3]([0, 0, 0], [nx, ny, nz])
+    planes = slab_planes(field, slab_voxels)
+    slabs = 0
+    for start in range(0, nz, planes):
+        stop = min(nz, start + planes)
+        vectors = np.ascontiguousarray(read_vectors(field, (start, stop)))
+        slab = _itk_image(vectors, grid, itk.F)
+        # The slab sits at its place in the whole grid (the whole image's geometry, index
+        # from `start`); a view's largest region is its buffer until set again.
+        region = itk.ImageRegion[3]([0, 0, start], [nx, ny, stop - start])
+        slab.SetRegions(region)
+        slab.SetLargestPossibleRegion(largest)
+        paste = itk.ImageIORegion(3)
+        paste.SetIndex([0, 0, start])
+        paste.SetSize([nx, ny, stop - start])
+        writer = itk.ImageFileWriter[image_type].New()
+        writer.SetFileName(path)
+        writer.SetInput(slab)
+        writer.SetIORegion(paste)
+        writer.Update()
+        slabs += 1
+    return slabs
 
 
 def _affine_transform(affine: AffineTransform):
@@ -353,6 +409,9 @@ def _write(plan: ExportPlan, path: str) -> None:
     if plan.suffix == LEARN2REG_SUFFIX:
         with open(path, "wb") as file:
             np.savez_compressed(file, arr_0=learn2reg_array(field, plan.grid))
+        return
+    if plan.suffix == ".mha":
+        stream_metaimage(field, path)
         return
     vectors = read_vectors(field)
     if plan.suffix in IMAGE_SUFFIXES:
