@@ -163,8 +163,9 @@ def assert_same_warp(reference: dict, warped: np.ndarray) -> float:
 def test_an_exported_field_image_warps_in_itk_as_dreg_warps(out, reference, tmp_path,
                                                              suffix):
     """issue 22 item 1: ITK's ResampleImageFilter with a DisplacementFieldTransform built
-    from the exported .nii.gz / .nrrd / .mha reproduces dreg's warp, and the file keeps
-    the field's grid (anisotropic spacing, oblique direction)."""
+    from the exported .nii.gz / .nrrd / .mha reproduces dreg's warp, so does ANTs'
+    apply_transforms given the file as a displacement field, and the file keeps the
+    field's grid (anisotropic spacing, oblique direction)."""
     import itk
 
     dest = str(tmp_path / f"field{suffix}")
@@ -178,16 +179,18 @@ def test_an_exported_field_image_warps_in_itk_as_dreg_warps(out, reference, tmp_
                        atol=1e-5)
     transform, _vectors = field_transform(dest)
     assert_same_warp(reference, itk_warp(reference, transform))
+    assert_same_warp(reference, ants_warp(reference, dest))
     assert not list(tmp_path.glob(".*partial*"))  # the temporary name is gone
 
 
-def test_the_nifti_field_carries_the_displacement_intent_for_nibabel(out, tmp_path):
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_the_nifti_field_carries_the_displacement_intent_for_nibabel(out, tmp_path, suffix):
     """issue 22 item 1: the NIfTI header's intent code is NIFTI_INTENT_DISPVECT (1006),
     with the vector on the fifth axis, and its vectors are in NIfTI's RAS convention:
     x and y negated from ITK's (LPS) world vectors, z as it is."""
     import nibabel
 
-    dest = str(tmp_path / "field.nii.gz")
+    dest = str(tmp_path / f"field{suffix}")
     export.export(out, dest)
     image = nibabel.load(dest)
     assert int(image.header["intent_code"]) == 1006
