@@ -376,3 +376,18 @@ def test_a_metaimage_is_written_slab_by_slab(out, tmp_path, monkeypatch):
     export.export(out, dest)
     assert slabs == [math.ceil(nz / 3)] and slabs[0] > 1
     assert np.array_equal(itk.array_from_image(itk.imread(dest)), export.read_vectors(field))
+
+
+def test_export_reads_an_out_on_s3(s3, pair, out, tmp_path):
+    """issue 22 item 1: OUT on S3 (the moto server) exports to a local file, the same
+    bytes of field as from a local OUT."""
+    import uuid
+
+    import itk
+
+    remote = make_out(pair, s3.uri(uuid.uuid4().hex, "out"))
+    dest = str(tmp_path / "field.nrrd")
+    export.export(remote, dest)
+    export.export(out, str(tmp_path / "local.nrrd"))
+    assert np.array_equal(itk.array_from_image(itk.imread(dest)),
+                          itk.array_from_image(itk.imread(str(tmp_path / "local.nrrd"))))
