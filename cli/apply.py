@@ -1,8 +1,9 @@
-"""`dreg warp`, `dreg invert` and `dreg transform-points`: use a finished registration.
+"""`dreg warp`, `dreg invert`, `dreg transform-points` and `dreg export`: use a finished
+registration.
 
 Each checks its inputs first (bad input: one line, exit 2, before a server or cluster
-starts), runs its flow on the embedded defaults or the given Dask cluster, and prints
-one JSON object as its last line.
+starts), runs its flow on the embedded defaults or the given Dask cluster (export is a
+local one-process step, with no flow), and prints one JSON object as its last line.
 """
 
 from __future__ import annotations
@@ -73,6 +74,13 @@ def cmd_transform_points(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from dreg.apply.export import export
+
+    print(export(args.out, args.dest, args.what, overwrite=args.overwrite).model_dump_json())
+    return 0
+
+
 def add_commands(sub) -> None:
     warp = sub.add_parser(
         "warp", help="resample an image onto the fixed grid through OUT's field",
@@ -113,3 +121,21 @@ def add_commands(sub) -> None:
     points.add_argument("--from", dest="source", choices=("fixed", "moving"), required=True)
     add_cluster_options(points)
     points.set_defaults(run=cmd_transform_points)
+
+    export = sub.add_parser(
+        "export", help="write OUT's field, inverse or initial affine for ITK, ANTs, Slicer "
+        "or Learn2Reg",
+        description="Write one file, its format by DEST's extension: .nii.gz, .nii, .nrrd, "
+        ".mha (an ITK displacement-field image: x, y, z vectors in physical units on the "
+        "field's grid; NIfTI with intent 1006), .h5, .tfm (an ITK transform file: a "
+        "DisplacementFieldTransform, after the initial affine where there is one), .mat "
+        "(the affine only), .npz (Learn2Reg: voxel displacements on the fixed grid, where "
+        "fixed and moving share one grid). Fields above DREG_EXPORT_MAX_VOXELS voxels are "
+        "refused: use the OME-Zarr field.")
+    export.add_argument("out", help="a finished registration's output (holds result.json)")
+    export.add_argument("dest", metavar="DEST", help="the file to write (a local path)")
+    export.add_argument("--what", choices=("field", "inverse", "affine"), default="field",
+                        help="field (fixed to moving, default), inverse (moving to fixed, "
+                        "made by `dreg invert`) or affine (the initial affine)")
+    export.add_argument("--overwrite", action="store_true", help="replace a file at DEST")
+    export.set_defaults(run=cmd_export)
