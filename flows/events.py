@@ -35,6 +35,9 @@ INGESTED = "dreg.volume.ingested"
 COMPLETED = "dreg.registration.completed"
 FAILED = "dreg.registration.failed"
 DELIVERY_TIMEOUT_S = 30.0
+# How long a run's outcome event is sent again while the server does not answer (a
+# restart of the server takes tens of seconds).
+RESEND_TIMEOUT_S = 180.0
 # How an interrupt (SIGINT, or SIGTERM as Prefect raises it) shows in a wrapped error.
 INTERRUPT_MARKERS = ("KeyboardInterrupt", "TerminationSignal")
 
@@ -139,6 +142,73 @@ def confirm_delivered(api: str, event_id: str, timeout_s: float = DELIVERY_TIMEO
                            f"{timeout_s:.0f} s: {cause}"))
 
 
+def emit_outcome(name: str, resource: dict, related: list[dict], payload: dict) -> Any:
+    """Send a run's outcome event and return it once the server has taken it.
+
+    Prefect's events client sends over a websocket and drops an event it could not send
+    after a few reconnection attempts (a server restarting), with only a log line; an
+    outcome that only looks announced would leave its listeners waiting forever. So an
+    outcome goes to the server's events endpoint over HTTP, with the run's own related
+    resources (flow run, flow, deployment, tags) attached as Prefect's client attaches
+    them, and is sent again until the server accepts it (RESEND_TIMEOUT_S); RunFailed if
+    it never does. Prefect Cloud, or no API at all: Prefect's own client."""
+    from prefect.events import Event, emit_event
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    if not api or _is_cloud(api):
+        return emit_event(event=name, resource=resource, related=related, payload=payload)
+    event = Event(event=name, resource=resource, related=related, payload=payload)
+    event.related = [*event.related, *_run_resources(event)]
+    _send(api, event)
+    return event
+
+
+def _run_resources(event: Any) -> list:
+    """The flow run's, flow's, deployment's and tags' resources, from the run context."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.related import related_resources_from_run_context
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def read() -> list:
+        async with get_client() as client:
+            return await related_resources_from_run_context(
+                client, exclude={r.id for r in event.involved_resources})
+
+    return run_coro_as_sync(read())
+
+
+def _is_cloud(api: str) -> bool:
+    from prefect.settings import PREFECT_CLOUD_API_URL
+
+    return api.startswith(PREFECT_CLOUD_API_URL.value())
+
+
+def _send(api: str, event: Any) -> None:
+    """POST the event to the server's events endpoint until it is accepted."""
+    import json
+    import time
+    import urllib.error
+
+    from dreg.errors import RunFailed
+
+    body = json.dumps([event.model_dump(mode="json")]).encode()
+    deadline = time.monotonic() + RESEND_TIMEOUT_S
+    while True:
+        try:
+            _call(api, "events", body)
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500 or time.monotonic() > deadline:
+                raise RunFailed(redact(f"event {event.id} ({event.event}) was refused by "
+                                       f"{api}: HTTP {exc.code}")) from None
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise RunFailed(redact(f"event {event.id} ({event.event}) could not be sent: "
+                                       f"{_unreachable(api, exc)}")) from None
+        time.sleep(1.0)
+
+
 def resource_id(kind: str, uri: str) -> str:
     """An event resource id naming a location, its credentials (if any) redacted."""
     return f"dreg.{kind}.{redact(uri)}"
@@ -188,10 +258,8 @@ def _related(fixed: str | None, moving: str | None, out: str | None) -> list[dic
 
 
 def emit_completed(result: RegistrationResult) -> Any:
-    from prefect.events import emit_event
-
-    return emit_event(
-        event=COMPLETED,
+    return emit_outcome(
+        COMPLETED,
         resource={"prefect.resource.id": resource_id("field", result.field),
                   "dreg.uri": redact(result.field)},
         related=_related(result.fixed, result.moving, result.output),
@@ -214,10 +282,8 @@ def failed_resource(out: str | None, moving: str | None, manifest: str | None = 
 
 def emit_failed(reason: str, fixed: str | None, moving: str | None, out: str | None,
                 flow_run_id: str | None, manifest: str | None = None) -> Any:
-    from prefect.events import emit_event
-
-    return emit_event(
-        event=FAILED,
+    return emit_outcome(
+        FAILED,
         resource={"prefect.resource.id": failed_resource(out, moving, manifest)},
         related=_related(fixed, moving, out),
         payload={"reason": redact(reason), "flow_run_id": flow_run_id},
