@@ -27,12 +27,15 @@ def pair(request, tmp_path_factory) -> dict:
 # Prefect's test harness and a LocalCluster, entered once per session.
 from fixtures_prefect import dask_address, dask_client, prefect_api  # noqa: E402, F401
 
+# A real PostgreSQL server per module that asks for it (issue 21 item 1).
+from postgres_server import postgres  # noqa: E402, F401
+
 # ----------------------------------------------------------------------------- tiers
 # The fast tier (`bash scripts/dev.sh test-fast`, i.e. `-m "not full"`) is the core, the
 # CLI's bad-input lines and the layout rule. A test is in the full tier only when it needs
 # one of these servers, carries one of these markers, lives in one of these modules, or is
 # marked `full` by hand.
-SERVER_FIXTURES = {"prefect_api", "dask_address", "dask_client", "s3"}
+SERVER_FIXTURES = {"prefect_api", "dask_address", "dask_client", "s3", "postgres"}
 HEAVY_MARKERS = {"slow", "prefect", "ops", "s3", "elastix"}
 FULL_MODULES = {
     "test_bench.py": "runs every bench script",

@@ -230,14 +230,18 @@ def child_environment(tmp: Path, api: str) -> dict[str, str]:
 
 
 @contextmanager
-def prefect_server(tmp: Path, timeout: float = 150) -> Iterator[tuple[str, dict]]:
-    """A real `prefect server start` on a free loopback port, SQLite and PREFECT_HOME in
-    `tmp`; yields the API URL and an environment for children that report to it."""
+def prefect_server(tmp: Path, timeout: float = 150,
+                   database_url: str | None = None) -> Iterator[tuple[str, dict]]:
+    """A real `prefect server start` on a free loopback port, PREFECT_HOME in `tmp`, its
+    state in `database_url` (a PostgreSQL database, as in production; tests/
+    postgres_server.py) or else SQLite in `tmp`; yields the API URL and an environment
+    for children that report to it."""
     port = s3_server.free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = child_environment(tmp, api)
     env.update({"PREFECT_UI_API_URL": api,
-                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}/prefect.db"})
+                "PREFECT_API_DATABASE_CONNECTION_URL":
+                    database_url or f"sqlite+aiosqlite:///{tmp}/prefect.db"})
     server = start([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
                    env, tmp / "prefect-server.log")
     try:

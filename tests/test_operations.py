@@ -1,5 +1,6 @@
-"""Operations end to end: a real `prefect server start` (SQLite in a temporary folder),
-moto's S3 server, `prefect deploy --all`, a real process worker, ingestion events.
+"""Operations end to end: a real `prefect server start` on PostgreSQL (a server the
+tests start in a temporary folder, tests/postgres_server.py; issue 21 item 1), moto's S3
+server, `prefect deploy --all`, a real process worker, ingestion events.
 
 Run alone with ``pytest -m ops``.
 """
@@ -18,6 +19,7 @@ from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 
+import postgres_server
 import pytest
 import s3_server
 from prefect_queries import events_named, wait_for_events
@@ -57,8 +59,9 @@ def background(args: list[str], env: dict, log: Path, grace_s: float = 5):
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory, s3):
-    """Server, pool, deployments and worker, with a reference and a moving volume on S3."""
+def platform(tmp_path_factory, s3, postgres):
+    """Server (on PostgreSQL, as in production: issue 21 item 1), pool, deployments and
+    worker, with a reference and a moving volume on S3."""
     tmp = tmp_path_factory.mktemp("ops")
     port = s3_server.free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -67,7 +70,7 @@ def platform(tmp_path_factory, s3):
         "PREFECT_HOME": str(tmp / "home"),
         "PREFECT_API_URL": api,
         "PREFECT_UI_API_URL": api,
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}/prefect.db",
+        "PREFECT_API_DATABASE_CONNECTION_URL": postgres.url(),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "PREFECT_WORKER_PREFETCH_SECONDS": "5",
@@ -218,3 +221,14 @@ def test_ui_answers_on_the_root_url(platform):
         page = response.read().decode()
     assert response.status == 200
     assert "<html" in page.lower() and "prefect" in page.lower()
+
+
+def test_the_server_keeps_its_state_in_postgresql(platform, postgres):
+    """issue 21 item 1: the platform's server runs on PostgreSQL, as in production: the
+    deployments made by `prefect deploy --all` are rows of its database there."""
+    with client_for(platform["api"]) as client:
+        deployment = client.read_deployment_by_name(
+            "dreg-register-on-ingest/register-on-ingest")
+    rows = postgres_server.fetch(postgres, "select name from deployment where id = $1",
+                                 deployment.id)
+    assert rows == [("register-on-ingest",)]

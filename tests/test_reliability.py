@@ -2,7 +2,8 @@
 
 Everything is real: `dreg register` runs as a subprocess leading its own process group
 (its LocalCluster's nanny and worker processes belong to that group), reporting to a
-real `prefect server start` (SQLite in a temporary folder) so that flow-run and task-run
+real `prefect server start` (on a PostgreSQL server that the tests start in a temporary
+folder, as production runs it: tests/postgres_server.py) so that flow-run and task-run
 states can be read after a process has been killed; an external cluster is started with
 the `dask scheduler` and `dask worker` CLIs. The pair is made with `dreg synth`.
 
@@ -24,8 +25,10 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from uuid import UUID
 
 import numpy as np
+import postgres_server
 import pytest
 import s3_server
 from exact_registrar import METHOD
@@ -78,9 +81,11 @@ def figures_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real Prefect server; yields (API URL, environment for children)."""
-    with prefect_server(tmp_path_factory.mktemp("prefect")) as running:
+def server(tmp_path_factory, postgres):
+    """A real Prefect server on PostgreSQL, as in production (issue 21 item 1); yields
+    (API URL, environment for children)."""
+    with prefect_server(tmp_path_factory.mktemp("prefect"),
+                        database_url=postgres.url()) as running:
         yield running
 
 
@@ -123,7 +128,8 @@ def uninterrupted(server, inputs, root: Path) -> dict:
     report("uninterrupted_run", figures)
     assert sum(line["block_counts"]["bspline"].values()) == BLOCKS
     return {"field": read_field(line["field"]), "block_counts": line["block_counts"],
-            "blocks_stored": figures["blocks_stored"], "seconds": seconds}
+            "blocks_stored": figures["blocks_stored"], "seconds": seconds,
+            "flow_run_id": line["flow_run_id"]}
 
 
 @pytest.fixture(scope="module")
@@ -400,3 +406,11 @@ def test_a_full_disk_is_a_clear_error_and_the_freed_run_resumes(server, tmp_path
         assert (out / "result.json").exists()
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_the_server_keeps_its_runs_in_postgresql(server, postgres, reference):
+    """issue 21 item 1: these tests' server runs on PostgreSQL, as in production: the
+    uninterrupted run's flow run is a completed row of its database there."""
+    rows = postgres_server.fetch(postgres, "select state_type from flow_run where id = $1",
+                                 UUID(reference["flow_run_id"]))
+    assert rows == [("COMPLETED",)]
