@@ -1,6 +1,7 @@
 """The Prefect server restarted under a running registration (issue 21 item 4).
 
-A real `prefect server start` (SQLite in a temporary folder) is stopped with SIGTERM
+A real `prefect server start` on PostgreSQL (tests/postgres_server.py, as production runs
+it) is stopped with SIGTERM
 while `dreg register` runs its blocks, and started again on the same port and database.
 The run must complete, its flow runs end Completed on the restarted server, and its
 completion event be stored exactly once. Prefect's own events client drops an event it
@@ -58,17 +59,16 @@ stages:
 
 
 class Server:
-    """`prefect server start` on one port and one SQLite database, which can be
-    stopped and started again."""
+    """`prefect server start` on one port and one database, which can be stopped and
+    started again."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, database_url: str) -> None:
         self.root = root
         self.port = s3_server.free_port()
         self.api = f"http://127.0.0.1:{self.port}/api"
         self.env = child_environment(root, self.api)
         self.env.update({"PREFECT_UI_API_URL": self.api,
-                         "PREFECT_API_DATABASE_CONNECTION_URL":
-                             f"sqlite+aiosqlite:///{root}/prefect.db"})
+                         "PREFECT_API_DATABASE_CONNECTION_URL": database_url})
         self.process = None
         self.starts = 0
 
@@ -92,8 +92,8 @@ class Server:
 
 
 @pytest.fixture
-def server(tmp_path):
-    running = Server(tmp_path)
+def server(tmp_path, postgres):
+    running = Server(tmp_path, postgres.url())
     running.start()
     yield running
     if running.process is not None:
