@@ -28,11 +28,14 @@ from exact_registrar import METHOD, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# The pipeline of the process-level tests: one stage of 16^3 blocks, registered by the
-# exact registrar (tests/exact_registrar.py) at about a quarter of a second per block,
-# so that a run can be interrupted mid-stage without loading elastix.
 STAGE = "1-bspline"
-PIPELINE = f"""\
+
+
+def exact_pipeline(seconds: float) -> str:
+    """One stage of 16³ blocks (overlap 0.25), registered by the exact registrar
+    (tests/exact_registrar.py) at `seconds` a block: a run that can be interrupted
+    mid-stage without loading elastix."""
+    return f"""\
 stages:
   - name: bspline
     level: 0
@@ -41,8 +44,12 @@ stages:
     method: {METHOD}
     transform: bspline
     parameters:
-      seconds: 0.25
+      seconds: {seconds}
 """
+
+
+# The pipeline of the process-level tests: about a quarter of a second per block.
+PIPELINE = exact_pipeline(0.25)
 # Variables of the caller that would change what a child does (another cluster, a
 # fault injected on purpose, another API).
 DROPPED_VARIABLES = ("DREG_DASK_ADDRESS", "DREG_DASK_WORKERS", "DREG_FAULT_INJECT",

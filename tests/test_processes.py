@@ -30,12 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from exact_registrar import METHOD, subprocess_env
+from exact_registrar import subprocess_env
 from reliability_helpers import (
     BIN,
     DROPPED_VARIABLES,
     Started,
     describe,
+    exact_pipeline,
     finish,
     group_members,
     read_field,
@@ -53,17 +54,7 @@ PAIR = {"grid": Grid((48, 48, 48), (1.0, 1.0, 1.0)), "seed": 3, "amplitude_voxel
         "chunks": 24}
 STAGE = "1-bspline"
 # 27 blocks of 16³ at half a second each: a stage long enough to be interrupted.
-SLOW_PIPELINE = f"""\
-stages:
-  - name: bspline
-    level: 0
-    block_size: 16
-    overlap: 0.25
-    method: {METHOD}
-    transform: bspline
-    parameters:
-      seconds: 0.5
-"""
+SLOW_PIPELINE = exact_pipeline(0.5)
 # 8 blocks of 24³, as fast as the exact registrar goes.
 PIPELINE = SLOW_PIPELINE.replace("block_size: 16", "block_size: 24").replace(
     "    parameters:\n      seconds: 0.5\n", "")

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 import s3_server
-from exact_registrar import METHOD
 from prefect_queries import wait_for_events
 from reliability_helpers import (
     BIN,
+    STAGE,
     child_environment,
+    exact_pipeline,
     finish,
     flow_run,
     registration_runs,
@@ -38,24 +39,13 @@ from dreg.grid import Grid
 
 pytestmark = pytest.mark.slow
 
-STAGE = "1-bspline"
 BLOCKS = 64
 STOP_AT = 4                 # blocks stored before the server is stopped
 SERVER_START_TIMEOUT_S = 150
 RUN_TIMEOUT_S = 420
 # One second a block (32 s of blocks on two workers): the server's stop and restart
 # (about 20 s here) land while the blocks run.
-PIPELINE = f"""\
-stages:
-  - name: bspline
-    level: 0
-    block_size: 16
-    overlap: 0.25
-    method: {METHOD}
-    transform: bspline
-    parameters:
-      seconds: 1.0
-"""
+PIPELINE = exact_pipeline(1.0)
 
 
 class Server:
