@@ -531,6 +531,31 @@ def test_verify_sees_a_takeover_before_the_renewer_does(out):
         lease.check("writing a chunk")  # from now on, the local check knows too
 
 
+def test_verify_during_a_renewal_keeps_the_lease(out, monkeypatch):
+    """A renewal by the renewer thread that lands while `verify` reads the lease: the read
+    shows the generation before the renewal, which is still this run's. (Seen as a
+    failed run, "changed by another process of this run", on S3 under a loaded cluster.)"""
+    from dreg.io.ownership import lease as lease_module
+
+    clock = ManualClock()
+    lease = acquire(out, "run-a", lease_seconds=30, clock=clock)
+    read = lease_module.latest
+    renewing = []
+
+    def read_then_renew(backend, uri):
+        found = read(backend, uri)
+        if not renewing:  # the renewer writes its next generation after this read
+            renewing.append(True)
+            lease.renew()
+        return found
+
+    monkeypatch.setattr(lease_module, "latest", read_then_renew)
+    before = lease.generation
+    lease.verify("recording stage 1")
+    assert lease.generation == before + 1
+    lease.check("writing a chunk")
+
+
 def test_flows_fence_every_write_under_the_held_out(tmp_path):
     """issue 18 item 5: the flows' fence checks the lease of the OUT that contains the
     written location, before each stage, field creation or removal and batch."""

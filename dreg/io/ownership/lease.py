@@ -365,14 +365,17 @@ class Lease:
         taken it over (one read; for the steps between stages). A storage error here is
         left to the renewer, which retries until the lease expires."""
         self.check(before)
+        # The generation known before the read: the renewer (another thread) may write a
+        # newer one of ours while the read is under way, and a read that began before
+        # that write shows the older one, which is still ours.
+        known = self.generation
         try:
             generation_record = latest(_backend(self.uri), self.uri)
         except StorageError:
             return
         _, generation, record = generation_record
-        # A renewal may have written a newer generation of ours meanwhile.
         if record is not None and record.get("token") == self.token and not record.get(
-                "released") and generation >= self.generation:
+                "released") and generation >= known:
             return
         lost = self._lost(record, "checked before " + (before or "writing"))
         if self._failure is None:
