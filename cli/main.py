@@ -7,6 +7,7 @@ import os
 import sys
 
 from cli import apply, images, qc, register, view
+from dreg.diagnostics import enable_stack_dumps
 from dreg.errors import DregError, RunFailed, one_line
 from flows.events import INTERRUPT_MARKERS
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     apply_private_mode()
+    enable_stack_dumps()
     try:
         return _run(args)
     except RunFailed as exc:

@@ -55,12 +55,14 @@ def configure_process(threads: int = THREADS_PER_WORKER, warm: bool = True) -> N
         if not _STATE["configured"]:
             from threadpoolctl import threadpool_limits
 
+            from dreg.diagnostics import enable_stack_dumps
             from dreg.memory import release_freed_memory_promptly
 
             # The variables reach libraries that start later; pools already running (NumPy's
             # BLAS in every Dask worker) are limited here.
             threadpool_limits(limits=threads)
             release_freed_memory_promptly()
+            enable_stack_dumps()  # `kill -USR1` shows where a worker waits
             _STATE["configured"] = True
         if warm and not _STATE["warm"]:
             from dreg.registration import elastix, reduce

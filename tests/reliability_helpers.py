@@ -110,13 +110,30 @@ def start(args: list[str], env: dict, log: Path) -> Started:
     return Started(process, log)
 
 
+def dump_stacks(pgid: int, settle: float = 3.0) -> None:
+    """Ask every process of group `pgid` for its threads' stacks (dreg's processes print
+    them to their stderr on SIGUSR1: dreg.diagnostics); the others may end of it."""
+    for member in group_members(pgid):
+        try:
+            member.send_signal(signal.SIGUSR1)
+        except psutil.Error:
+            pass
+    time.sleep(settle)
+
+
 def finish(run: Started, timeout: float) -> int:
-    """Wait for `run` to exit; its exit status, or an AssertionError with its output."""
+    """Wait for `run` to exit; its exit status, or an AssertionError with its output and,
+    for a run that did not finish, the stacks of its processes at the time."""
     try:
         return run.process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        before = len(run.output())
+        dump_stacks(run.pgid)
+        output = run.output()
         raise AssertionError(f"{run.log.name}: not finished within {timeout} s:\n"
-                             f"{run.output()[-3000:]}") from None
+                             f"{output[max(0, before - 3000):before]}\n"
+                             f"--- stacks of its processes ---\n"
+                             f"{output[before:][:40000]}") from None
 
 
 def run_to_end(args: list, env: dict, log: Path, timeout: float) -> tuple[Started, float]:

@@ -9,6 +9,7 @@ taken from ``DREG_S3_ENDPOINT_URL``, then ``AWS_ENDPOINT_URL_S3``, then
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import posixpath
 import re
@@ -23,6 +24,7 @@ import zarr.storage
 from dreg.errors import InputError, StorageError, describe, redact
 
 T = TypeVar("T")
+LOGGER = logging.getLogger(__name__)
 ENDPOINT_VARIABLES = ("DREG_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 # Attempts at two levels multiply: botocore retries each request (throttling, dropped
 # connections), and s3fs retries what botocore gave up on. With a 3 s connect time-out a
@@ -185,6 +187,9 @@ def patiently(action: Callable[[], T], patience_seconds: float,
             remaining = deadline - time.monotonic()
             if not exc.transient or remaining <= 0:
                 raise
+            # Said, so that a wait of minutes is never silent.
+            LOGGER.warning(f"{exc}; trying again in {min(wait, remaining):.0f} s "
+                           f"(for up to {remaining:.0f} s more)")
             time.sleep(min(wait, remaining))
             wait = min(wait * 2, longest_wait)
 
