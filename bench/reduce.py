@@ -100,7 +100,7 @@ def make_inputs(work: Path, per_axis: int, block: int, overlap: float, factor: f
 def _ready() -> int:
     # Each worker as flows.cluster warms a Dask worker, before timing: the core imported,
     # its compiled loops loaded, and glibc told to return blocks of 1 MiB and more.
-    from dreg.memory import release_freed_memory_promptly
+    from dreg.process import release_freed_memory_promptly
     from dreg.registration.reduce import warm_up
 
     release_freed_memory_promptly()

@@ -7,7 +7,7 @@ import json
 
 from cli.arguments import direction, number, triple
 from dreg.errors import InputError
-from dreg.memory import release_freed_memory_promptly
+from dreg.process import release_freed_memory_promptly
 
 IDENTITY_DIRECTION = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 # Chunk edges in voxels: below 8 a volume is mostly chunk overhead; above 512 one chunk

@@ -7,8 +7,8 @@ import os
 import sys
 
 from cli import apply, images, qc, register, view
-from dreg.diagnostics import enable_stack_dumps
 from dreg.errors import DregError, RunFailed, one_line
+from dreg.process import enable_stack_dumps
 from flows.events import INTERRUPT_MARKERS
 
 

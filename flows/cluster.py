@@ -55,8 +55,7 @@ def configure_process(threads: int = THREADS_PER_WORKER, warm: bool = True) -> N
         if not _STATE["configured"]:
             from threadpoolctl import threadpool_limits
 
-            from dreg.diagnostics import enable_stack_dumps
-            from dreg.memory import release_freed_memory_promptly
+            from dreg.process import enable_stack_dumps, release_freed_memory_promptly
 
             # The variables reach libraries that start later; pools already running (NumPy's
             # BLAS in every Dask worker) are limited here.

@@ -112,7 +112,7 @@ def start(args: list[str], env: dict, log: Path) -> Started:
 
 def dump_stacks(pgid: int, settle: float = 3.0) -> None:
     """Ask every process of group `pgid` for its threads' stacks (dreg's processes print
-    them to their stderr on SIGUSR1: dreg.diagnostics); the others may end of it."""
+    them to their stderr on SIGUSR1: dreg.process); the others may end of it."""
     for member in group_members(pgid):
         try:
             member.send_signal(signal.SIGUSR1)

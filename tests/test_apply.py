@@ -343,7 +343,7 @@ def test_register_with_warp_leaves_a_scene_and_a_warped_image(prefect_api, dask_
                       "    parameters: {MaximumNumberOfIterations: 60}\n")
     out = str(tmp_path / "out")
     done = dreg("register", pair["fixed"], pair["moving"], out, "--config", str(config),
-                "--warp", "--dask-address", dask_address, api=prefect_api)
+                "--warp", "--no-qc", "--dask-address", dask_address, api=prefect_api)
     line = last_json(done)
     assert line["warped"] == storage.join(out, "warped.ome.zarr")
     assert ome_zarr.open_image(line["warped"]).attributes["complete"] is True
@@ -368,7 +368,7 @@ def test_a_second_run_on_one_output_is_refused_naming_the_owner(prefect_api, das
     command = [sys.executable, "-m", "cli.main", "register", pair["fixed"], pair["moving"]]
     env = subprocess_env({**os.environ, "PREFECT_API_URL": prefect_api})
     first = subprocess.Popen([*command, str(tmp_path / "a"), "--config", str(config),
-                              "--dask-address", dask_address], env=env,
+                              "--no-qc", "--dask-address", dask_address], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     owner = None
     deadline = time.monotonic() + 120
@@ -386,7 +386,7 @@ def test_a_second_run_on_one_output_is_refused_naming_the_owner(prefect_api, das
     assert second.returncode == 2, second.stderr[-2000:]
     assert len(lines) == 1 and owner["owner"] in lines[0] and "in use by run" in lines[0]
     other = dreg("register", pair["fixed"], pair["moving"], str(tmp_path / "b"), "--config",
-                 str(config), "--dask-address", dask_address, api=prefect_api)
+                 str(config), "--no-qc", "--dask-address", dask_address, api=prefect_api)
     stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-2000:]
     assert json.loads(stdout.strip().splitlines()[-1])["flow_run_id"] == owner["owner"]

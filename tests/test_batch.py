@@ -50,7 +50,7 @@ def test_scheduled_run_registers_only_pending_pairs(tmp_path, dask_address):
         name="t", level=0, transform="translation", method=METHOD,
         parameters={"MaximumNumberOfIterations": 20})])
     outcomes = register_scheduled(manifest=str(manifest), pipeline=pipeline,
-                                  options=RunOptions(dask_address=dask_address))
+                                  options=RunOptions(dask_address=dask_address, qc=False))
     assert outcomes == [{"out": str(tmp_path / "new"),
                          "field": str(tmp_path / "new" / "field.ome.zarr")}]
     assert (tmp_path / "new" / "result.json").exists()

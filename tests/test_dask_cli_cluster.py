@@ -77,7 +77,7 @@ def inputs(tmp_path_factory, server, s3):
 
 def register_args(inputs: dict, out: str, *extra: str) -> list:
     return [BIN / "dreg", "register", inputs["fixed"], inputs["moving"], out,
-            "--config", inputs["pipeline"], *extra]
+            "--config", inputs["pipeline"], "--no-qc", *extra]
 
 
 def stored_count(out: str) -> int:

@@ -33,7 +33,7 @@ def run(pair: dict, out: Path, dask_address: str, **options):
 
     return register_images(fixed=pair["fixed"], moving=pair["moving"], out=str(out),
                            pipeline=PipelineConfig(stages=STAGES),
-                           options=RunOptions(dask_address=dask_address, **options))
+                           options=RunOptions(dask_address=dask_address, qc=False, **options))
 
 
 PAIR = {"grid": Grid((48, 48, 48), (1.0, 1.0, 1.0)), "seed": 7, "amplitude_voxels": 1.5,
@@ -122,7 +122,7 @@ def test_a_previous_field_that_is_not_the_planned_one_is_refused(pair, tmp_path,
 
     result = register_images(fixed=pair["fixed"], moving=pair["moving"],
                              out=str(tmp_path / "out"), pipeline=PipelineConfig(stages=stages),
-                             options=RunOptions(dask_address=dask_address))
+                             options=RunOptions(dask_address=dask_address, qc=False))
     first = result.stages[0]
     plan = plan_registration(pair["fixed"], pair["moving"], str(tmp_path / "out"),
                              PipelineConfig(stages=stages), overwrite=True)

@@ -19,7 +19,7 @@ PACKAGES = ("dreg", "tasks", "flows", "cli", "deployments", "bench", "tests")
 
 # The floor of each module prefix; the longest matching prefix wins.
 FLOORS = {
-    "dreg": 0,  # base modules: grid, errors, layout, compiled, memory, trust
+    "dreg": 0,  # base modules: grid, errors, layout, compiled, process, trust
     "dreg.io": 1,
     "dreg.field": 2,
     "dreg.registration": 3,

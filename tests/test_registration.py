@@ -44,8 +44,10 @@ def exact(block_size=24, iterations=30) -> StageConfig:
 
 
 def run(pair: dict, out: Path, stages: list[StageConfig], dask_address: str, **options):
+    """A registration without QC (QC's own tests are in test_qc.py), unless asked."""
     from flows.registration import register_images
 
+    options.setdefault("qc", False)
     return register_images(fixed=pair["fixed"], moving=pair["moving"], out=str(out),
                            pipeline=PipelineConfig(stages=stages),
                            options=RunOptions(dask_address=dask_address, **options))

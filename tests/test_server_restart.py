@@ -106,7 +106,7 @@ def test_a_server_restart_mid_run_loses_nothing(server, tmp_path):
     out = tmp_path / "out"
     env = {**server.env, "DREG_DASK_WORKERS": "2"}
     run = start([BIN / "dreg", "register", pair["fixed"], pair["moving"], out, "--config",
-                 config], env, tmp_path / "register.log")
+                 config, "--no-qc"], env, tmp_path / "register.log")
     try:
         wait_for(lambda: len(stored_blocks(out, STAGE)) >= STOP_AT, RUN_TIMEOUT_S,
                  f"{STOP_AT} stored blocks", run)

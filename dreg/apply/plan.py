@@ -18,7 +18,7 @@ from dreg.apply import invert, warp
 from dreg.errors import InputError
 from dreg.field import FIELD_CHUNK, MOVING_TO_FIXED, open_field
 from dreg.grid import Grid
-from dreg.io import completion, locations, ome_zarr, storage, tables
+from dreg.io import completion, locations, ome_zarr, storage
 from dreg.io.completion import identity_of
 from dreg.layout import DERIVED, INVERSE_NAME, INVERSE_REPORT, WARPED_NAME
 from dreg.registration.records import load_result
@@ -76,6 +76,8 @@ class PointsPlan(Plan):
 
     @property
     def batches(self) -> list[tuple[int, int]]:
+        from dreg.io import tables  # pandas and pyarrow: only where points are moved
+
         return tables.batch_ranges(self.rows, self.batch_rows)
 
 
@@ -184,6 +186,8 @@ def plan_points(out: str, points_uri: str, dest: str, source: str,
     (which the flow computes first when it is absent)."""
     if source not in ("fixed", "moving"):
         raise InputError(f"--from {source!r}: choose fixed or moving")
+    from dreg.io import tables  # pandas and pyarrow: only where points are moved
+
     result = load_result(out)
     info = tables.check_points_file(points_uri)
     dest = storage.normalize_uri(dest)

@@ -158,7 +158,7 @@ def _scratch(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.nd
     """Zeroed numerator and denominator and an output array for a chunk of `shape`,
     reused by the chunks a worker thread reduces: fresh arrays of a few MB each cost
     page faults on every chunk (workers hand blocks of 1 MiB and more straight back to
-    the system: dreg.memory)."""
+    the system: dreg.process)."""
     arrays = getattr(_SCRATCH, "arrays", {})
     if shape not in arrays:
         if len(arrays) >= 4:  # a field has a handful of chunk shapes (the edge ones)

@@ -7,7 +7,7 @@ import sys
 
 PROGRAM = """
 import os, signal, time
-from dreg.diagnostics import enable_stack_dumps
+from dreg.process import enable_stack_dumps
 
 def waiting_here():
     os.kill(os.getpid(), signal.SIGUSR1)
