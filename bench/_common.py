@@ -23,6 +23,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -100,24 +101,39 @@ def in_flow_with_cluster(workers: int, body: Callable, name: str = "dreg-bench",
     single-threaded worker processes, prepared (`prepare_workers`) before `body` runs.
     `warm=False` skips elastix's first use (the flows that use a finished registration
     do not run elastix); `modules` are what the workers import up front (default:
-    the registration's task modules). Returns what `body` returns."""
+    the registration's task modules). Returns what `body` returns.
+
+    Where DREG_DASK_ADDRESS names a cluster (as for `dreg` commands on a platform with
+    a cluster of its own), that cluster is used as it is, whatever its workers: the
+    figures are then that cluster's, not those of `workers` fresh processes."""
     from distributed import LocalCluster
     from prefect import flow
 
     from flows.cluster import WORKER_RESOURCES, current_api_url
 
+    def prepared(cluster):
+        started = time.perf_counter()
+        prepare_workers(cluster.scheduler_address, warm,
+                        TASK_MODULES if modules is None else modules)
+        log(f"worker(s) up{' and warm' if warm else ''} in "
+            f"{time.perf_counter() - started:.1f} s")
+        return body(cluster)
+
     @flow(name=name)
     def bench_flow():
+        existing = os.environ.get("DREG_DASK_ADDRESS")
+        if existing:
+            from distributed import Client
+
+            log(f"on the existing cluster {existing}")
+            with Client(existing) as client:  # its workers run functions of this module
+                client.upload_file(__file__)
+            return prepared(SimpleNamespace(scheduler_address=existing))
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                           dashboard_address=None, silence_logs=logging.WARNING,
                           env={"PREFECT_API_URL": current_api_url()},
                           resources=WORKER_RESOURCES) as cluster:
-            started = time.perf_counter()
-            prepare_workers(cluster.scheduler_address, warm,
-                            TASK_MODULES if modules is None else modules)
-            log(f"{workers} worker(s) up{' and warm' if warm else ''} in "
-                f"{time.perf_counter() - started:.1f} s")
-            return body(cluster)
+            return prepared(cluster)
 
     return bench_flow()
 
