@@ -25,3 +25,29 @@ def test_sigusr1_prints_every_stack_and_the_process_goes_on():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "still running"
     assert "waiting_here" in done.stderr
+
+
+# The command and a worker's set-up each turn the dumps on: signalled after that, the
+# process prints its stacks and goes on (without them, SIGUSR1 would end it).
+WIRED = """
+import os, signal, sys, time
+{setup}
+os.kill(os.getpid(), signal.SIGUSR1)
+time.sleep(0.5)
+print("still running")
+"""
+SETUPS = {
+    "command": "from cli.main import main\nmain(['register', '/nonexistent-a', "
+               "'/nonexistent-b', '/nonexistent-out'])",
+    "worker": "from flows.cluster import configure_process\n"
+              "configure_process(threads=1, warm=False)",
+}
+
+
+def test_the_command_and_a_workers_set_up_turn_stack_dumps_on():
+    for name, setup in SETUPS.items():
+        done = subprocess.run([sys.executable, "-c", WIRED.format(setup=setup)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (name, done.stderr[-2000:])
+        assert done.stdout.strip().endswith("still running"), name
+        assert "most recent call first" in done.stderr, name
