@@ -236,6 +236,20 @@ def start_view(out: str, runtime: Path, *extra: str) -> tuple[subprocess.Popen, 
     return process, url, json.loads(line)
 
 
+def stopped_output(process: subprocess.Popen, timeout: float) -> str:
+    """The stderr of a process that was asked to stop; if it is still running after
+    `timeout`, an AssertionError with its threads' stacks (SIGUSR1: dreg.process)."""
+    try:
+        return process.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        process.kill()
+        _, stderr = process.communicate(timeout=30)
+        raise AssertionError(f"still running {timeout} s after the signal; its stacks:\n"
+                             f"{stderr[-6000:]}") from None
+
+
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc/net")
 @pytest.mark.full  # a process that serves
 def test_view_listens_on_loopback_only_and_stops_cleanly(out, tmp_path, monkeypatch):
@@ -256,7 +270,7 @@ def test_view_listens_on_loopback_only_and_stops_cleanly(out, tmp_path, monkeypa
         assert len(records) == 1 and oct(records[0].stat().st_mode & 0o777) == "0o600"
     finally:
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
+        stderr = stopped_output(process, timeout=60)
     assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "dreg: interrupted"
     assert not list(tmp_path.glob("dreg-viewers-*/*.json"))
     assert listening_addresses(port) == [] and viewer_record.running_viewer_url(out) is None
@@ -270,7 +284,7 @@ def test_view_without_a_warped_image_shows_the_rest_and_says_so(pair, tmp_path):
     out = finished_registration(pair, str(tmp_path / "out"))
     process, url, line = start_view(out, tmp_path, "--port", "0")
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
+    stderr = stopped_output(process, timeout=60)
     assert line["layers"] == ["fixed", "det J"] and len(line["missing"]) == 1
     notes = [n for n in stderr.splitlines() if n.startswith("dreg: note:")]
     assert notes == [f"dreg: note: layer {line['missing'][0]}"]
@@ -354,3 +368,19 @@ def test_det_j_colours_span_what_the_qc_measured(tmp_path):
                                (-3.0, 9.0, (0.5, 1.5))]:
         (out / "qc" / "qc.json").write_text(json.dumps({"jacobian": {"p01": p01, "max": top}}))
         assert viewer.jacobian_range(str(out)) == pytest.approx(expected)
+
+
+def test_a_stop_that_does_not_return_is_left_behind_with_the_stacks(capfd):
+    """Ctrl-C ends `dreg view` even when the server's stop hangs: the stop is waited for
+    a bounded time, then every thread's stack is printed, down to the hanging call."""
+    from cli.view import _stop_within
+
+    def hanging_stop():
+        time.sleep(30)
+
+    assert _stop_within(lambda: None, 5)
+    started = time.monotonic()
+    assert not _stop_within(hanging_stop, 0.2)
+    assert time.monotonic() - started < 5
+    stderr = capfd.readouterr().err
+    assert "did not stop within 0.2 s" in stderr and "hanging_stop" in stderr
