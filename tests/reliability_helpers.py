@@ -22,6 +22,7 @@ from pathlib import Path
 from uuid import UUID
 
 import numpy as np
+import prefect_db
 import psutil
 import s3_server
 from exact_registrar import METHOD, subprocess_env
@@ -263,9 +264,9 @@ def prefect_server(tmp: Path, timeout: float = 150,
     port = s3_server.free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = child_environment(tmp, api)
-    env.update({"PREFECT_UI_API_URL": api,
-                "PREFECT_API_DATABASE_CONNECTION_URL":
-                    database_url or f"sqlite+aiosqlite:///{tmp}/prefect.db"})
+    if database_url is None:  # SQLite, migrated already: the server starts as on a 2nd run
+        database_url = f"sqlite+aiosqlite:///{prefect_db.seeded(tmp / prefect_db.NAME)}"
+    env.update({"PREFECT_UI_API_URL": api, "PREFECT_API_DATABASE_CONNECTION_URL": database_url})
     server = start([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
                    env, tmp / "prefect-server.log")
     try:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import prefect_db
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def test_script_prints_its_figures_last(name, tmp_path, request):
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     if name == ON_ITS_OWN_API:
-        env["PREFECT_HOME"] = str(tmp_path / "home")
+        env["PREFECT_HOME"] = str(prefect_db.seeded_home(tmp_path / "home"))
     elif runs_flows:
         env["PREFECT_API_URL"] = request.getfixturevalue("prefect_api")
     if name in ON_THE_SESSION_CLUSTER:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import prefect_db
 import pytest
 from exact_registrar import subprocess_env
 from reliability_helpers import (
@@ -70,7 +71,10 @@ def environment(tmp: Path, **extra: str) -> dict:
     starts Prefect's temporary server, whose database is in PREFECT_HOME), the exact
     registrar importable."""
     env = {k: v for k, v in subprocess_env().items() if k not in DROPPED_VARIABLES}
-    env.update({"PREFECT_HOME": str(tmp / "prefect-home"),
+    home = tmp / "prefect-home"
+    if not (home / prefect_db.NAME).exists():
+        prefect_db.seeded_home(home)  # migrated already: the server starts as on a 2nd run
+    env.update({"PREFECT_HOME": str(home),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1",
                 **extra})
     return env
@@ -176,8 +180,6 @@ def commands_at_once(commands: dict[str, list], folder: Path) -> dict[str, dict]
     home of its own, and run them to their ends: by name, the exit status, seconds,
     output, and what of its process group was alive the moment it exited."""
     homes = {name: folder / "homes" / name for name in commands}
-    for home in homes.values():
-        home.mkdir(parents=True)
     runs = {name: start(args, environment(homes[name]), folder / f"{name}.log")
             for name, args in commands.items()}
     outcomes: dict[str, dict] = {}
