@@ -63,6 +63,12 @@ def finish_prefect() -> None:
     SubprocessASGIServer().stop()  # the temporary server; nothing when none was started
 
 
+def prefect_api_kind() -> str:
+    """Which Prefect API the flows report to: "temporary" (Prefect's own, started for
+    this process: no PREFECT_API_URL) or "external"."""
+    return "external" if os.environ.get("PREFECT_API_URL") else "temporary"
+
+
 def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
     """Peak resident set size of this process (or its waited-for children), MiB."""
     return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB

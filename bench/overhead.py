@@ -38,6 +38,7 @@ from _common import (  # noqa: E402
     log,
     make_pair,
     peak_rss_mb,
+    prefect_api_kind,
     prefect_server,
     profile_workers,
     register,
@@ -105,7 +106,7 @@ def main() -> None:
 
     server = prefect_server() if args.server else contextlib.nullcontext()
     with server as server_url:
-        api = "prefect server " + server_url if server_url else "temporary"
+        api = "prefect server " + server_url if server_url else prefect_api_kind()
         log(f"registering with {args.workers} workers, Prefect API: {api}")
         run = in_flow_with_cluster(args.workers, body, name="dreg-bench-overhead")
 
@@ -119,7 +120,7 @@ def main() -> None:
     emit({
         "size": args.size, "block": args.block, "overlap": args.overlap,
         "iterations": args.iterations, "workers": args.workers,
-        "prefect_api": "server" if args.server else "temporary",
+        "prefect_api": "server" if args.server else prefect_api_kind(),
         "blocks": blocks, "counts": stage.counts,
         "register_s": stage.register_seconds,
         "block_compute_s": stage.block_seconds,

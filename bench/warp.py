@@ -36,6 +36,7 @@ from _common import (  # noqa: E402
     log,
     make_pair,
     peak_rss_mb,
+    prefect_api_kind,
     task_run_spans,
     work_folder,
     worker_peak_rss_mb,
@@ -113,6 +114,7 @@ def main() -> None:
         if spans else None,
         "flow_peak_rss_mb": round(peak_rss_mb(), 1),
         "worker_peak_rss_mb": run["workers"],
+        "prefect_api": prefect_api_kind(),
         "load_average": [load_before, load_average()],
         "measured": time.strftime("%Y-%m-%d %H:%M"),
     })
