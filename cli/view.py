@@ -3,41 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
-import os
 import signal
 import sys
-import threading
 import time
 
 from cli.arguments import number
-
-# Python runs signal handlers in the main thread only, when it next runs: a signal that
-# the kernel hands to one of the server's threads waits for the main thread's sleep to
-# end, so the main thread sleeps in short ticks.
-TICK_S = 0.5
-# Ctrl-C must end the command even if the server's own stop does not return.
-STOP_TIMEOUT_S = 10.0
 
 
 def _interrupt(signum, frame) -> None:
     # SIGTERM stops the viewer as Ctrl-C does: the same clean-up, the same exit status.
     raise KeyboardInterrupt
-
-
-def _stop_within(stop, seconds: float) -> bool:
-    """Run `stop` in a thread; whether it returned within `seconds`. When it did not,
-    every thread's stack goes to stderr, to show where the server waits."""
-    stopper = threading.Thread(target=stop, name="stop-viewer", daemon=True)
-    stopper.start()
-    stopper.join(seconds)
-    if not stopper.is_alive():
-        return True
-    print(f"dreg: note: the viewer's server did not stop within {seconds:g} s; "
-          "its threads:", file=sys.stderr)
-    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-    return False
 
 
 def cmd_view(args: argparse.Namespace) -> int:
@@ -59,17 +35,12 @@ def cmd_view(args: argparse.Namespace) -> int:
         print(json.dumps({"out": plan.out, "url": running.url, "layers": list(running.volumes),
                           "missing": running.missing}), flush=True)
         while True:  # serve until Ctrl-C (SIGINT) or SIGTERM
-            time.sleep(TICK_S)
+            time.sleep(3600)
     finally:
+        viewer.stop_viewer()
         if record is not None:
             viewer_record.remove_record(record)
         signal.signal(signal.SIGTERM, previous)
-        stopped = _stop_within(viewer.stop_viewer, STOP_TIMEOUT_S)
-        if not stopped and isinstance(sys.exc_info()[1], KeyboardInterrupt):
-            # The server's threads would hold the interpreter's exit: leave without them.
-            print("dreg: interrupted", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(130)
 
 
 def add_commands(sub) -> None:
