@@ -44,7 +44,24 @@ FULL_MODULES = {
 }
 
 
+# ------------------------------------------------------------------------------ order
+# The suite runs its modules on two processes (`--dist loadfile`), each taking the next
+# module when it finishes one. Taken in name order, a long module could start last and
+# run alone for minutes; the longest go first (by wall seconds in a whole run on 2 cores,
+# 2026-12-03, rounded), so that the two processes finish close together.
+LONGEST_FIRST = ("test_apply.py", "test_bench.py", "test_reliability.py",
+                 "test_registration.py", "test_qc.py", "test_operations.py",
+                 "test_processes.py", "test_dask_cli_cluster.py", "test_server_restart.py",
+                 "test_copied_output.py", "test_out_of_core.py", "test_cli_errors.py")
+
+
+def _longest_first(item) -> int:
+    name = item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_longest_first)  # stable: a module's tests keep their order
     for item in items:
         markers = {mark.name for mark in item.iter_markers()}
         if (SERVER_FIXTURES & set(item.fixturenames) or HEAVY_MARKERS & markers
