@@ -372,4 +372,3 @@ def test_det_j_colours_span_what_the_qc_measured(tmp_path):
                                (-3.0, 9.0, (0.5, 1.5))]:
         (out / "qc" / "qc.json").write_text(json.dumps({"jacobian": {"p01": p01, "max": top}}))
         assert viewer.jacobian_range(str(out)) == pytest.approx(expected)
-
