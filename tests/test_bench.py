@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # script: (tiny arguments, headline keys, whether it runs flows)
 CASES = {
+    "block": (["--size", "32", "--iterations", "4"],
+              ["cpu_s_preset", "rms_preset", "cpu_s_elastix_default", "cpu_ratio"], False),
     "reduce": (["--blocks", "8", "--block", "32", "--chunk", "16"],
                ["field_voxels_per_s"], False),
     "overhead": (["--size", "32", "--block", "16", "--iterations", "2", "--workers", "1"],

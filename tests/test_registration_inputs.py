@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from dreg import synth
@@ -254,13 +255,19 @@ def test_an_output_in_an_input_on_s3_is_refused(s3):
      "parameter Transform: 'RigidTransform' is not an elastix Transform component"),
     ("affine", {"Interpolator": "CubicInterpolator"}, "parameter Interpolator: 'Cubic"),
     ("affine", {"Registration": "Registration"}, "parameter Registration: 'Registration' is"),
-    ("bspline", {"Registration": "MultiResolutionRegistration"},
+    ("bspline", {"Registration": "MultiResolutionRegistration",
+                 "Metric": ["AdvancedMattesMutualInformation", "TransformBendingEnergyPenalty"]},
      "parameter Registration MultiResolutionRegistration uses one metric, but Metric has 2"),
+    # The B-spline preset has one metric (Mattes MI, without elastix's default penalty):
+    # a weight for a second metric needs the Metric that names it.
+    ("bspline", {"Metric1Weight": 0.5},
+     "parameter Metric1Weight refers to metric 1, but Metric has 1"),
     ("affine", {"AutomaticScalesEstimation": "yes"},
      "parameter AutomaticScalesEstimation must be true or false, got 'yes'"),
     ("affine", {"FinalBSplineInterpolationOrder": 7},
      "parameter FinalBSplineInterpolationOrder must be a whole number from 0 to 5, got '7'"),
-    ("bspline", {"Metric2Weight": 0.5},
+    ("bspline", {"Metric": ["AdvancedMattesMutualInformation", "TransformBendingEnergyPenalty"],
+                 "Metric2Weight": 0.5},
      "parameter Metric2Weight refers to metric 2, but Metric has 2"),
     ("affine", {"ResultImagePixelType": "float16"}, "parameter ResultImagePixelType must be"),
     ("affine", {"MaximumNumberOfIteration": 100},
@@ -285,6 +292,10 @@ def test_parameter_values_elastix_cannot_use_are_named(pair, tmp_path, transform
     ("bspline", {"FinalGridSpacingInVoxels": [6, 8, 8], "GridSpacingSchedule": [2.0, 1.0],
                  "Metric": ["AdvancedMeanSquares", "TransformBendingEnergyPenalty"],
                  "Metric1Weight": [0.1, 0.5], "AutomaticParameterEstimation": True}),
+    # elastix's default B-spline penalty, given back by the user, weighted.
+    ("bspline", {"Metric": ["AdvancedMattesMutualInformation", "TransformBendingEnergyPenalty"],
+                 "Metric1Weight": 0.01}),
+    ("bspline", {"Registration": "MultiResolutionRegistration"}),
     ("rigid", {"Transform": "SimilarityTransform", "Optimizer": "RegularStepGradientDescent",
                "MinimumStepLength": 0.01, "NumberOfSpatialSamples": 4096}),
 ])
@@ -303,6 +314,36 @@ def test_elastix_own_default_maps_pass_the_check(preset):
     for resolutions in (1, 3):
         pmap = elastix.parameter_map(preset, {"NumberOfResolutions": resolutions})
         check_parameters(preset, pmap, "s")
+
+
+@pytest.mark.elastix
+def test_the_bspline_preset_is_mattes_mi_alone_and_its_penalty_can_be_given_back():
+    """The preset drops elastix's default TransformBendingEnergyPenalty (bench/README.md,
+    "Per-block cost"); a user names it again with Metric and weighs it."""
+    preset = elastix.parameter_map("bspline")
+    assert preset["Metric"] == ["AdvancedMattesMutualInformation"]
+    assert "Metric1Weight" not in preset
+    given_back = elastix.parameter_map("bspline", {
+        "Metric": ["AdvancedMattesMutualInformation", "TransformBendingEnergyPenalty"],
+        "Metric1Weight": 0.01})
+    assert given_back["Metric"][1] == "TransformBendingEnergyPenalty"
+    assert given_back["Metric1Weight"] == ["0.01"]
+
+
+@pytest.mark.elastix
+def test_the_result_image_is_the_moving_image_through_the_found_transform():
+    """register() resamples the moving image itself (elastix writes no result image):
+    on a pair one voxel apart, the transform found is that shift and the result matches
+    the fixed image far better than the moving image does."""
+    fixed, moving, grid = elastix._tiny_pair(24)
+    pmap = elastix.parameter_map("translation", {"NumberOfResolutions": 1})
+    result = elastix.register(fixed, moving, grid, pmap)
+    assert result.result_image.shape == fixed.shape
+    assert np.abs(result.result_image - fixed)[4:-4, 4:-4, 4:-4].max() < \
+        0.1 * np.abs(moving - fixed)[4:-4, 4:-4, 4:-4].max()
+    # moving(x) = fixed(x + 1 along x), so fixed(x) = moving(x - 1): T(x) = x - (1, 0, 0).
+    shift = np.array(result.transform.TransformPoint((0.0, 0.0, 0.0)))  # x, y, z
+    assert np.allclose(shift, (-1.0, 0.0, 0.0), atol=0.05), shift
 
 
 @pytest.mark.elastix

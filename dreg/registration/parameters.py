@@ -75,7 +75,6 @@ UNSUPPORTED: dict[str, str] = {
     "MultiResolutionRegistrationWithFeatures": "feature images",
     "OpenCLResampler": "OpenCL",
 }
-PRESET_METRICS = {"bspline": 2}  # entries of Metric in elastix's default map; others 1
 
 
 @dataclass(frozen=True)
@@ -269,8 +268,8 @@ def check_parameters(preset: str, overrides: Mapping[str, Any], stage: str) -> N
     """Refuse, naming the parameter, any override elastix would reject, crash on, or read
     differently from what it says. `preset` is the stage's transform preset."""
     resolutions = _resolutions(overrides)
-    metrics = len(as_values(overrides["Metric"])) if "Metric" in overrides else (
-        PRESET_METRICS.get(preset, 1))
+    # Every preset's map has one metric (elastix.parameter_map).
+    metrics = len(as_values(overrides["Metric"])) if "Metric" in overrides else 1
     # NumberOfResolutions first: the counts of the others depend on it.
     for name in sorted(overrides, key=lambda n: n != "NumberOfResolutions"):
         values = as_values(overrides[name])
