@@ -48,11 +48,14 @@ FULL_MODULES = {
 # The suite runs its modules on two processes (`--dist loadfile`), each taking the next
 # module when it finishes one. Taken in name order, a long module could start last and
 # run alone for minutes; the longest go first (by wall seconds in a whole run on 2 cores,
-# 2026-12-03, rounded), so that the two processes finish close together.
-LONGEST_FIRST = ("test_apply.py", "test_bench.py", "test_reliability.py",
-                 "test_registration.py", "test_qc.py", "test_operations.py",
-                 "test_processes.py", "test_dask_cli_cluster.py", "test_server_restart.py",
-                 "test_copied_output.py", "test_out_of_core.py", "test_cli_errors.py")
+# 2026-12-03: 302, 206, 165, 145, 125, 123, 119, 111, 106, 88, 76, 70, 38, 33, 26, 20),
+# so that the two processes finish close together, the short modules filling the end.
+LONGEST_FIRST = ("test_bench.py", "test_reliability.py", "test_apply.py",
+                 "test_registration.py", "test_dask_cli_cluster.py", "test_processes.py",
+                 "test_qc.py", "test_operations.py", "test_out_of_core.py",
+                 "test_server_restart.py", "test_copied_output.py", "test_cli_errors.py",
+                 "test_worker_setup.py", "test_registration_inputs.py", "test_integrity.py",
+                 "test_convert.py")
 
 
 def _longest_first(item) -> int:

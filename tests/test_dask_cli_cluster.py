@@ -4,8 +4,9 @@
 with a temporary directory and HOME of its own, as on separate machines. The fixed and
 moving images, OUT and the Prefect result storage (a RemoteFileSystem block that
 `dreg register` saves for an s3:// OUT) all live on the moto S3 server; the workers get
-its endpoint and credentials, and PREFECT_API_URL of a real `prefect server start`, in
-their environment, nothing else. The field must equal, bit for bit, that of the same
+its endpoint and credentials, and PREFECT_API_URL of the session's Prefect server (the
+test harness's, a real server in a process of its own), in their environment, nothing
+else. The field must equal, bit for bit, that of the same
 registration on a LocalCluster; and again after one worker process is SIGKILLed
 mid-stage (its nanny starts a new one; Dask reruns the lost tasks).
 
@@ -28,8 +29,8 @@ from reliability_helpers import (
     BIN,
     PIPELINE,
     STAGE,
+    child_environment,
     finish,
-    prefect_server,
     read_field,
     run_to_end,
     start,
@@ -52,11 +53,12 @@ def report(name: str, figures: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, s3):
-    """A real Prefect server; yields (API URL, environment for children, with S3's)."""
-    with prefect_server(tmp_path_factory.mktemp("prefect")) as (api, env):
-        env.update(s3_server.environment(s3.endpoint_url))
-        yield api, env
+def server(tmp_path_factory, s3, prefect_api):
+    """The session's Prefect server (the test harness's, a real one); yields (API URL,
+    environment for children, with S3's)."""
+    env = child_environment(tmp_path_factory.mktemp("prefect"), prefect_api)
+    env.update(s3_server.environment(s3.endpoint_url))
+    return prefect_api, env
 
 
 @pytest.fixture(scope="module")
