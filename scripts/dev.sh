@@ -30,11 +30,11 @@ case "$cmd" in
     ;;
   test)
     setup
-    exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@"
+    exec .venv/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder "$@"
     ;;
   test-fast)
     setup
-    exec .venv/bin/python -m pytest -n 2 --dist loadfile -m "not full" "$@"
+    exec .venv/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not full" "$@"
     ;;
   setup)
     setup
