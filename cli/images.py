@@ -9,6 +9,9 @@ from cli.arguments import direction, number, triple
 from dreg.errors import InputError
 from dreg.process import release_freed_memory_promptly
 
+# dreg.synth.DTYPES, written out so that building the parser imports no NumPy.
+SYNTH_DTYPES = ("float32", "uint16", "uint8")
+
 IDENTITY_DIRECTION = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 # Chunk edges in voxels: below 8 a volume is mostly chunk overhead; above 512 one chunk
 # (512 MiB of float32) is more than a worker should hold several of.
@@ -53,6 +56,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         chunks=args.chunks,
         workers=args.workers,
         overwrite=args.overwrite,
+        dtype=args.dtype,
     )
     print(json.dumps(summary))
     return 0
@@ -89,6 +93,8 @@ def add_commands(sub) -> None:
                        help="peak local displacement per component, in voxels")
     synth.add_argument("--shift", type=lambda t: triple(t, float, "--shift"),
                        default=(0.0, 0.0, 0.0), help="global shift Z,Y,X in voxels")
+    synth.add_argument("--dtype", choices=SYNTH_DTYPES, default="float32",
+                       help="the images' dtype; integers hold the texture scaled into their range")
     synth.add_argument("--chunks", type=number(int, *CHUNK_RANGE), default=64)
     synth.add_argument("--workers", type=number(int, 1, MAX_IO_WORKERS), default=2)
     synth.add_argument("--overwrite", action="store_true")

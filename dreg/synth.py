@@ -22,6 +22,13 @@ DISPLACEMENT_WAVES = 3
 
 
 UNIT = "micrometer"  # a synthetic pair is laid out like a light-sheet volume
+# The image dtypes a pair can be written in. An integer pair stores the texture as a
+# camera's counts would be: (f + TEXTURE_OFFSET) * (max + 1) / TEXTURE_SPAN, rounded and
+# clipped. The texture spans about -175 to 360 (seeds 0-3), so nothing is clipped in
+# practice (uint16: 102.4 counts per unit of the float texture).
+DTYPES = ("float32", "uint16", "uint8")
+TEXTURE_OFFSET = 200.0
+TEXTURE_SPAN = 640.0
 
 @dataclass(frozen=True)
 class SynthModel:
@@ -148,6 +155,18 @@ def truth_region(model: SynthModel, grid: Grid, region: Region) -> np.ndarray:
     return out
 
 
+def in_dtype(image: np.ndarray, dtype: str) -> np.ndarray:
+    """A float32 synthetic image in one of DTYPES (integers scaled and rounded)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if dtype == "float32":
+        return image
+    info = np.iinfo(dtype)
+    scaled = np.rint((image.astype(np.float64) + TEXTURE_OFFSET)
+                     * ((info.max + 1) / TEXTURE_SPAN))
+    return np.clip(scaled, info.min, info.max).astype(dtype)
+
+
 def write_pair(
     out: str,
     grid: Grid,
@@ -157,11 +176,14 @@ def write_pair(
     chunks: int = ome_zarr.DEFAULT_CHUNK,
     workers: int = 2,
     overwrite: bool = False,
+    dtype: str = "float32",
 ) -> dict:
-    """Write fixed.ome.zarr, moving.ome.zarr and truth.ome.zarr under `out`.
+    """Write fixed.ome.zarr, moving.ome.zarr and truth.ome.zarr under `out`, the images
+    in `dtype` (one of DTYPES).
 
     Returns a summary (URIs, grid, model settings).
     """
+    in_dtype(np.zeros(0, np.float32), dtype)  # an unknown dtype fails before any write
     out = storage.normalize_uri(out)
     model = make_model(grid, seed, amplitude_voxels, shift_voxels)
     uris = {name: storage.join(out, f"{name}.ome.zarr") for name in ("fixed", "moving", "truth")}
@@ -169,11 +191,12 @@ def write_pair(
     images = {}
     for name, compute in (("fixed", fixed_region), ("moving", moving_region)):
         image = ome_zarr.create_image(
-            uris[name], grids, "float32", chunks=chunks, name=name, overwrite=overwrite,
+            uris[name], grids, dtype, chunks=chunks, name=name, overwrite=overwrite,
             unit=UNIT,
         )
         ome_zarr.write_level_by_chunks(
-            image, 0, lambda region, c=compute: c(model, grid, region), workers=workers
+            image, 0, lambda region, c=compute: in_dtype(c(model, grid, region), dtype),
+            workers=workers,
         )
         pyramid.build_pyramid(image, workers=workers)
         images[name] = image
@@ -195,4 +218,5 @@ def write_pair(
         "seed": seed,
         "amplitude_voxels": amplitude_voxels,
         "shift_voxels": list(shift_voxels),
+        "dtype": dtype,
     }

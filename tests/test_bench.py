@@ -49,6 +49,9 @@ CASES = {
     "rerun": (["--size", "32", "--quick", "--workers", "1"], ["rerun_ratio", "rerun_s"], True),
     "read_region": (["--size", "32", "--repeats", "1"], ["local_mb_per_s", "s3_mb_per_s"],
                     False),
+    "gigavoxel": (["--size", "32", "--points", "2000", "--workers", "1"],
+                  ["total_wall_s", "total_cpu_s", "max_process_rss_mb", "rms_after",
+                   "round_trip_max"], True),
 }
 
 
@@ -60,7 +63,7 @@ ON_ITS_OWN_API = "warp"
 # with a cluster of its own): no cluster to start, elastix already loaded. The others
 # start their own: warp (above) and scaling (it resizes its cluster).
 ON_THE_SESSION_CLUSTER = {"rerun", "accuracy", "registration", "memory", "overhead",
-                          "invert", "points"}
+                          "invert", "points", "gigavoxel"}
 
 
 def test_every_script_has_a_case():
@@ -102,6 +105,12 @@ def test_script_prints_its_figures_last(name, tmp_path, request):
         # Both registrations improve on no registration at all.
         assert figures["rms_blockwise"] < figures["rms_before"]
         assert figures["rms_whole_image"] < figures["rms_before"]
+    if name == "gigavoxel":
+        # The job ran end to end: the registration helped, QC gave its verdict, and
+        # points came back to where they started.
+        assert figures["rms_after"] < figures["rms_before"]
+        assert figures["qc_status"] in ("ok", "warn")
+        assert figures["rows_both_ways"] > 0 and figures["round_trip_max"] < 0.5
     if name == "points":
         # Every point was drawn inside the field's grid.
         assert figures["rows"] == 20_000 and figures["outside"] == 0

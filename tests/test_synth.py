@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from cli import images as images_cli
 from cli import main as cli
 from dreg import field, synth
 from dreg.grid import Grid
@@ -103,6 +104,30 @@ def test_synth_command_writes_the_pair_and_prints_a_summary(tmp_path, capsys):
     # Refuses to replace the pair unless asked.
     assert cli.main(["synth", str(out), "--shape", "16,20,24"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_uint16_pair_holds_the_float_pair_scaled_and_rounded(tmp_path, capsys):
+    assert images_cli.SYNTH_DTYPES == synth.DTYPES
+    grid = Grid((16, 20, 24), (1.0, 1.0, 1.0))
+    floats = synth.write_pair(str(tmp_path / "f"), grid, seed=4, chunks=8)
+    assert cli.main(["synth", str(tmp_path / "u"), "--shape", "16,20,24", "--seed", "4",
+                     "--chunks", "8", "--dtype", "uint16"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["dtype"] == "uint16"
+    for name in ("fixed", "moving"):
+        image = ome_zarr.open_image(summary[name])
+        assert [lv.dtype for lv in image.levels] == ["uint16"] * len(image.levels)
+        values = whole(ome_zarr.open_image(floats[name])).astype(np.float64)
+        expected = np.rint((values + 200.0) * 65536 / 640)
+        assert expected.min() > 0 and expected.max() < 65535  # nothing clipped
+        np.testing.assert_array_equal(whole(image), expected.astype(np.uint16))
+    # The truth does not depend on the images' dtype.
+    np.testing.assert_array_equal(whole(field.open_field(summary["truth"])),
+                                  whole(field.open_field(floats["truth"])))
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["synth", str(tmp_path / "x"), "--dtype", "int7"])
+    assert refused.value.code == 2
+    assert "--dtype" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("private", ["", "1"], ids=["usual-umask", "DREG_PRIVATE"])
