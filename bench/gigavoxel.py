@@ -141,26 +141,12 @@ def field_error_streamed(field_uri: str, truth_uri: str) -> dict:
     over the field's voxels at least MARGIN from its border, without keeping them."""
     import numpy as np
 
-    from dreg.field import open_field, sample_field
-    from dreg.grid import components_to_vectors
-    from dreg.io import ome_zarr
+    from dreg.qc.accuracy import chunk_errors
 
-    estimate, truth = open_field(field_uri), open_field(truth_uri)
-    grid = estimate.levels[0].grid
-    to_voxels = np.linalg.inv(truth.levels[0].grid.index_to_world_matrix)
-    interior = tuple(slice(MARGIN, n - MARGIN) for n in grid.shape_zyx)
     counts = np.zeros(int(20 / BIN) + 1, dtype=np.int64)  # the last bin: 20 voxels or more
     total = squares = squares_before = 0.0
     largest = 0.0
-    for region in ome_zarr.chunk_regions(grid.shape_zyx, estimate.levels[0].chunks_zyx):
-        inner = tuple(slice(max(r.start, i.start), min(r.stop, i.stop))
-                      for r, i in zip(region, interior, strict=True))
-        if any(s.start >= s.stop for s in inner):
-            continue
-        u = components_to_vectors(ome_zarr.read_region(estimate, 0, inner))
-        u_true = sample_field(truth, grid.region_points(inner))
-        error = np.linalg.norm((u - u_true) @ to_voxels.T, axis=-1).ravel()
-        before = np.linalg.norm(u_true @ to_voxels.T, axis=-1).ravel()
+    for error, before in chunk_errors(field_uri, truth_uri, MARGIN):
         total += error.size
         squares += float(np.sum(error.astype(np.float64) ** 2))
         squares_before += float(np.sum(before.astype(np.float64) ** 2))
