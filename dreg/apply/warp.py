@@ -93,8 +93,12 @@ def create_warped(
     )
 
 
+Reader = Callable[[Region], np.ndarray]
+
+
 def source_indices(
-    field: ome_zarr.OmeZarrImage, input_grid: Grid, out_grid: Grid, region: Region
+    field: ome_zarr.OmeZarrImage, input_grid: Grid, out_grid: Grid, region: Region,
+    read_field: Reader | None = None,
 ) -> np.ndarray:
     """Continuous (z, y, x) indices in `input_grid` of y = x + u(x) for every voxel x of
     `region` of `out_grid`, shape (nz, ny, nx, 3).
@@ -103,7 +107,8 @@ def source_indices(
     the field around it: the arithmetic of ``input_grid.world_to_index(points +
     sample_field(field, points))`` with ``points = out_grid.region_points(region)``, bit
     for bit where the grids' directions are axis-aligned (NumPy's matrix products may
-    differ from it in the last bit for oblique ones)."""
+    differ from it in the last bit for oblique ones). `read_field` returns a box of the
+    field (default: `mapped.read_region`)."""
     start = np.array([s.start for s in region], dtype=np.int64)
     shape = np.array(region_shape(region), dtype=np.int64)
     to_world = out_grid.index_to_world_matrix
@@ -118,16 +123,14 @@ def source_indices(
     field_shape = np.array(field_grid.shape_zyx)
     lo = np.clip(np.floor(low).astype(int), 0, field_shape - 1)
     hi = np.clip(np.ceil(high).astype(int) + 1, lo + 1, field_shape)
-    data = mapped.read_region(field, 0, region_from_bounds(lo, hi))
+    box = region_from_bounds(lo, hi)
+    data = mapped.read_region(field, 0, box) if read_field is None else read_field(box)
     out = np.empty((*region_shape(region), 3), dtype=np.float64)
     trilinear.moved_indices(start, to_world, origin, np.asarray(data, dtype=np.float32),
                             lo.astype(float), to_field, field_origin,
                             np.linalg.inv(input_grid.index_to_world_matrix),
                             np.asarray(input_grid.origin_xyz, dtype=float), out)
     return out
-
-
-Reader = Callable[[Region], np.ndarray]
 
 
 def warp_region(
@@ -161,13 +164,15 @@ def warp_region_counted(
     interpolation: str,
     max_source_voxels: int = DEFAULT_MAX_SOURCE_VOXELS,
     read: Reader | None = None,
+    read_field: Reader | None = None,
 ) -> tuple[np.ndarray, int]:
     """`warp_region` and the number of input voxels it read (the boxes' voxels).
 
-    `read` returns a box of the input level (default: `ome_zarr.read_region`; a batch
-    of chunks passes a `ChunkCache`'s, which decodes each input chunk once)."""
+    `read` returns a box of the input level (default: `ome_zarr.read_region`), and
+    `read_field` one of the field (default: `mapped.read_region`); a batch of chunks
+    passes `ChunkCache`s', which decode (and check) each chunk once for the batch."""
     order = interpolation_order(interpolation)
-    index = source_indices(field, image.level(level).grid, out_grid, region)
+    index = source_indices(field, image.level(level).grid, out_grid, region, read_field)
     if read is None:
         def read(box: Region) -> np.ndarray:
             return ome_zarr.read_region(image, level, box)
@@ -289,11 +294,12 @@ def warp_batch(
     field = open_field(field_uri)
     image = ome_zarr.open_image(image_uri)
     out = ome_zarr.open_image(out_uri)
-    cache = ChunkCache(image, level)
+    cache, field_cache = ChunkCache(image, level), ChunkCache(field, 0)
 
     def write(region: Region) -> dict:
         values, read = warp_region_counted(field, image, level, out.levels[0].grid, region,
-                                           interpolation, read=cache.read_region)
+                                           interpolation, read=cache.read_region,
+                                           read_field=field_cache.read_region)
         ome_zarr.write_region(out, 0, region, values)
         return {"voxels": math.prod(region_shape(region)), "source_voxels_read": int(read)}
 
