@@ -300,3 +300,77 @@ def copy_placed(data, index, box_start, out):
                 x = int(index[a, b, c, 2]) - box_start[2]
                 for m in range(data.shape[0]):
                     out[m, a, b, c] = data[m, z, y, x]
+
+
+@jit(inline="always")
+def _axis_table(n, start, scale, origin, field_scale, field_origin, field_start, field_n):
+    """Per voxel along one axis of an axis-aligned grid: the world coordinate and the
+    field's lower and upper voxel and weights there (as _grid_point, _to_index and _axis
+    compute them when the matrices are diagonal: the zero terms add nothing)."""
+    world = np.empty(n)
+    lower = np.empty(n, np.int64)
+    upper = np.empty(n, np.int64)
+    w0 = np.empty(n)
+    w1 = np.empty(n)
+    for a in range(n):
+        p = scale * float(start + a) + origin
+        world[a] = p
+        i0, i1, v0, v1 = _axis(field_scale * (p - field_origin) - field_start, field_n)
+        lower[a] = i0
+        upper[a] = i1
+        w0[a] = v0
+        w1[a] = v1
+    return world, lower, upper, w0, w1
+
+
+@jit(inline="always")
+def _row_sum(rows, x0, x1, wx0, wx1):
+    """_corners' sum from a row's weighted z, y corners (4, x), rounded to float32."""
+    t = 0.0
+    t += rows[0, x0] * wx0
+    t += rows[0, x1] * wx1
+    t += rows[1, x0] * wx0
+    t += rows[1, x1] * wx1
+    t += rows[2, x0] * wx0
+    t += rows[2, x1] * wx1
+    t += rows[3, x0] * wx0
+    t += rows[3, x1] * wx1
+    return np.float32(t)
+
+
+@jit
+def moved_indices_aligned(start, to_world, origin, field, field_start, to_field,
+                          field_origin, to_input, input_origin, out):
+    """`moved_indices` where the three matrices are diagonal (axis-aligned grids), with
+    the same bits: each voxel's world point and field weights are per-axis tables, and
+    along a row of x the field's z and y corners are weighted once per field voxel
+    (((value * w_z) * w_y), as _corners does) instead of once per output voxel."""
+    pz, z0s, z1s, wz0s, wz1s = _axis_table(out.shape[0], start[0], to_world[2, 2], origin[2],
+                                           to_field[2, 2], field_origin[2], field_start[0],
+                                           field.shape[1])
+    py, y0s, y1s, wy0s, wy1s = _axis_table(out.shape[1], start[1], to_world[1, 1], origin[1],
+                                           to_field[1, 1], field_origin[1], field_start[1],
+                                           field.shape[2])
+    px, x0s, x1s, wx0s, wx1s = _axis_table(out.shape[2], start[2], to_world[0, 0], origin[0],
+                                           to_field[0, 0], field_origin[0], field_start[2],
+                                           field.shape[3])
+    nfx = field.shape[3]
+    rows = np.empty((3, 4, nfx))
+    for a in range(out.shape[0]):
+        z0, z1, wz0, wz1 = z0s[a], z1s[a], wz0s[a], wz1s[a]
+        for b in range(out.shape[1]):
+            y0, y1, wy0, wy1 = y0s[b], y1s[b], wy0s[b], wy1s[b]
+            for m in range(3):
+                for x in range(nfx):
+                    rows[m, 0, x] = field[m, z0, y0, x] * wz0 * wy0
+                    rows[m, 1, x] = field[m, z0, y1, x] * wz0 * wy1
+                    rows[m, 2, x] = field[m, z1, y0, x] * wz1 * wy0
+                    rows[m, 3, x] = field[m, z1, y1, x] * wz1 * wy1
+            for c in range(out.shape[2]):
+                x0, x1, wx0, wx1 = x0s[c], x1s[c], wx0s[c], wx1s[c]
+                uz = _row_sum(rows[0], x0, x1, wx0, wx1)
+                uy = _row_sum(rows[1], x0, x1, wx0, wx1)
+                ux = _row_sum(rows[2], x0, x1, wx0, wx1)
+                out[a, b, c, 0] = to_input[2, 2] * ((pz[a] + float(uz)) - input_origin[2])
+                out[a, b, c, 1] = to_input[1, 1] * ((py[b] + float(uy)) - input_origin[1])
+                out[a, b, c, 2] = to_input[0, 0] * ((px[c] + float(ux)) - input_origin[0])
