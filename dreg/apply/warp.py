@@ -296,19 +296,21 @@ def warp_batch(
     written under its own chunk mark (`completion.once` with the output's `token`), so
     that a retried or resumed batch skips the chunks it had written.
 
-    The field, input and output are opened once, and the input's chunks are decoded
-    once for the batch while neighbouring output chunks need them (`ChunkCache`).
+    The field, input and output (and their arrays) are opened once, and the input's and
+    field's chunks are decoded once for the batch while neighbouring output chunks need
+    them (`ChunkCache`).
     Returns each chunk's {"voxels", "source_voxels_read"}, in order."""
     field = open_field(field_uri)
     image = ome_zarr.open_image(image_uri)
     out = ome_zarr.open_image(out_uri)
     cache, field_cache = ChunkCache(image, level), ChunkCache(field, 0)
+    array = ome_zarr.open_level(out, 0, mode="r+")
 
     def write(region: Region) -> dict:
         values, read = warp_region_counted(field, image, level, out.levels[0].grid, region,
                                            interpolation, read=cache.read_region,
                                            read_field=field_cache.read_region)
-        ome_zarr.write_region(out, 0, region, values)
+        ome_zarr.write_region(out, 0, region, values, array)
         return {"voxels": math.prod(region_shape(region)), "source_voxels_read": int(read)}
 
     return [completion.once(out_uri, token, name, lambda r=region: write(r))

@@ -37,6 +37,7 @@ class ChunkCache:
         self.dtype = np.dtype(lv.dtype)
         self._kept: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
         self._bytes = 0
+        self._array = None  # the level's zarr array, opened at the first read
         self.decoded = 0  # chunks read from storage, for tests and profiles
 
     def read_region(self, region: Region) -> np.ndarray:
@@ -68,12 +69,14 @@ class ChunkCache:
         usual case: the first box, or the next slice of chunks), else one by one."""
         if not missing:
             return
+        if self._array is None:
+            self._array = ome_zarr.open_level(self.image, self.level)
         lo = np.min(missing, axis=0)
         hi = np.max(missing, axis=0) + 1
         if int(np.prod(hi - lo)) == len(missing):
             box = tuple(slice(int(a) * c, min(int(b) * c, n))
                         for a, b, c, n in zip(lo, hi, self.chunks, self.shape, strict=True))
-            data = ome_zarr.read_region(self.image, self.level, box)
+            data = ome_zarr.read_region(self.image, self.level, box, self._array)
             for key in missing:
                 part = tuple(slice(r.start - b.start, r.stop - b.start) for r, b in
                              zip(self._chunk_region(key), box, strict=True))
@@ -81,7 +84,7 @@ class ChunkCache:
         else:
             for key in missing:
                 self._keep(key, ome_zarr.read_region(self.image, self.level,
-                                                     self._chunk_region(key)))
+                                                     self._chunk_region(key), self._array))
         self.decoded += len(missing)
 
     def _keep(self, key: tuple[int, int, int], chunk: np.ndarray) -> None:

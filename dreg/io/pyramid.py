@@ -127,11 +127,12 @@ def downsample_batch(uri: str, level: int, chunks: Sequence[tuple[str, Region]],
     chunk's voxel count, in order."""
     image = ome_zarr.open_image(uri)
     cache = ChunkCache(image, level - 1)
+    array = ome_zarr.open_level(image, level, mode="r+")
 
     def write(region: Region) -> dict:
         data = downsample_region(image, level - 1, region, method=method,
                                  read=cache.read_region)
-        ome_zarr.write_region(image, level, region, data)
+        ome_zarr.write_region(image, level, region, data, array)
         return {"voxels": int(data.size)}
 
     return [int(completion.once(uri, token, name, lambda r=region: write(r))["voxels"])
