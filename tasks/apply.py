@@ -1,11 +1,12 @@
 """Prefect tasks of the flows that use a finished registration: warp, invert, points.
 
 Thin wrappers over `dreg.apply` (and `dreg.io.tables`, which writes the points' parts):
-each chunk or batch is one task run with retries. Resuming rests on the output's own
-chunk marks (`dreg.io.completion.once`), keyed by the output's token: a re-run or a
-resumed run skips the chunks already written and marked, and a new output trusts no old
-mark. Prefect keeps no result of these tasks (``persist_result=False``): nothing is
-pickled into the output, whose location may be shared.
+each batch (of chunks, of rows) or chunk is one task run with retries. Resuming rests on
+the output's own chunk marks (`dreg.io.completion.once`, one per chunk, also inside a
+batch), keyed by the output's token: a re-run or a resumed run skips the chunks already
+written and marked, and a new output trusts no old mark. Prefect keeps no result of these
+tasks (``persist_result=False``): nothing is pickled into the output, whose location may
+be shared.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from prefect import task
 
 from dreg.apply import invert, points, warp
-from dreg.apply.plan import InvertPlan, PointsPlan, WarpPlan
+from dreg.apply.plan import InvertPlan, PointsPlan, WarpPlan, chunk_region
 from dreg.grid import Region
 from dreg.io import completion, ome_zarr, pyramid, tables
 
@@ -33,24 +34,26 @@ def prepare_warped(plan: WarpPlan) -> str:
     return completion.start(plan.dest, plan.identity, create)
 
 
-@task(name="warp-chunk", **CHUNK_TASK, task_run_name="warp-chunk-{index}")
-def warp_chunk(plan: WarpPlan, region: Region, index: int, token: str) -> dict:
-    return completion.once(plan.dest, token, f"0-{index}", lambda: warp.warp_chunk(
-        plan.field, plan.image, 0, plan.dest, region, plan.interpolation))
+@task(name="warp-chunks", **CHUNK_TASK, task_run_name="warp-chunks-{batch}")
+def warp_batch(plan: WarpPlan, batch: int, indices: list[int], token: str) -> list[dict]:
+    """A batch of level-0 chunks (indices into `warp_chunks`' C order), each under its
+    own chunk mark: a retried or resumed batch skips the chunks it had written."""
+    shape, chunks = plan.fixed_grid.shape_zyx, (plan.chunk,) * 3
+    return warp.warp_batch(plan.field, plan.image, 0, plan.dest,
+                           [(f"0-{i}", chunk_region(shape, chunks, i)) for i in indices],
+                           plan.interpolation, token)
 
 
-@task(name="downsample-chunk", **CHUNK_TASK,
-      task_run_name="downsample-level-{level}-chunk-{index}")
-def downsample_chunk(uri: str, level: int, region: Region, index: int, method: str,
-                     token: str) -> int:
-    """One chunk of a pyramid level, from the level above it."""
-    def write() -> dict:
-        image = ome_zarr.open_image(uri)
-        data = pyramid.downsample_region(image, level - 1, region, method=method)
-        ome_zarr.write_region(image, level, region, data)
-        return {"voxels": int(data.size)}
-
-    return int(completion.once(uri, token, f"{level}-{index}", write)["voxels"])
+@task(name="downsample-chunks", **CHUNK_TASK,
+      task_run_name="downsample-level-{level}-chunks-{batch}")
+def downsample_batch(uri: str, level: int, batch: int, indices: list[int], method: str,
+                      token: str) -> int:
+    """A batch of chunks of a pyramid level, from the level above it, each under its own
+    chunk mark; returns the voxels of the batch."""
+    lv = ome_zarr.open_image(uri).levels[level]
+    named = [(f"{level}-{i}", chunk_region(lv.grid.shape_zyx, lv.chunks_zyx, i))
+             for i in indices]
+    return sum(pyramid.downsample_batch(uri, level, named, method, token))
 
 
 @task(name="prepare-inverse", retries=2, retry_delay_seconds=1)

@@ -318,3 +318,196 @@ def test_check_overlap(pair, tmp_path):
     with pytest.raises(InputError, match="does not meet") as error:
         warp.check_image_meets_field(ome_zarr.open_image(far_uri), field)
     assert "far.ome.zarr" in str(error.value)
+
+
+# ---------------------------------------------------------------- the compiled warp's bits
+
+
+def reference_warp(field, image, level: int, out_grid: Grid, region, interpolation: str):
+    """The warp as dreg computed it before its compiled kernels (NumPy and SciPy): the
+    output voxels' world points, u sampled there, the moved points' input indices, the
+    points within OUTSIDE_TOLERANCE clipped on (rounded for nearest), then SciPy's
+    map_coordinates(order=1) in float64, or plain indexing for nearest."""
+    points = out_grid.region_points(region)
+    lv = image.level(level)
+    index = lv.grid.world_to_index(points + fields.sample_field(field, points))
+    last = np.asarray(lv.grid.shape_zyx) - 1
+    tol = warp.OUTSIDE_TOLERANCE
+    inside = np.all((index >= -tol) & (index <= last + tol), axis=-1)
+    placed = np.clip(index[inside], 0, last)
+    if interpolation == "nearest":
+        placed = np.floor(placed + 0.5)
+    lead = () if image.components is None else (image.components,)
+    out = np.zeros((*lead, *index.shape[:-1]), dtype=lv.dtype)
+    if not inside.any():
+        return out
+    lo = np.floor(placed.min(axis=0)).astype(int)
+    hi = np.ceil(placed.max(axis=0)).astype(int) + 1
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    data = ome_zarr.read_region(image, level, box)
+    coords = np.ascontiguousarray((placed - lo).T)
+    for c, target in enumerate(out if lead else [out]):
+        values = data[c] if lead else data
+        if interpolation == "nearest":
+            target[inside] = values[tuple(coords.astype(np.intp))]
+            continue
+        sampled = ndimage.map_coordinates(values, coords, order=1, mode="nearest",
+                                          output=np.float64)
+        if np.issubdtype(out.dtype, np.integer):
+            info = np.iinfo(out.dtype)
+            sampled = np.clip(np.rint(sampled), info.min, info.max)
+        target[inside] = sampled.astype(out.dtype)
+    return out
+
+
+AXIS_ALIGNED = Grid(shape_zyx=(22, 26, 30), spacing_xyz=(0.8, 1.1, 1.3),
+                    origin_xyz=(-4.2, 1.7, 0.35))
+# The input: its own spacing and origin, a little smaller than the mapped region, so that
+# points fall outside it and on its border.
+INPUT_GRID = Grid(shape_zyx=(20, 24, 26), spacing_xyz=(0.9, 1.05, 1.2),
+                  origin_xyz=(-3.1, 2.2, 0.9))
+
+
+def smooth_field(uri: str, fixed_grid: Grid, seed: int, amplitude: float = 2.5) -> str:
+    """A smooth random field at spacing factor 2 (as a registration writes it), with
+    displacements of a few world units."""
+    grid = fixed_grid.coarsened(2.0)
+    rng = np.random.default_rng(seed)
+    coarse = rng.normal(size=(3, *(-(-n // 4) + 1 for n in grid.shape_zyx)))
+    zoom = [1] + [n / (m - 1) for n, m in zip(grid.shape_zyx, coarse.shape[1:], strict=True)]
+    data = ndimage.zoom(coarse, zoom, order=3)[(slice(None),) + tuple(
+        slice(0, n) for n in grid.shape_zyx)]
+    image = fields.create_field(uri, grid, fixed={"uri": "f", **fixed_grid.to_dict()},
+                                moving_uri="m", chunks=8, overwrite=True)
+    ome_zarr.write_region(image, 0, whole_region(grid.shape_zyx),
+                          (amplitude * data).astype(np.float32))
+    return uri
+
+
+@pytest.mark.parametrize("dtype, interpolation", [
+    ("float32", "linear"), ("float64", "linear"), ("uint16", "linear"), ("int8", "linear"),
+    ("int64", "linear"), ("uint16", "nearest"), ("int64", "nearest"), ("uint64", "nearest"),
+    ("float32", "nearest"),
+])
+def test_compiled_warp_gives_the_numpy_and_scipy_bits(tmp_path, dtype, interpolation):
+    """On axis-aligned grids the compiled passes compute what NumPy and SciPy computed,
+    bit for bit, for every dtype; 64-bit labels beyond 2**53 are copied exactly."""
+    field = fields.open_field(smooth_field(str(tmp_path / "field.ome.zarr"), AXIS_ALIGNED, 5))
+    rng = np.random.default_rng(7)
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        info = np.iinfo(dtype)
+        data = rng.integers(info.min, info.max, size=INPUT_GRID.shape_zyx, dtype=dtype,
+                            endpoint=True)
+        if np.dtype(dtype).itemsize == 8:
+            data[::3] = np.array(info.max - 12345, dtype=dtype)  # beyond float64's 2**53
+    else:
+        data = (rng.normal(size=INPUT_GRID.shape_zyx) * 100).astype(dtype)
+    image = write_image(str(tmp_path / "input.ome.zarr"), [INPUT_GRID], [data])
+    for region in [whole_region(AXIS_ALIGNED.shape_zyx),
+                   (slice(3, 19), slice(0, 16), slice(16, 30))]:
+        ours = warp.warp_region(field, image, 0, AXIS_ALIGNED, region, interpolation)
+        theirs = reference_warp(field, image, 0, AXIS_ALIGNED, region, interpolation)
+        assert ours.dtype == theirs.dtype == np.dtype(dtype)
+        assert (ours != 0).mean() > 0.5 and (ours == 0).any()  # inside and outside met
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_compiled_warp_of_a_vector_image_and_an_oblique_grid(pair, tmp_path):
+    """A vector image gives the reference's bits on axis-aligned grids. With oblique
+    directions NumPy's matrix products may round differently from the compiled loop in
+    the last bit of an index: linear values then agree to float32 rounding."""
+    field = fields.open_field(smooth_field(str(tmp_path / "field.ome.zarr"), AXIS_ALIGNED, 6))
+    rng = np.random.default_rng(8)
+    data = rng.normal(size=(2, *INPUT_GRID.shape_zyx)).astype(np.float32)
+    image = write_image(str(tmp_path / "vector.ome.zarr"), [INPUT_GRID], [data], components=2)
+    region = whole_region(AXIS_ALIGNED.shape_zyx)
+    for interpolation in warp.INTERPOLATIONS:
+        np.testing.assert_array_equal(
+            warp.warp_region(field, image, 0, AXIS_ALIGNED, region, interpolation),
+            reference_warp(field, image, 0, AXIS_ALIGNED, region, interpolation))
+    truth = fields.open_field(pair["truth"])
+    moving = ome_zarr.open_image(pair["moving"])
+    region = whole_region(GRID.shape_zyx)
+    ours = warp.warp_region(truth, moving, 0, GRID, region, "linear")
+    theirs = reference_warp(truth, moving, 0, GRID, region, "linear")
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-5)
+    nearest = warp.warp_region(truth, moving, 0, GRID, region, "nearest")
+    # A different voxel only where an index lies within rounding of a half.
+    assert (nearest != reference_warp(truth, moving, 0, GRID, region, "nearest")).mean() < 1e-3
+
+
+def test_a_batch_writes_each_chunk_once_under_its_own_mark(pair, tmp_path):
+    """warp_batch decodes each input chunk once for the batch, writes what warp_chunk
+    writes, and skips the chunks already marked (a retried or resumed batch)."""
+    from dreg.apply.plan import chunk_batches, chunk_region
+    from dreg.io import completion
+
+    field = fields.open_field(pair["truth"])
+    image = ome_zarr.open_image(pair["moving"])
+    single, _ = warp_all(pair["truth"], pair["moving"], str(tmp_path / "single.ome.zarr"))
+    out = warp.create_warped(str(tmp_path / "batch.ome.zarr"), warp.fixed_grid_of(field),
+                             image.levels[0].dtype, None, chunks=CHUNK, overwrite=True)
+    lv = out.levels[0]
+    batches = chunk_batches(lv.grid.shape_zyx, lv.chunks_zyx, workers=1)
+    indices = sorted(i for b in batches for i in b)
+    assert indices == list(range(len(list(ome_zarr.chunk_regions(lv.grid.shape_zyx,
+                                                                 lv.chunks_zyx)))))
+    token = "0123456789abcdef0123456789abcdef"
+    named = [(f"0-{i}", chunk_region(lv.grid.shape_zyx, lv.chunks_zyx, i)) for i in indices]
+    assert [r for _, r in named] == list(ome_zarr.chunk_regions(lv.grid.shape_zyx,
+                                                                lv.chunks_zyx))
+    first = warp.warp_batch(pair["truth"], pair["moving"], 0, out.uri, named[:3], "linear",
+                            token)
+    ome_zarr.write_region(out, 0, named[0][1], np.full(region_shape(named[0][1]), -1.0))
+    results = warp.warp_batch(pair["truth"], pair["moving"], 0, out.uri, named, "linear",
+                              token)
+    assert results[:3] == first
+    assert sum(r["voxels"] for r in results) == np.prod(GRID.shape_zyx)
+    assert completion.chunk_result(out.uri, token, named[-1][0]) == results[-1]
+    warped = read_all(out)
+    assert np.all(warped[named[0][1]] == -1)  # marked written: not written again
+    rest = np.ones(warped.shape, bool)
+    rest[named[0][1]] = False
+    np.testing.assert_array_equal(warped[rest], read_all(single)[rest])
+
+
+def test_chunk_cache_reads_what_zarr_reads_decoding_each_chunk_once(pair):
+    from dreg.io.chunk_cache import ChunkCache
+
+    image = ome_zarr.open_image(pair["moving"])
+    cache = ChunkCache(image, 0)
+    boxes = [(slice(3, 20), slice(5, 28), slice(0, 17)), (slice(0, 24), slice(14, 28),
+                                                         slice(9, 32)), (slice(7, 8),) * 3]
+    for box in boxes:
+        np.testing.assert_array_equal(cache.read_region(box), ome_zarr.read_region(image, 0,
+                                                                                   box))
+    assert cache.decoded == len(list(ome_zarr.chunk_regions(GRID.shape_zyx, (CHUNK,) * 3)))
+    small = ChunkCache(image, 0, max_bytes=1)  # keeps only the chunks of the last box
+    for box in boxes:
+        np.testing.assert_array_equal(small.read_region(box), ome_zarr.read_region(image, 0,
+                                                                                   box))
+    assert len(small._kept) == 1
+
+
+def test_pyramid_batches_write_what_chunk_by_chunk_writes(tmp_path):
+    from dreg.apply.plan import chunk_batches, chunk_region
+
+    grid = Grid(shape_zyx=(40, 36, 50), spacing_xyz=(1.0, 0.5, 2.0), origin_xyz=(1, 2, 3))
+    data = np.random.default_rng(2).normal(size=grid.shape_zyx).astype(np.float32)
+    grids = pyramid.pyramid_grids(grid, coarsest_longest_axis=8)
+    token = "fedcba9876543210fedcba9876543210"
+    for method in pyramid.DOWNSAMPLE_METHODS:
+        one = ome_zarr.create_image(str(tmp_path / f"one-{method}.ome.zarr"), grids,
+                                    "float32", chunks=8, overwrite=True)
+        batched = ome_zarr.create_image(str(tmp_path / f"b-{method}.ome.zarr"), grids,
+                                        "float32", chunks=8, overwrite=True)
+        for image in (one, batched):
+            ome_zarr.write_region(image, 0, whole_region(grid.shape_zyx), data)
+        pyramid.build_pyramid(one, workers=1, method=method)
+        for level in range(1, len(grids)):
+            lv = batched.levels[level]
+            for batch in chunk_batches(lv.grid.shape_zyx, lv.chunks_zyx, workers=2):
+                pyramid.downsample_batch(batched.uri, level, [
+                    (f"{level}-{i}", chunk_region(lv.grid.shape_zyx, lv.chunks_zyx, i))
+                    for i in batch], method, token)
+            np.testing.assert_array_equal(read_all(batched, level), read_all(one, level))

@@ -14,14 +14,15 @@ dtypes rounded and clipped); "nearest" keeps the input's values exactly, for lab
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from dreg.errors import InputError
-from dreg.field import open_field, sample_field
+from dreg.field import open_field, sample_field, trilinear
 from dreg.grid import Grid, Region, region_from_bounds, region_shape
-from dreg.io import ome_zarr, pyramid
+from dreg.io import completion, mapped, ome_zarr, pyramid
+from dreg.io.chunk_cache import ChunkCache
 
 LINEAR = "linear"
 NEAREST = "nearest"
@@ -92,13 +93,52 @@ def create_warped(
     )
 
 
+Reader = Callable[[Region], np.ndarray]
+
+
 def source_indices(
-    field: ome_zarr.OmeZarrImage, input_grid: Grid, out_grid: Grid, region: Region
+    field: ome_zarr.OmeZarrImage, input_grid: Grid, out_grid: Grid, region: Region,
+    read_field: Reader | None = None,
 ) -> np.ndarray:
     """Continuous (z, y, x) indices in `input_grid` of y = x + u(x) for every voxel x of
-    `region` of `out_grid`, shape (nz, ny, nx, 3)."""
-    points = out_grid.region_points(region)
-    return input_grid.world_to_index(points + sample_field(field, points))
+    `region` of `out_grid`, shape (nz, ny, nx, 3).
+
+    One compiled pass (trilinear.moved_indices) over the region, reading only the box of
+    the field around it: the arithmetic of ``input_grid.world_to_index(points +
+    sample_field(field, points))`` with ``points = out_grid.region_points(region)``, bit
+    for bit where the grids' directions are axis-aligned (NumPy's matrix products may
+    differ from it in the last bit for oblique ones). `read_field` returns a box of the
+    field (default: `mapped.read_region`)."""
+    start = np.array([s.start for s in region], dtype=np.int64)
+    shape = np.array(region_shape(region), dtype=np.int64)
+    to_world = out_grid.index_to_world_matrix
+    origin = np.asarray(out_grid.origin_xyz, dtype=float)
+    field_grid = field.levels[0].grid
+    to_field = np.linalg.inv(field_grid.index_to_world_matrix)
+    field_origin = np.asarray(field_grid.origin_xyz, dtype=float)
+    low, high = trilinear.region_index_bounds(start, shape, to_world, origin, to_field,
+                                              field_origin)
+    # The box sample_field reads: from the floor of the smallest index to the ceiling of
+    # the largest, within the field (outside it, its border voxels are held).
+    field_shape = np.array(field_grid.shape_zyx)
+    lo = np.clip(np.floor(low).astype(int), 0, field_shape - 1)
+    hi = np.clip(np.ceil(high).astype(int) + 1, lo + 1, field_shape)
+    box = region_from_bounds(lo, hi)
+    data = mapped.read_region(field, 0, box) if read_field is None else read_field(box)
+    out = np.empty((*region_shape(region), 3), dtype=np.float64)
+    to_input = np.linalg.inv(input_grid.index_to_world_matrix)
+    # Axis-aligned grids (the usual case) take the per-axis kernel: the same bits, about
+    # half the arithmetic.
+    aligned = all(_diagonal(m) for m in (to_world, to_field, to_input))
+    kernel = trilinear.moved_indices_aligned if aligned else trilinear.moved_indices
+    kernel(start, to_world, origin, np.ascontiguousarray(data, dtype=np.float32),
+           lo.astype(float), to_field, field_origin, to_input,
+           np.asarray(input_grid.origin_xyz, dtype=float), out)
+    return out
+
+
+def _diagonal(matrix: np.ndarray) -> bool:
+    return not np.any(matrix[~np.eye(3, dtype=bool)])
 
 
 def warp_region(
@@ -131,85 +171,89 @@ def warp_region_counted(
     region: Region,
     interpolation: str,
     max_source_voxels: int = DEFAULT_MAX_SOURCE_VOXELS,
+    read: Reader | None = None,
+    read_field: Reader | None = None,
 ) -> tuple[np.ndarray, int]:
-    """`warp_region` and the number of input voxels it read."""
+    """`warp_region` and the number of input voxels it read (the boxes' voxels).
+
+    `read` returns a box of the input level (default: `ome_zarr.read_region`), and
+    `read_field` one of the field (default: `mapped.read_region`); a batch of chunks
+    passes `ChunkCache`s', which decode (and check) each chunk once for the batch."""
     order = interpolation_order(interpolation)
-    index = source_indices(field, image.level(level).grid, out_grid, region)
-    return _resample(image, level, index, order, max_source_voxels)
-
-
-def _inside(index: np.ndarray, shape_zyx) -> np.ndarray:
-    """Which continuous indices (..., 3) lie within the grid's voxel centres (tolerance)."""
-    last = np.asarray(shape_zyx) - 1
-    return np.all((index >= -OUTSIDE_TOLERANCE) & (index <= last + OUTSIDE_TOLERANCE), axis=-1)
-
-
-def _placed(index: np.ndarray, shape_zyx, order: int) -> np.ndarray:
-    """Inside indices (M, 3) clipped onto the grid and, for nearest, rounded to voxels."""
-    index = np.clip(index, 0, np.asarray(shape_zyx) - 1)
-    # floor(i + 0.5): halves go up, the same way on every axis and in every chunk.
-    return np.floor(index + 0.5) if order == 0 else index
-
-
-def _source_box(placed: np.ndarray) -> Region:
-    """The input box that interpolating at the placed indices (M, 3) reads."""
-    lo = np.floor(placed.min(axis=0)).astype(int)
-    hi = np.ceil(placed.max(axis=0)).astype(int) + 1
-    return region_from_bounds(lo, hi)
+    index = source_indices(field, image.level(level).grid, out_grid, region, read_field)
+    if read is None:
+        def read(box: Region) -> np.ndarray:
+            return ome_zarr.read_region(image, level, box)
+    return _resample(image, level, index, order, max_source_voxels, read)
 
 
 def _resample(
     image: ome_zarr.OmeZarrImage, level: int, index: np.ndarray, order: int,
-    max_source_voxels: int,
+    max_source_voxels: int, read: Reader,
 ) -> tuple[np.ndarray, int]:
-    """The input sampled at continuous indices (nz, ny, nx, 3), and the voxels read."""
+    """The input sampled at continuous indices (nz, ny, nx, 3), and the voxels read.
+
+    The indices are placed in place (trilinear.place_indices): clipped onto the grid
+    within OUTSIDE_TOLERANCE of it, rounded to voxels (floor(i + 0.5), halves up) for
+    nearest, NaN outside; placing them again (a half, below) changes nothing."""
     lv = image.level(level)
     out_shape = index.shape[:-1]
-    inside = _inside(index, lv.grid.shape_zyx)
-    if not inside.any():
+    last = np.asarray(lv.grid.shape_zyx, dtype=np.int64) - 1
+    inside, low, high = trilinear.place_indices(index, last, OUTSIDE_TOLERANCE, order == 0)
+    if inside == 0:
         return _zeros(image, lv.dtype, out_shape), 0
-    placed = _placed(index[inside], lv.grid.shape_zyx, order)
-    box = _source_box(placed)
+    # The box interpolating at the placed indices reads.
+    box = region_from_bounds(np.floor(low).astype(int), np.ceil(high).astype(int) + 1)
     voxels = math.prod(region_shape(box))
     if voxels > max_source_voxels and math.prod(out_shape) > 1:
-        return _resample_halves(image, level, index, order, max_source_voxels)
-    data = ome_zarr.read_region(image, level, box)
-    # Coordinates within the box, one row per axis as map_coordinates wants them.
-    coords = np.ascontiguousarray((placed - [s.start for s in box]).T)
+        return _resample_halves(image, level, index, order, max_source_voxels, read)
+    data = read(box)
     out = _zeros(image, lv.dtype, out_shape)
-    if image.components is None:
-        out[inside] = _interpolate(data, coords, order, out.dtype)
+    lead = image.components is None  # the kernels take (c, z, y, x)
+    data, values = (data[None], out[None]) if lead else (data, out)
+    box_start = np.array([s.start for s in box], dtype=np.int64)
+    if order == 0:
+        # Copied, never through float64, which would alter 64-bit labels beyond 2**53.
+        trilinear.copy_placed(data, index, box_start, values)
     else:
-        for c in range(image.components):
-            out[c][inside] = _interpolate(data[c], coords, order, out.dtype)
+        _interpolate(data, index, box_start, values)
     return out, voxels
+
+
+def _interpolate(data: np.ndarray, index: np.ndarray, box_start: np.ndarray,
+                 out: np.ndarray) -> None:
+    """Trilinear values at placed indices into `out` (c, ...), in its dtype: SciPy's
+    map_coordinates(order=1) arithmetic in float64, then as NumPy would store it (integer
+    dtypes rounded half to even and clipped to the dtype's range)."""
+    start = box_start.astype(float)
+    if not np.issubdtype(out.dtype, np.integer):
+        trilinear.interpolate_placed(data, index, start, False, 0.0, 0.0, out)
+        return
+    info = np.iinfo(out.dtype)
+    if info.bits < 64:
+        trilinear.interpolate_placed(data, index, start, True, float(info.min),
+                                     float(info.max), out)
+        return
+    # 64-bit integers: float64 cannot hold their bounds, and the compiled cast of an
+    # out-of-range float is not NumPy's; NumPy converts.
+    values = np.full(out.shape, np.nan)
+    trilinear.interpolate_placed(data, index, start, False, 0.0, 0.0, values)
+    inside = ~np.isnan(values)
+    out[inside] = np.clip(np.rint(values[inside]), info.min, info.max).astype(out.dtype)
 
 
 def _resample_halves(
     image: ome_zarr.OmeZarrImage, level: int, index: np.ndarray, order: int,
-    max_source_voxels: int,
+    max_source_voxels: int, read: Reader,
 ) -> tuple[np.ndarray, int]:
     """Split the output along its longest axis and resample each half alone, so that
     each half reads a smaller input box."""
     axis = int(np.argmax(index.shape[:-1]))
     first, second = np.array_split(index, 2, axis=axis)
-    a, read_a = _resample(image, level, first, order, max_source_voxels)
-    b, read_b = _resample(image, level, second, order, max_source_voxels)
+    a, read_a = _resample(image, level, first, order, max_source_voxels, read)
+    b, read_b = _resample(image, level, second, order, max_source_voxels, read)
     spatial_axis = axis + (0 if image.components is None else 1)
     return np.concatenate([a, b], axis=spatial_axis), read_a + read_b
-
-
-def _interpolate(data: np.ndarray, coords: np.ndarray, order: int, dtype: np.dtype) -> np.ndarray:
-    """Values of a 3D array at coordinates (3, M) within it, in `dtype`."""
-    if order == 0:
-        # Plain indexing: exact for every dtype (map_coordinates goes through float64,
-        # which would alter 64-bit labels beyond 2**53).
-        return data[tuple(coords.astype(np.intp))]
-    values = ndimage.map_coordinates(data, coords, order=1, mode="nearest", output=np.float64)
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        values = np.clip(np.rint(values), info.min, info.max)
-    return values.astype(dtype)
 
 
 def _zeros(image: ome_zarr.OmeZarrImage, dtype: str, shape_zyx) -> np.ndarray:
@@ -237,6 +281,40 @@ def warp_chunk(
     )
     ome_zarr.write_region(out, 0, region, values)
     return {"voxels": math.prod(region_shape(region)), "source_voxels_read": int(read)}
+
+
+def warp_batch(
+    field_uri: str,
+    image_uri: str,
+    level: int,
+    out_uri: str,
+    chunks: Sequence[tuple[str, Region]],
+    interpolation: str,
+    token: str,
+) -> list[dict]:
+    """Warp a batch of the output's level-0 chunks (named regions, whole chunks), each
+    written under its own chunk mark (`completion.once` with the output's `token`), so
+    that a retried or resumed batch skips the chunks it had written.
+
+    The field, input and output (and their arrays) are opened once, and the input's and
+    field's chunks are decoded once for the batch while neighbouring output chunks need
+    them (`ChunkCache`).
+    Returns each chunk's {"voxels", "source_voxels_read"}, in order."""
+    field = open_field(field_uri)
+    image = ome_zarr.open_image(image_uri)
+    out = ome_zarr.open_image(out_uri)
+    cache, field_cache = ChunkCache(image, level), ChunkCache(field, 0)
+    array = ome_zarr.open_level(out, 0, mode="r+")
+
+    def write(region: Region) -> dict:
+        values, read = warp_region_counted(field, image, level, out.levels[0].grid, region,
+                                           interpolation, read=cache.read_region,
+                                           read_field=field_cache.read_region)
+        ome_zarr.write_region(out, 0, region, values, array)
+        return {"voxels": math.prod(region_shape(region)), "source_voxels_read": int(read)}
+
+    return [completion.once(out_uri, token, name, lambda r=region: write(r))
+            for name, region in chunks]
 
 
 def mapped_bounds(

@@ -155,3 +155,222 @@ def compose_affine(residual, start, to_world, origin, matrix, translation, out):
                              + translation[row])
                     out[m, a, b, c] = np.float32(float(residual[m, a, b, c])
                                                  + (moved - q[row]))
+
+
+@jit(inline="always")
+def _grid_point(a, b, c, start, to_world, origin):
+    """World point (x, y, z) of grid voxel start + (a, b, c), as Grid.index_to_world
+    computes it (the matrix row times (i, j, k), then the origin)."""
+    i = float(start[2] + c)
+    j = float(start[1] + b)
+    k = float(start[0] + a)
+    px = to_world[0, 0] * i + to_world[0, 1] * j + to_world[0, 2] * k + origin[0]
+    py = to_world[1, 0] * i + to_world[1, 1] * j + to_world[1, 2] * k + origin[1]
+    pz = to_world[2, 0] * i + to_world[2, 1] * j + to_world[2, 2] * k + origin[2]
+    return px, py, pz
+
+
+@jit
+def region_index_bounds(start, shape, to_world, origin, to_index, index_origin):
+    """Smallest and largest continuous (z, y, x) index, in another grid, of the voxels of
+    a region (its `start` and `shape` in a grid given by `to_world` and `origin`).
+
+    The map is affine and each of its floating-point steps is monotone in each index,
+    so the extremes lie at the region's 8 corners and are those of every voxel, bit for
+    bit."""
+    lo = np.full(3, np.inf)
+    hi = np.full(3, -np.inf)
+    for a in (0, shape[0] - 1):
+        for b in (0, shape[1] - 1):
+            for c in (0, shape[2] - 1):
+                px, py, pz = _grid_point(a, b, c, start, to_world, origin)
+                k, j, i = _to_index(px, py, pz, to_index, index_origin)
+                lo[0] = min(lo[0], k)
+                lo[1] = min(lo[1], j)
+                lo[2] = min(lo[2], i)
+                hi[0] = max(hi[0], k)
+                hi[1] = max(hi[1], j)
+                hi[2] = max(hi[2], i)
+    return lo, hi
+
+
+@jit
+def moved_indices(start, to_world, origin, field, field_start, to_field, field_origin,
+                  to_input, input_origin, out):
+    """For every voxel x of a region of a grid (`start`, grid `to_world` and `origin`),
+    the continuous (z, y, x) index of x + u(x) in the input's grid: out (nz, ny, nx, 3).
+
+    u is sampled trilinearly from `field`, the box of the field (c, z, y, x; components
+    z, y, x) that starts at `field_start` and holds every point's neighbours, each
+    component rounded to float32 and added in float64: the arithmetic of
+    Grid.region_points, sample_field and Grid.world_to_index in one pass."""
+    nz, ny, nx = field.shape[1], field.shape[2], field.shape[3]
+    for a in range(out.shape[0]):
+        for b in range(out.shape[1]):
+            for c in range(out.shape[2]):
+                px, py, pz = _grid_point(a, b, c, start, to_world, origin)
+                k, j, i = _to_index(px, py, pz, to_field, field_origin)
+                z0, z1, wz0, wz1 = _axis(k - field_start[0], nz)
+                y0, y1, wy0, wy1 = _axis(j - field_start[1], ny)
+                x0, x1, wx0, wx1 = _axis(i - field_start[2], nx)
+                uz = np.float32(_corners(field[0], z0, z1, y0, y1, x0, x1,
+                                         wz0, wz1, wy0, wy1, wx0, wx1))
+                uy = np.float32(_corners(field[1], z0, z1, y0, y1, x0, x1,
+                                         wz0, wz1, wy0, wy1, wx0, wx1))
+                ux = np.float32(_corners(field[2], z0, z1, y0, y1, x0, x1,
+                                         wz0, wz1, wy0, wy1, wx0, wx1))
+                k, j, i = _to_index(px + float(ux), py + float(uy), pz + float(uz),
+                                    to_input, input_origin)
+                out[a, b, c, 0] = k
+                out[a, b, c, 1] = j
+                out[a, b, c, 2] = i
+
+
+@jit
+def place_indices(index, last, tolerance, nearest):
+    """Place continuous indices (nz, ny, nx, 3) onto a grid whose last voxel is `last`
+    (z, y, x), in place: an index within `tolerance` of the voxel centres is clipped onto
+    them (and, when `nearest`, moved to its voxel: floor(i + 0.5), halves up); any other
+    becomes NaN (outside; placing again keeps it so). Returns how many are inside and the
+    smallest and largest placed index along each axis."""
+    lo = np.full(3, np.inf)
+    hi = np.full(3, -np.inf)
+    inside = 0
+    for a in range(index.shape[0]):
+        for b in range(index.shape[1]):
+            for c in range(index.shape[2]):
+                ok = True
+                for m in range(3):
+                    v = index[a, b, c, m]
+                    if not (v >= -tolerance and v <= last[m] + tolerance):
+                        ok = False
+                if not ok:
+                    for m in range(3):
+                        index[a, b, c, m] = np.nan
+                    continue
+                inside += 1
+                for m in range(3):
+                    v = min(max(index[a, b, c, m], 0.0), float(last[m]))
+                    if nearest:
+                        v = math.floor(v + 0.5)
+                    index[a, b, c, m] = v
+                    lo[m] = min(lo[m], v)
+                    hi[m] = max(hi[m], v)
+    return inside, lo, hi
+
+
+@jit
+def interpolate_placed(data, index, box_start, rounding, low, high, out):
+    """Trilinear values of `data` (c, z, y, x), the box of the input that starts at
+    `box_start`, at placed indices (nz, ny, nx, 3; NaN outside, left untouched in `out`),
+    into out (c, nz, ny, nx). SciPy's map_coordinates(order=1) arithmetic in float64;
+    with `rounding` (an integer output) rounded half to even and clipped to
+    [low, high] first, as NumPy's rint and clip."""
+    nz, ny, nx = data.shape[1], data.shape[2], data.shape[3]
+    for a in range(index.shape[0]):
+        for b in range(index.shape[1]):
+            for c in range(index.shape[2]):
+                k = index[a, b, c, 0]
+                if math.isnan(k):
+                    continue
+                z0, z1, wz0, wz1 = _axis(k - box_start[0], nz)
+                y0, y1, wy0, wy1 = _axis(index[a, b, c, 1] - box_start[1], ny)
+                x0, x1, wx0, wx1 = _axis(index[a, b, c, 2] - box_start[2], nx)
+                for m in range(data.shape[0]):
+                    v = _corners(data[m], z0, z1, y0, y1, x0, x1,
+                                 wz0, wz1, wy0, wy1, wx0, wx1)
+                    if rounding:
+                        v = min(max(np.rint(v), low), high)
+                    out[m, a, b, c] = v
+
+
+@jit
+def copy_placed(data, index, box_start, out):
+    """The voxels of `data` (c, z, y, x), the box of the input that starts at
+    `box_start` (integers), at placed nearest indices (nz, ny, nx, 3; NaN outside, left
+    untouched in `out`), copied exactly into out (c, nz, ny, nx)."""
+    for a in range(index.shape[0]):
+        for b in range(index.shape[1]):
+            for c in range(index.shape[2]):
+                k = index[a, b, c, 0]
+                if math.isnan(k):
+                    continue
+                z = int(k) - box_start[0]
+                y = int(index[a, b, c, 1]) - box_start[1]
+                x = int(index[a, b, c, 2]) - box_start[2]
+                for m in range(data.shape[0]):
+                    out[m, a, b, c] = data[m, z, y, x]
+
+
+@jit(inline="always")
+def _axis_table(n, start, scale, origin, field_scale, field_origin, field_start, field_n):
+    """Per voxel along one axis of an axis-aligned grid: the world coordinate and the
+    field's lower and upper voxel and weights there (as _grid_point, _to_index and _axis
+    compute them when the matrices are diagonal: the zero terms add nothing)."""
+    world = np.empty(n)
+    lower = np.empty(n, np.int64)
+    upper = np.empty(n, np.int64)
+    w0 = np.empty(n)
+    w1 = np.empty(n)
+    for a in range(n):
+        p = scale * float(start + a) + origin
+        world[a] = p
+        i0, i1, v0, v1 = _axis(field_scale * (p - field_origin) - field_start, field_n)
+        lower[a] = i0
+        upper[a] = i1
+        w0[a] = v0
+        w1[a] = v1
+    return world, lower, upper, w0, w1
+
+
+@jit(inline="always")
+def _row_sum(rows, x0, x1, wx0, wx1):
+    """_corners' sum from a row's weighted z, y corners (4, x), rounded to float32."""
+    t = 0.0
+    t += rows[0, x0] * wx0
+    t += rows[0, x1] * wx1
+    t += rows[1, x0] * wx0
+    t += rows[1, x1] * wx1
+    t += rows[2, x0] * wx0
+    t += rows[2, x1] * wx1
+    t += rows[3, x0] * wx0
+    t += rows[3, x1] * wx1
+    return np.float32(t)
+
+
+@jit
+def moved_indices_aligned(start, to_world, origin, field, field_start, to_field,
+                          field_origin, to_input, input_origin, out):
+    """`moved_indices` where the three matrices are diagonal (axis-aligned grids), with
+    the same bits: each voxel's world point and field weights are per-axis tables, and
+    along a row of x the field's z and y corners are weighted once per field voxel
+    (((value * w_z) * w_y), as _corners does) instead of once per output voxel."""
+    pz, z0s, z1s, wz0s, wz1s = _axis_table(out.shape[0], start[0], to_world[2, 2], origin[2],
+                                           to_field[2, 2], field_origin[2], field_start[0],
+                                           field.shape[1])
+    py, y0s, y1s, wy0s, wy1s = _axis_table(out.shape[1], start[1], to_world[1, 1], origin[1],
+                                           to_field[1, 1], field_origin[1], field_start[1],
+                                           field.shape[2])
+    px, x0s, x1s, wx0s, wx1s = _axis_table(out.shape[2], start[2], to_world[0, 0], origin[0],
+                                           to_field[0, 0], field_origin[0], field_start[2],
+                                           field.shape[3])
+    nfx = field.shape[3]
+    rows = np.empty((3, 4, nfx))
+    for a in range(out.shape[0]):
+        z0, z1, wz0, wz1 = z0s[a], z1s[a], wz0s[a], wz1s[a]
+        for b in range(out.shape[1]):
+            y0, y1, wy0, wy1 = y0s[b], y1s[b], wy0s[b], wy1s[b]
+            for m in range(3):
+                for x in range(nfx):
+                    rows[m, 0, x] = field[m, z0, y0, x] * wz0 * wy0
+                    rows[m, 1, x] = field[m, z0, y1, x] * wz0 * wy1
+                    rows[m, 2, x] = field[m, z1, y0, x] * wz1 * wy0
+                    rows[m, 3, x] = field[m, z1, y1, x] * wz1 * wy1
+            for c in range(out.shape[2]):
+                x0, x1, wx0, wx1 = x0s[c], x1s[c], wx0s[c], wx1s[c]
+                uz = _row_sum(rows[0], x0, x1, wx0, wx1)
+                uy = _row_sum(rows[1], x0, x1, wx0, wx1)
+                ux = _row_sum(rows[2], x0, x1, wx0, wx1)
+                out[a, b, c, 0] = to_input[2, 2] * ((pz[a] + float(uz)) - input_origin[2])
+                out[a, b, c, 1] = to_input[1, 1] * ((py[b] + float(uy)) - input_origin[1])
+                out[a, b, c, 2] = to_input[0, 0] * ((px[c] + float(ux)) - input_origin[0])

@@ -11,12 +11,14 @@ smoothed label map holds values that are no label at all.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from dreg.grid import Grid, Region
-from dreg.io import ome_zarr
+from dreg.io import completion, ome_zarr
+from dreg.io.chunk_cache import ChunkCache
 
 SMOOTHING_SIGMA = 1.0
 HALO = 4  # input voxels read beyond a chunk, 4 sigma
@@ -38,25 +40,30 @@ def pyramid_grids(grid: Grid, coarsest_longest_axis: int = COARSEST_LONGEST_AXIS
 
 def downsample_region(
     image: ome_zarr.OmeZarrImage, source_level: int, target_region: Region,
-    method: str = GAUSSIAN,
+    method: str = GAUSSIAN, read: Callable[[Region], np.ndarray] | None = None,
 ) -> np.ndarray:
     """The voxels of `target_region` at level source_level + 1, from the source level.
 
     `method` is "gaussian" (smooth, then take every second voxel) or "nearest" (voxel j
     of the coarser level is voxel 2j of the source level, values untouched: labels).
+    `read` returns a box of the source level (default `ome_zarr.read_region`; a batch
+    passes a `ChunkCache`'s).
     """
     if method not in DOWNSAMPLE_METHODS:
         raise ValueError(f"method must be one of {DOWNSAMPLE_METHODS}, got {method!r}")
+    if read is None:
+        def read(box: Region) -> np.ndarray:
+            return ome_zarr.read_region(image, source_level, box)
     if method == NEAREST:
-        return _subsample_region(image, source_level, target_region)
+        return _subsample_region(image, source_level, target_region, read)
     source_shape = image.level(source_level).grid.shape_zyx
     read_start = [max(2 * s.start - HALO, 0) for s in target_region]
     read_stop = [
         min(2 * (s.stop - 1) + 1 + HALO, n)
         for s, n in zip(target_region, source_shape, strict=True)
     ]
-    read = tuple(slice(a, b) for a, b in zip(read_start, read_stop, strict=True))
-    data = ome_zarr.read_region(image, source_level, read).astype(np.float32, copy=False)
+    box = tuple(slice(a, b) for a, b in zip(read_start, read_stop, strict=True))
+    data = read(box).astype(np.float32, copy=False)
     vector = image.components is not None
     # The Gaussian is separable: smooth along one axis, keep every second voxel along it,
     # then go on to the next axis. Same values as smoothing in 3D then subsampling (each
@@ -79,12 +86,12 @@ def downsample_region(
 
 
 def _subsample_region(
-    image: ome_zarr.OmeZarrImage, source_level: int, target_region: Region
+    image: ome_zarr.OmeZarrImage, source_level: int, target_region: Region,
+    read: Callable[[Region], np.ndarray],
 ) -> np.ndarray:
     """Every second voxel of the source level: the target region's voxels, unsmoothed."""
     # Read only from voxel 2 * start to voxel 2 * (stop - 1): the span the target covers.
-    read = tuple(slice(2 * s.start, 2 * (s.stop - 1) + 1) for s in target_region)
-    data = ome_zarr.read_region(image, source_level, read)
+    data = read(tuple(slice(2 * s.start, 2 * (s.stop - 1) + 1) for s in target_region))
     every_second = (slice(None, None, 2),) * 3
     if image.components is not None:
         every_second = (slice(None), *every_second)
@@ -109,3 +116,24 @@ def build_pyramid(
             ),
             workers=workers,
         )
+
+
+def downsample_batch(uri: str, level: int, chunks: Sequence[tuple[str, Region]],
+                     method: str, token: str) -> list[int]:
+    """Write a batch of chunks (named regions) of pyramid level `level` of the image at
+    `uri` from the level above, each under its own chunk mark (`completion.once` with the
+    output's `token`): a retried or resumed batch skips the chunks it had written. The
+    source level's chunks are decoded once for the batch (`ChunkCache`). Returns each
+    chunk's voxel count, in order."""
+    image = ome_zarr.open_image(uri)
+    cache = ChunkCache(image, level - 1)
+    array = ome_zarr.open_level(image, level, mode="r+")
+
+    def write(region: Region) -> dict:
+        data = downsample_region(image, level - 1, region, method=method,
+                                 read=cache.read_region)
+        ome_zarr.write_region(image, level, region, data, array)
+        return {"voxels": int(data.size)}
+
+    return [int(completion.once(uri, token, name, lambda r=region: write(r))["voxels"])
+            for name, region in chunks]

@@ -18,7 +18,7 @@ from dreg.io.ome_zarr.metadata import (
     _ngff_attrs,
     update_attributes,
 )
-from dreg.io.ome_zarr.read import open_image, read_region
+from dreg.io.ome_zarr.read import open_image, open_level, read_region
 from dreg.io.ome_zarr.write import (
     IMAGE,
     check_can_create,
@@ -38,6 +38,7 @@ __all__ = [
     "ImageLevel",
     "ImageVersion",
     "OmeZarrImage",
+    "open_level",
     "_ngff_attrs",
     "check_can_create",
     "chunk_regions",

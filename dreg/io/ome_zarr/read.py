@@ -165,14 +165,22 @@ def _open_array(image: OmeZarrImage, level: int, mode: str = "r") -> zarr.Array:
     )
 
 
-def read_region(image: OmeZarrImage, level: int, region: Region) -> np.ndarray:
+def open_level(image: OmeZarrImage, level: int, mode: str = "r") -> zarr.Array:
+    """A level's zarr array, opened once for many reads (or, with mode "r+", writes) of
+    one batch: opening costs a round trip to the store (1 to 3 ms locally)."""
+    return _open_array(image, level, mode)
+
+
+def read_region(image: OmeZarrImage, level: int, region: Region,
+                array: zarr.Array | None = None) -> np.ndarray:
     """Read a box of voxels (z, y, x slices) at a level; only the chunks it touches.
 
     A vector image returns (c, z, y, x). A chunk that cannot be decoded, or whose
     checksum does not match its bytes (written by this project: every chunk carries a
-    crc32c), raises StorageError naming the image, the level and the chunk.
+    crc32c), raises StorageError naming the image, the level and the chunk. `array` is
+    the level opened by `open_level` (default: opened here).
     """
-    array = _open_array(image, level)
+    array = _open_array(image, level) if array is None else array
     index = (slice(None),) + tuple(region) if image.components is not None else tuple(region)
     try:
         return np.asarray(array[index])

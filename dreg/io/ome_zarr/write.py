@@ -150,14 +150,16 @@ def _compressors(compressed: bool) -> tuple:
     return (ZstdCodec(), Crc32cCodec()) if compressed else (Crc32cCodec(),)
 
 
-def write_region(image: OmeZarrImage, level: int, region: Region, data: np.ndarray) -> None:
+def write_region(image: OmeZarrImage, level: int, region: Region, data: np.ndarray,
+                 array: zarr.Array | None = None) -> None:
     """Write a box of voxels. The caller owns every chunk the box touches.
 
     Chunks of a raw array (no compressor but the checksum: displacement fields) are
     stored even when they hold only the fill value: zarr's check for that scans the whole
     chunk (a third of the time to write a 64³ field chunk, more than half for an edge
-    chunk); a compressed array skips them, as zarr does by default."""
-    array = _open_array(image, level, mode="r+")
+    chunk); a compressed array skips them, as zarr does by default. `array` is the level
+    opened by `open_level` with mode "r+" (default: opened here)."""
+    array = _open_array(image, level, mode="r+") if array is None else array
     if all(isinstance(codec, Crc32cCodec) for codec in array.compressors):
         array = array.with_config({"write_empty_chunks": True})
     index = (slice(None),) + tuple(region) if image.components is not None else tuple(region)
