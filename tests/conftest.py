@@ -47,9 +47,10 @@ FULL_MODULES = {
 # ------------------------------------------------------------------------------ order
 # The suite runs its modules on two processes (`--dist loadfile`), each taking the next
 # module when it finishes one, in this order (scripts/dev.sh passes --no-loadscope-reorder:
-# by default xdist would hand out the modules with the most tests first). Taken in name order, a long module could start last and
-# run alone for minutes; the longest go first (by wall seconds in a whole run on 2 cores,
-# 2026-12-03: 302, 206, 165, 145, 125, 123, 119, 111, 106, 88, 76, 70, 38, 33, 26, 20),
+# by default xdist would hand out the modules with the most tests first). Taken in name
+# order, a long module could start last and run alone for minutes; the longest go first
+# (by wall seconds in a whole run on 2 cores, 2026-12-03: 302, 206, 165, 145, 125, 123,
+# 119, 111, 106, 88, 76, 70, 38, 33, 26, 20),
 # so that the two processes finish close together, the short modules filling the end.
 LONGEST_FIRST = ("test_bench.py", "test_reliability.py", "test_apply.py",
                  "test_registration.py", "test_dask_cli_cluster.py", "test_processes.py",
