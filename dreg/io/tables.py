@@ -222,18 +222,37 @@ def read_batch(points: PointsFile, start: int, stop: int) -> pd.DataFrame:
     return frame
 
 
-def _read_parquet_rows(handle: BinaryIO, start: int, stop: int) -> pd.DataFrame:
+def read_batch_table(points: PointsFile, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a Parquet points file as an Arrow table, in file order, with
+    the file's own column types and schema metadata: what `read_batch` reads, without
+    converting to pandas (the transformed rows are written back from it unchanged)."""
+    if points.format != PARQUET:
+        raise ValueError(f"{points.uri}: read_batch_table reads Parquet files only")
+    if not 0 <= start <= stop:
+        raise ValueError(f"rows [{start}, {stop}) are not a valid range")
+    try:
+        with _open_input(points.uri) as handle:
+            return _read_parquet_table(handle, start, stop)
+    except Exception as exc:  # noqa: BLE001 - any parser failure becomes one clear line
+        raise InputError(f"{points.uri}: cannot read rows {start} to {stop} "
+                         f"({describe(exc)})") from None
+
+
+def _read_parquet_table(handle: BinaryIO, start: int, stop: int) -> pa.Table:
     parquet = pq.ParquetFile(handle)
     ends = np.cumsum([parquet.metadata.row_group(g).num_rows
                       for g in range(parquet.metadata.num_row_groups)])
     starts = ends - np.diff(ends, prepend=0)
     groups = [int(g) for g in np.flatnonzero((starts < stop) & (ends > start))]
-    if groups:
-        table = parquet.read_row_groups(groups).slice(start - int(starts[groups[0]]),
-                                                      stop - start)
-    else:
-        table = parquet.schema_arrow.empty_table()
-    return _plain_frame(table)
+    if not groups:
+        return parquet.schema_arrow.empty_table()
+    # One thread: a batch is one task on a single-threaded worker.
+    table = parquet.read_row_groups(groups, use_threads=False)
+    return table.slice(start - int(starts[groups[0]]), stop - start)
+
+
+def _read_parquet_rows(handle: BinaryIO, start: int, stop: int) -> pd.DataFrame:
+    return _plain_frame(_read_parquet_table(handle, start, stop))
 
 
 def _plain_frame(table: pa.Table, types_mapper: Callable | None = None) -> pd.DataFrame:
@@ -318,6 +337,17 @@ def write_part(frame: pd.DataFrame, uri: str, schema: pa.Schema | None = None) -
             table = None  # the values are all that matter: fall back to pandas' types
     if table is None:
         table = pa.Table.from_pandas(frame, preserve_index=False)
+    with _atomic_output(uri) as handle:
+        pq.write_table(table, handle, row_group_size=PART_ROW_GROUP_ROWS,
+                       write_page_checksum=True)
+
+
+def write_part_table(table: pa.Table, uri: str, schema: pa.Schema | None = None) -> None:
+    """Write one batch's transformed rows, an Arrow table, as a Parquet part: as
+    `write_part`, with the table's columns as they are (cast to `schema`, when given,
+    whose metadata is kept)."""
+    if schema is not None:
+        table = table.cast(schema.remove_metadata()).replace_schema_metadata(schema.metadata)
     with _atomic_output(uri) as handle:
         pq.write_table(table, handle, row_group_size=PART_ROW_GROUP_ROWS,
                        write_page_checksum=True)
