@@ -193,11 +193,14 @@ def register(pair: dict, out: Path, pipeline, address: str) -> dict:
     return {"result": result, "wall": time.perf_counter() - started}
 
 
-def finished_registration(pair: dict, out: Path) -> str:
+def finished_registration(pair: dict, out: Path, field_factor: int = 1) -> str:
     """OUT as a finished registration leaves it (result.json and field.ome.zarr), made
     without registering: the synth pair's exact field (truth.ome.zarr: on the fixed grid,
-    spacing factor 1) copied in as the field. Any earlier OUT is removed first, so that
-    no output (and no task cache keyed by it) of an earlier run is reused."""
+    spacing factor 1) copied in as the field, or with `field_factor` > 1 that field
+    sampled (trilinearly, exact at its voxel centres) on the grid a registration writes
+    at that factor (`Grid.coarsened`: the same extent, 1/factor of the voxels per axis,
+    64^3 chunks, raw float32). Any earlier OUT is removed first, so that no output (and
+    no task cache keyed by it) of an earlier run is reused."""
     import numpy as np
 
     from dreg.registration.records import InitialRecord, RegistrationResult
@@ -205,7 +208,10 @@ def finished_registration(pair: dict, out: Path) -> str:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     field = out / "field.ome.zarr"
-    shutil.copytree(pair["truth"], field)
+    if field_factor == 1:
+        shutil.copytree(pair["truth"], field)
+    else:
+        coarse_field(pair["truth"], field, field_factor)
     result = RegistrationResult(
         output=str(out), field=str(field), result=str(out / "result.json"),
         fixed=pair["fixed"], moving=pair["moving"], flow_run_id="made-by-the-benchmark",
@@ -213,6 +219,25 @@ def finished_registration(pair: dict, out: Path) -> str:
         stages=[], seconds=0.0)
     (out / "result.json").write_text(result.document())
     return str(out)
+
+
+def coarse_field(truth_uri: str, dest: Path, factor: int) -> None:
+    """The field at `truth_uri` sampled on its grid coarsened by `factor`, written chunk
+    by chunk to `dest` as a registration writes its field (same attributes)."""
+    from dreg.field import create_field, open_field, sample_field
+    from dreg.grid import vectors_to_components
+    from dreg.io import ome_zarr
+
+    truth = open_field(truth_uri)
+    attributes = truth.attributes
+    grid = truth.levels[0].grid.coarsened(float(factor))
+    image = create_field(str(dest), grid, fixed=attributes.get("fixed"),
+                         moving_uri=(attributes.get("moving") or {}).get("uri"),
+                         overwrite=True)
+    ome_zarr.write_level_by_chunks(
+        image, 0,
+        lambda region: vectors_to_components(sample_field(truth, grid.region_points(region))),
+        workers=1)
 
 
 @contextlib.contextmanager

@@ -43,6 +43,17 @@ BATCH_ROWS = 1_000_000
 PART_ROW_GROUP_ROWS = 1 << 17
 """Rows per row group of a part, and so of a Parquet output: the unit that
 concatenation holds in memory."""
+PART_WRITE_OPTIONS = {"compression": "none", "use_dictionary": False,
+                      "write_page_checksum": True}
+"""How parts are written: read once, soon after, from the same storage, so neither
+compressed nor dictionary-encoded (which cost most of writing a part, and of reading
+it back), only checksummed."""
+OUTPUT_WRITE_OPTIONS = {"dictionary_pagesize_limit": 1 << 16, "write_page_checksum": True}
+"""How a Parquet output is written: Parquet's defaults (snappy), but a column chunk
+gives up dictionary encoding once its dictionary passes 64 KiB instead of 1 MiB.
+Columns of repeated values (labels) keep their dictionary; columns of distinct values
+(moved coordinates, ids) stop trying after a few thousand rows: the default tried each
+whole row group, most of the time of writing it, for a larger file."""
 CSV_COUNT_ROWS = 1 << 18
 SAMPLE_ROWS = 1000
 """Rows whose x, y, z are checked to be numbers while a transform is planned (a Parquet
@@ -338,8 +349,7 @@ def write_part(frame: pd.DataFrame, uri: str, schema: pa.Schema | None = None) -
     if table is None:
         table = pa.Table.from_pandas(frame, preserve_index=False)
     with _atomic_output(uri) as handle:
-        pq.write_table(table, handle, row_group_size=PART_ROW_GROUP_ROWS,
-                       write_page_checksum=True)
+        pq.write_table(table, handle, row_group_size=PART_ROW_GROUP_ROWS, **PART_WRITE_OPTIONS)
 
 
 def write_part_table(table: pa.Table, uri: str, schema: pa.Schema | None = None) -> None:
@@ -349,8 +359,7 @@ def write_part_table(table: pa.Table, uri: str, schema: pa.Schema | None = None)
     if schema is not None:
         table = table.cast(schema.remove_metadata()).replace_schema_metadata(schema.metadata)
     with _atomic_output(uri) as handle:
-        pq.write_table(table, handle, row_group_size=PART_ROW_GROUP_ROWS,
-                       write_page_checksum=True)
+        pq.write_table(table, handle, row_group_size=PART_ROW_GROUP_ROWS, **PART_WRITE_OPTIONS)
 
 
 def part_schema(points: PointsFile) -> pa.Schema | None:
@@ -440,10 +449,12 @@ def _write_csv(handle: BinaryIO, schema: pa.Schema, tables: Iterator[pa.Table]) 
 
 def _write_parquet(handle: BinaryIO, schema: pa.Schema, tables: Iterator[pa.Table]) -> int:
     rows = 0
-    with pq.ParquetWriter(handle, schema, write_page_checksum=True) as writer:
+    with pq.ParquetWriter(handle, schema, **OUTPUT_WRITE_OPTIONS) as writer:
         for table in tables:
-            # safe=False: int64 beyond 2**53 widened to float64 rounds rather than fails.
-            writer.write_table(table.cast(schema, safe=False))
+            if not table.schema.equals(schema, check_metadata=False):
+                # safe=False: int64 beyond 2**53 widened to float64 rounds, not fails.
+                table = table.cast(schema, safe=False)
+            writer.write_table(table)
             rows += table.num_rows
     return rows
 
