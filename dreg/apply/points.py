@@ -162,6 +162,21 @@ def _transform(field: ome_zarr.OmeZarrImage, points_xyz: np.ndarray,
     return out, inside
 
 
+def warm_up() -> None:
+    """Load (or compile, the first time on a machine) this step's compiled loops on tiny
+    inputs of the types a batch gives them, so that a worker's first batch does not pay
+    for it (about a second)."""
+    index = np.zeros((1, 3))
+    rows = np.zeros(1, dtype=np.int64)
+    trilinear.inside_box(index, np.zeros(3), np.ones(3), np.empty(1, dtype=bool))
+    trilinear.rows_bounds(index, rows)
+    trilinear.group_by_cell(index, rows, np.ones(3), np.ones(3),
+                            np.empty((1, 1, 1), dtype=np.int64))
+    for dtype in (np.float32, np.float64):
+        trilinear.move_rows(np.zeros((3, 1, 1, 1), dtype), index, np.zeros(3), index, rows,
+                            np.empty((1, 3)))
+
+
 def transform_xyz(field: ome_zarr.OmeZarrImage, points_xyz: np.ndarray,
                   max_box_voxels: int = MAX_BOX_VOXELS) -> np.ndarray:
     """World points (N, 3) in (x, y, z) order moved through the field: p + field(p),
