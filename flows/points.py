@@ -3,8 +3,9 @@
 Prefect entrypoint: ``flows/points.py:transform_points_file``. `source="fixed"` applies
 the field u (fixed → moving); `source="moving"` applies the inverse v (moving → fixed),
 computing it first when OUT has no current inverse. Rows are cut into batches, one task
-each; inside a batch points are grouped by the field chunk they fall in, so every read
-touches only the chunks around its points. Row order and extra columns are kept.
+each; a batch reads the box of the field its points need once (tile by tile of field
+chunks when that box is large), so every read touches only the chunks around its
+points. Row order and extra columns are kept.
 """
 
 from __future__ import annotations

@@ -10,16 +10,21 @@ dreg.io.tables):
 
 1. ``tables.check_points_file`` reads the header (and counts CSV rows by streaming);
    ``tables.batch_ranges`` cuts the rows into batches.
-2. ``transform_points_batch`` per batch: reads rows [start, stop) only, transforms them
-   with reads of the field grouped by field chunk (each read touches at most 8 chunks),
-   and writes the batch as its own Parquet part, ``<OUT>.parts/<index>.parquet``.
+2. ``transform_points_batch`` per batch: reads rows [start, stop) only (a Parquet
+   file's with Arrow alone, a CSV's with pandas), moves them in one compiled pass over
+   the box of the field that they need, read once (tile by tile of field chunks when
+   that box would exceed MAX_BOX_VOXELS), and writes the batch as its own Parquet part,
+   ``<OUT>.parts/<index>.parquet``.
 3. ``tables.concatenate_parts`` streams the parts, in batch order, into OUT (CSV or
    Parquet by its extension) one row group at a time, then removes the parts folder.
 
 Points outside the field's grid (more than half a voxel beyond its first or last voxel
 centre along any index axis), points with a missing coordinate, and points where the
 field is NaN (an inverse without a preimage there) come out as NaN: never a silent zero
-displacement. Nothing here imports Prefect.
+displacement. The moved coordinates have the bits of SciPy's
+``map_coordinates(order=1, mode="nearest")`` of the field's float32 components, added
+to the points in float64 (dreg.field.trilinear), however the points are grouped. Nothing
+here imports Prefect.
 """
 
 from __future__ import annotations
@@ -102,12 +107,14 @@ def _cell_groups(index: np.ndarray, rows: np.ndarray, shape_zyx: Sequence[int],
 
 def _box(index: np.ndarray, rows: np.ndarray,
          shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The box of field voxels [lo, hi) that trilinear sampling of these rows weighs:
-    from the floor of their smallest index to the ceiling of their largest, plus one
-    (as `sample_field` reads it)."""
+    """The box of field voxels [lo, hi) that trilinear sampling of these rows reaches:
+    from the floor of their smallest index to the floor of their largest plus one, on
+    each axis, within the grid. Both neighbours of every point are inside it, also the
+    upper one of a point exactly on a voxel (weight zero, but a NaN there makes the
+    point NaN, as in SciPy): so the result never depends on which points share a box."""
     low, high = trilinear.rows_bounds(index, rows)
     lo = np.clip(np.floor(low).astype(np.int64), 0, shape - 1)
-    hi = np.clip(np.ceil(high).astype(np.int64) + 1, lo + 1, shape)
+    hi = np.clip(np.floor(high).astype(np.int64) + 2, lo + 1, shape)
     return lo, hi
 
 
@@ -128,8 +135,9 @@ def _transform(field: ome_zarr.OmeZarrImage, points_xyz: np.ndarray,
 
     One compiled pass over the points samples the box of the field that they need, read
     once; when that box exceeds `max_box_voxels`, the points are grouped by tile of
-    field chunks and each group is sampled from its own box. Any box holding the voxels
-    a point weighs gives that point the same bits (the arithmetic of `sample_field`).
+    field chunks and each group is sampled from its own box. Every box holds both
+    neighbours of each of its points along each axis, so each point gets the bits
+    SciPy's `map_coordinates(order=1, mode="nearest")` gives on the whole field.
     """
     points = np.ascontiguousarray(points_xyz, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 3:

@@ -6,7 +6,8 @@ What this module does for a transform of millions of rows, out of core:
 
 - ``check_points_file`` reads the header or Parquet footer (and counts CSV rows by
   streaming) and checks the x, y, z columns; ``batch_ranges`` cuts the rows into batches.
-- ``read_batch`` reads rows [start, stop) only; ``write_part`` writes a batch as its own
+- ``read_batch`` reads rows [start, stop) only (``read_batch_table``: a Parquet file's,
+  as an Arrow table); ``write_part`` (``write_part_table``) writes a batch as its own
   Parquet part, ``<OUT>.parts/<index>.parquet`` (``part_uri``).
 - ``concatenate_parts`` streams the parts, in batch order, into OUT (CSV or Parquet by
   its extension) one row group at a time, then removes the parts folder.
