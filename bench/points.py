@@ -23,7 +23,8 @@ loaded up front), writing the moved points in the same format. Prints progress, 
 
 The flow's wall time includes reading the input's footer (or counting a CSV's rows) and
 concatenating the batches' parts into the output; batches_s is the span of the batch
-tasks alone, from the Prefect API (null when the API could not tell).
+tasks alone and write_s the concatenation task's, from the Prefect API (null when the
+API could not tell).
 `max_abs_diff_vs_yardstick` compares the flow's output with the yardstick's points.
 
     .venv/bin/python bench/points.py [--size 256] [--points 10000000]
@@ -181,7 +182,8 @@ def main() -> None:
             result = transform_points_file(out, str(source), str(dest), "fixed",
                                            options=RunOptions(dask_address=address))
             wall = time.perf_counter() - started
-            spans = task_run_spans(result.flow_run_id, {"transform-points": result.batches})
+            spans = task_run_spans(result.flow_run_id, {"transform-points": result.batches,
+                                                        "write-points": 1})
             return {"result": result, "wall": wall, "spans": spans,
                     "workers": worker_peak_rss_mb(address)}
 
@@ -206,6 +208,7 @@ def main() -> None:
         f"{rate / 1e6:.3f} million points per second; {result.outside} outside the field; "
         f"yardstick {yardstick_rate / 1e6:.3f} million points per second")
     batches = spans["transform-points"] if spans else None
+    concatenation = spans["write-points"] if spans else None
     emit({
         "size": args.size, "workers": args.workers, "format": args.format,
         "field_factor": args.field_factor,
@@ -221,6 +224,7 @@ def main() -> None:
         "max_abs_diff_vs_yardstick": difference,
         "batches_s": batches["s"] if batches else None,
         "batch_task_s_mean": round(batches["task_s"] / result.batches, 3) if batches else None,
+        "write_s": concatenation["task_s"] if concatenation else None,
         "input_mb": round(size / 1e6, 1),
         "output_mb": output_mb,
         "flow_peak_rss_mb": round(peak_rss_mb(), 1),
