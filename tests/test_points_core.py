@@ -37,6 +37,7 @@ from dreg.io.tables import (
     concatenate_parts,
     part_uri,
     parts_folder,
+    parts_share_schema,
     read_batch,
 )
 
@@ -504,6 +505,44 @@ def test_concatenation_streams_many_parts_in_order(tmp_path):
                                frame[["x", "y", "z"]].to_numpy() + TRANSLATION, atol=1e-9)
     assert not os.path.exists(parts_folder(out))
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+@pytest.mark.parametrize("out_ext", [".csv", ".parquet"])
+def test_parts_of_a_parquet_input_are_appended_as_they_come(tmp_path, out_ext):
+    """What the points flow does for a Parquet input: each part is appended as soon as
+    it is written (here: written only when the concatenation asks for the next one),
+    and the output is the one concatenating all the parts at the end gives."""
+    rng = np.random.default_rng(12)
+    field = write_constant_field(tmp_path / "u.ome.zarr", ROTATED, TRANSLATION, chunks=8)
+    frame = table_of_points(points_inside(ROTATED, 100, rng), rng)
+    uri = write_table(frame, tmp_path / "points.parquet", row_group_size=16)
+    points = check_points_file(uri)
+    assert parts_share_schema(points)
+    ranges = batch_ranges(points.rows, 30)
+    at_end = str(tmp_path / f"at-end{out_ext}")
+    run_points(field.uri, FIXED_TO_MOVING, uri, at_end, batch_rows=30)
+
+    streamed = str(tmp_path / f"streamed{out_ext}")
+    written = []
+
+    def parts_as_they_come():
+        for index, (start, stop) in enumerate(ranges):
+            part = part_uri(streamed, index)
+            assert not os.path.exists(part)
+            transform_points_batch(field.uri, FIXED_TO_MOVING, uri, start, stop, part)
+            written.append(index)
+            yield part
+
+    rows = concatenate_parts(parts_as_they_come(), streamed, same_schema=True)
+
+    assert rows == 100 and written == [0, 1, 2, 3]
+    assert Path(streamed).read_bytes() == Path(at_end).read_bytes()
+    assert not os.path.exists(parts_folder(streamed))
+
+
+def test_parts_of_a_csv_input_do_not_share_a_schema(tmp_path):
+    (tmp_path / "p.csv").write_text("x,y,z\n1,2,3\n")
+    assert not parts_share_schema(check_points_file(str(tmp_path / "p.csv")))
 
 
 # ----------------------------------------------------------------------------- S3

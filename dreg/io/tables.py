@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import posixpath
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -460,26 +460,68 @@ def _write_parquet(handle: BinaryIO, schema: pa.Schema, tables: Iterator[pa.Tabl
     return rows
 
 
-def concatenate_parts(part_uris: Sequence[str], out_uri: str, keep_parts: bool = False) -> int:
+def parts_share_schema(points: PointsFile) -> bool:
+    """Whether every part of `points`' batches has one schema, known from its first
+    part: those of a Parquet input (written with `part_schema`), not a CSV's (whose
+    types pandas infers batch by batch)."""
+    return points.format == PARQUET
+
+
+def concatenate_parts(part_uris: Iterable[str], out_uri: str, keep_parts: bool = False,
+                      same_schema: bool = False) -> int:
     """Concatenate parts, in the order given, into one CSV or Parquet file (by
     `out_uri`'s extension), then remove the parts and the parts folder ``<OUT>.parts``.
 
     Streams one row group at a time, never holding all rows. Columns that batches typed
-    differently get one type (numbers float64, other mixes text). The output appears
-    only once complete. Returns the number of rows written.
+    differently get one type (numbers float64, other mixes text). With `same_schema`
+    (parts that `parts_share_schema`), the output takes the first part's schema and the
+    parts are read one at a time as `part_uris` yields them, so that the output is
+    written while later parts are still being made (the iterable may wait for each).
+    The output appears only once complete. Returns the number of rows written.
     """
-    if not part_uris:
-        raise ValueError("no parts to concatenate (an empty input still has one part)")
     out_uri = storage.normalize_uri(out_uri)
     fmt = points_format(out_uri)
-    part_uris = [storage.normalize_uri(u) for u in part_uris]
-    schema = _unified_schema(_part_schemas(part_uris), part_uris)
     write = _write_parquet if fmt == PARQUET else _write_csv
-    with _atomic_output(out_uri) as handle:
-        rows = write(handle, schema, _row_groups(part_uris))
+    if same_schema:
+        taken: list[str] = []
+        uris = _taken(part_uris, taken)
+        first = next(uris, None)
+        if first is None:
+            raise ValueError("no parts to concatenate (an empty input still has one part)")
+        schema = _part_schemas([first])[0]
+        with _atomic_output(out_uri) as handle:
+            rows = write(handle, schema, _row_groups(_checked(first, uris, schema)))
+        part_uris = taken
+    else:
+        part_uris = [storage.normalize_uri(u) for u in part_uris]
+        if not part_uris:
+            raise ValueError("no parts to concatenate (an empty input still has one part)")
+        schema = _unified_schema(_part_schemas(part_uris), part_uris)
+        with _atomic_output(out_uri) as handle:
+            rows = write(handle, schema, _row_groups(part_uris))
     if not keep_parts:
         remove_parts(part_uris, out_uri)
     return rows
+
+
+def _taken(part_uris: Iterable[str], taken: list[str]) -> Iterator[str]:
+    """The parts' URIs, normalised, each noted in `taken` as it is yielded."""
+    for uri in part_uris:
+        uri = storage.normalize_uri(uri)
+        taken.append(uri)
+        yield uri
+
+
+def _checked(first: str, rest: Iterator[str], schema: pa.Schema) -> Iterator[str]:
+    """`first`, then each later part once it is there with `schema`'s columns (its
+    types are cast to `schema`'s when they differ)."""
+    yield first
+    for uri in rest:
+        (found,) = _part_schemas([uri])
+        if found.names != schema.names:
+            raise ValueError(f"{uri}: columns {found.names} differ from the first part's "
+                             f"{schema.names}")
+        yield uri
 
 
 def remove_parts(part_uris: Sequence[str], out_uri: str) -> None:
