@@ -3,8 +3,9 @@
 Prefect entrypoint: ``flows/points.py:transform_points_file``. `source="fixed"` applies
 the field u (fixed → moving); `source="moving"` applies the inverse v (moving → fixed),
 computing it first when OUT has no current inverse. Rows are cut into batches, one task
-each; inside a batch points are grouped by the field chunk they fall in, so every read
-touches only the chunks around its points. Row order and extra columns are kept.
+each; a batch reads the box of the field its points need once (tile by tile of field
+chunks when that box is large), so every read touches only the chunks around its
+points. Row order and extra columns are kept.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 from prefect_dask import DaskTaskRunner
 
 from dreg.apply.plan import PointsPlan, PointsResult, plan_points
@@ -30,9 +32,10 @@ def write_transformed(plan: PointsPlan, retries: int) -> list[dict]:
     task = transform_points.with_options(retries=retries)
     futures = [task.submit(plan, start, stop, i, token)
                for i, (start, stop) in enumerate(plan.batches)]
-    counts = [f.result() for f in futures]  # a failed batch fails the run
-    write_points(plan, len(counts))
-    return counts
+    # Written while the batches run, each part as soon as it and those before it are
+    # done; quoted, so that Prefect hands the futures over instead of waiting for them.
+    write_points(plan, len(futures), quote(futures))
+    return [f.result() for f in futures]  # a failed batch fails the run
 
 
 @flow(name="dreg-transform-points", flow_run_name=points_run_name)

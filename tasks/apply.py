@@ -11,7 +11,10 @@ be shared.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from dreg.apply import invert, points, warp
 from dreg.apply.plan import InvertPlan, PointsPlan, WarpPlan, chunk_region
@@ -87,10 +90,29 @@ def transform_points(plan: PointsPlan, start: int, stop: int, index: int,
                                               stop, tables.part_uri(plan.dest, index)))
 
 
-@task(name="write-points", retries=2, retry_delay_seconds=1)
-def write_points(plan: PointsPlan, batches: int) -> str:
-    """Concatenate the batches' parts in order into the output file."""
-    tables.concatenate_parts([tables.part_uri(plan.dest, i) for i in range(batches)], plan.dest)
+@task(name="write-points", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def write_points(plan: PointsPlan, batches: int, running: Sequence | None = None) -> str:
+    """Concatenate the batches' parts in order into the output file.
+
+    `running` (passed within `quote`, so that Prefect does not wait for them first) are
+    the batch tasks' futures, in batch order. Where the parts share one schema (a Parquet
+    input), each part is appended as soon as its batch and those before it are done,
+    while the later batches still run; else once all are done. A failed batch fails
+    this task with its error."""
+    parts = [tables.part_uri(plan.dest, i) for i in range(batches)]
+    futures = list(running or [])
+    if futures and tables.parts_share_schema(tables.open_points_file(plan.points,
+                                                                      count_rows=False)):
+        def done_in_order():
+            for uri, future in zip(parts, futures, strict=True):
+                future.result()  # waits; raises the batch's error
+                yield uri
+
+        tables.concatenate_parts(done_in_order(), plan.dest, same_schema=True)
+        return plan.dest
+    for future in futures:
+        future.result()
+    tables.concatenate_parts(parts, plan.dest)
     return plan.dest
 
 

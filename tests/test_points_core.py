@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from scipy import ndimage
 
 from dreg import synth
 from dreg.apply.points import (
@@ -36,6 +37,7 @@ from dreg.io.tables import (
     concatenate_parts,
     part_uri,
     parts_folder,
+    parts_share_schema,
     read_batch,
 )
 
@@ -135,7 +137,7 @@ def test_matches_the_synthetic_truth_at_interior_points(tmp_path):
     field = open_field(pair["truth"])
     points = points_inside(grid, 2000, np.random.default_rng(2), lo=(1, 1, 1),
                            hi=np.asarray(grid.shape_zyx) - 2.0)
-    moved = transform_xyz(field, points, max_points_per_read=300)
+    moved = transform_xyz(field, points, max_box_voxels=9 ** 3)
     expected = points + model.displacement(points)
     # Trilinear interpolation of waves at least half the extent long, amplitude 2
     # voxels: errors of a few hundredths of the finest spacing.
@@ -345,7 +347,9 @@ def test_grouped_reads_touch_only_the_chunks_around_each_group(tmp_path):
                            hi=(39.99, 39.99, 39.99))
     expected = points + sample_field(field, points)
 
-    np.testing.assert_allclose(transform_xyz(field, points, max_points_per_read=64),
+    # A box budget of one chunk (and its next voxel) per axis: one read per chunk group.
+    one_chunk = 9 ** 3
+    np.testing.assert_allclose(transform_xyz(field, points, max_box_voxels=one_chunk),
                                expected, rtol=0, atol=1e-6)
 
     index = grid.world_to_index(points)
@@ -365,10 +369,86 @@ def test_grouped_reads_touch_only_the_chunks_around_each_group(tmp_path):
         if tuple(int(p) for p in path.relative_to(chunk_files).parts) not in needed:
             path.write_bytes(b"broken")
     assert len(needed) == 4 * 4 * 4  # chunks 2..5 on each axis, of 512
+    np.testing.assert_allclose(transform_xyz(field, points, max_box_voxels=one_chunk),
+                               expected, rtol=0, atol=1e-6)
+    # The points' whole box is those same chunks: read at once within the default budget.
     np.testing.assert_allclose(transform_xyz(field, points), expected, rtol=0, atol=1e-6)
     wide = np.vstack([points, grid.index_to_world(np.array([[60.0, 60, 60]]))])
     with pytest.raises(StorageError):
         sample_field(field, wide)
+
+
+def moved_per_chunk_group(field, points: np.ndarray) -> np.ndarray:
+    """How points were moved before the compiled pass (the reference): grouped by field
+    chunk with NumPy's stable argsort, each group sampled by sample_field on its own."""
+    level = field.levels[0]
+    shape, chunks = np.asarray(level.grid.shape_zyx), np.asarray(level.chunks_zyx)
+    index = level.grid.world_to_index(points)
+    inside = np.all((index >= -0.5 - 1e-6) & (index <= shape - 0.5 + 1e-6), axis=1)
+    rows = np.flatnonzero(inside)
+    cell = (np.clip(index[rows], 0, shape - 1) // chunks).astype(np.int64)
+    key = np.ravel_multi_index(tuple(cell.T), tuple(-(-shape // chunks)))
+    order = np.argsort(key, kind="stable")
+    out = np.full(points.shape, np.nan)
+    for group in np.split(order, np.flatnonzero(np.diff(key[order])) + 1):
+        selected = rows[group]
+        out[selected] = points[selected] + sample_field(field, points[selected])
+    return out
+
+
+@pytest.mark.parametrize("grid", [PLAIN, ROTATED], ids=["plain", "anisotropic-rotated"])
+def test_one_pass_and_tiles_give_the_bits_of_per_chunk_sampling(tmp_path, grid):
+    field = smooth_field(tmp_path / "u.ome.zarr", grid, chunks=8)
+    rng = np.random.default_rng(9)
+    points = points_inside(grid, 4000, rng, lo=(-0.6, -0.6, -0.6),
+                           hi=np.asarray(grid.shape_zyx) - 0.4)
+    # Points on voxel centres and on the grid's edges, and a missing coordinate.
+    on_grid = grid.index_to_world(rng.integers(0, 8, size=(50, 3)).astype(float))
+    points = np.vstack([points, on_grid, [[np.nan, 1.0, 1.0]]])
+    expected = moved_per_chunk_group(field, points)
+    assert np.isnan(expected).any() and not np.isnan(expected).all()
+
+    # The points' box in one read, tiles of one chunk, tiles of two chunks.
+    for budget in (10 ** 9, 9 ** 3, 17 ** 3):
+        np.testing.assert_array_equal(transform_xyz(field, points, max_box_voxels=budget),
+                                      expected)
+
+
+def test_a_point_on_a_voxel_next_to_nan_is_nan_however_it_is_grouped(tmp_path):
+    """SciPy weighs both neighbours along each axis, the upper one with weight zero for
+    a point exactly on a voxel: a NaN there makes the point NaN. The box read for a
+    point always holds that neighbour, so the result does not depend on which points
+    share the box (before, a point alone in its chunk's box came out finite)."""
+    field = write_constant_field(tmp_path / "v.ome.zarr", PLAIN, TRANSLATION,
+                                 mapping=MOVING_TO_FIXED)
+    ome_zarr.write_region(field, 0, (slice(0, 24), slice(0, 24), slice(13, 14)),
+                          np.full((3, 24, 24, 1), np.nan, np.float32))
+    on_voxel = PLAIN.index_to_world(np.array([[5.0, 5.0, 12.0]]))
+    data = ome_zarr.read_region(field, 0, (slice(0, 24),) * 3)
+    index = PLAIN.world_to_index(on_voxel).T
+    whole = np.stack([ndimage.map_coordinates(data[c], index, order=1, mode="nearest")
+                      for c in (2, 1, 0)], axis=1)
+    assert np.isnan(whole).all()
+    others = points_inside(PLAIN, 200, np.random.default_rng(11))
+    for points in (on_voxel, np.vstack([others, on_voxel])):
+        for budget in (10 ** 9, 9 ** 3):
+            moved = transform_xyz(field, points, max_box_voxels=budget)
+            assert np.isnan(moved[-1]).all()
+
+
+def test_chunk_groups_are_a_stable_sort_by_chunk():
+    rng = np.random.default_rng(10)
+    shape, chunks = (20, 24, 28), (8, 8, 8)
+    index = rng.uniform(-0.5, np.asarray(shape) - 0.5, size=(3000, 3))
+    cell = (np.clip(index, 0, np.asarray(shape) - 1) // chunks).astype(np.int64)
+    key = np.ravel_multi_index(tuple(cell.T), (3, 3, 4))
+    order = np.argsort(key, kind="stable")
+    expected = np.split(order, np.flatnonzero(np.diff(key[order])) + 1)
+    groups = chunk_groups(index, shape, chunks)
+    assert len(groups) == len(expected) == 36
+    for group, reference in zip(groups, expected, strict=True):
+        np.testing.assert_array_equal(group, reference)
+    assert chunk_groups(np.empty((0, 3)), shape, chunks) == []
 
 
 # ----------------------------------------------------------------------------- parts
@@ -425,6 +505,44 @@ def test_concatenation_streams_many_parts_in_order(tmp_path):
                                frame[["x", "y", "z"]].to_numpy() + TRANSLATION, atol=1e-9)
     assert not os.path.exists(parts_folder(out))
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+@pytest.mark.parametrize("out_ext", [".csv", ".parquet"])
+def test_parts_of_a_parquet_input_are_appended_as_they_come(tmp_path, out_ext):
+    """What the points flow does for a Parquet input: each part is appended as soon as
+    it is written (here: written only when the concatenation asks for the next one),
+    and the output is the one concatenating all the parts at the end gives."""
+    rng = np.random.default_rng(12)
+    field = write_constant_field(tmp_path / "u.ome.zarr", ROTATED, TRANSLATION, chunks=8)
+    frame = table_of_points(points_inside(ROTATED, 100, rng), rng)
+    uri = write_table(frame, tmp_path / "points.parquet", row_group_size=16)
+    points = check_points_file(uri)
+    assert parts_share_schema(points)
+    ranges = batch_ranges(points.rows, 30)
+    at_end = str(tmp_path / f"at-end{out_ext}")
+    run_points(field.uri, FIXED_TO_MOVING, uri, at_end, batch_rows=30)
+
+    streamed = str(tmp_path / f"streamed{out_ext}")
+    written = []
+
+    def parts_as_they_come():
+        for index, (start, stop) in enumerate(ranges):
+            part = part_uri(streamed, index)
+            assert not os.path.exists(part)
+            transform_points_batch(field.uri, FIXED_TO_MOVING, uri, start, stop, part)
+            written.append(index)
+            yield part
+
+    rows = concatenate_parts(parts_as_they_come(), streamed, same_schema=True)
+
+    assert rows == 100 and written == [0, 1, 2, 3]
+    assert Path(streamed).read_bytes() == Path(at_end).read_bytes()
+    assert not os.path.exists(parts_folder(streamed))
+
+
+def test_parts_of_a_csv_input_do_not_share_a_schema(tmp_path):
+    (tmp_path / "p.csv").write_text("x,y,z\n1,2,3\n")
+    assert not parts_share_schema(check_points_file(str(tmp_path / "p.csv")))
 
 
 # ----------------------------------------------------------------------------- S3

@@ -374,3 +374,83 @@ def moved_indices_aligned(start, to_world, origin, field, field_start, to_field,
                 out[a, b, c, 0] = to_input[2, 2] * ((pz[a] + float(uz)) - input_origin[2])
                 out[a, b, c, 1] = to_input[1, 1] * ((py[b] + float(uy)) - input_origin[1])
                 out[a, b, c, 2] = to_input[0, 0] * ((px[c] + float(ux)) - input_origin[0])
+
+
+@jit
+def inside_box(index, low, high, inside):
+    """inside[p] = whether index p (rows (z, y, x)) lies within [low, high] on every
+    axis (NaN is not inside); returns how many do."""
+    count = 0
+    for p in range(index.shape[0]):
+        ok = True
+        for a in range(3):
+            v = index[p, a]
+            # Written so that a NaN fails it, as NumPy's comparisons do.
+            if not (v >= low[a] and v <= high[a]):
+                ok = False
+        inside[p] = ok
+        count += ok
+    return count
+
+
+@jit
+def rows_bounds(index, rows):
+    """Smallest and largest (z, y, x) index over the given rows of `index` (N, 3)."""
+    lo = np.full(3, np.inf)
+    hi = np.full(3, -np.inf)
+    for r in rows:
+        for a in range(3):
+            v = index[r, a]
+            lo[a] = min(lo[a], v)
+            hi[a] = max(hi[a], v)
+    return lo, hi
+
+
+@jit
+def group_by_cell(index, rows, shape, cell, counts):
+    """`rows` of `index` (N, 3) ordered by the cell of size `cell` (z, y, x) that they
+    fall in, cells in C order and rows ascending within each (a counting sort: the order
+    `np.argsort(key, kind="stable")` gives), and the number of rows in each cell, written
+    into `counts` (one entry per cell). Indices are clipped to the grid first, so that
+    the half voxel before the first centre belongs to the first cell."""
+    keys = np.empty(rows.size, np.int64)
+    flat = counts.reshape(-1)
+    flat[:] = 0
+    for q in range(rows.size):
+        r = rows[q]
+        key = 0
+        for a in range(3):
+            v = min(max(index[r, a], 0.0), shape[a] - 1.0)
+            key = key * (counts.shape[a]) + int(v // cell[a])
+        keys[q] = key
+        flat[key] += 1
+    starts = np.empty(flat.size, np.int64)
+    total = 0
+    for k in range(flat.size):
+        starts[k] = total
+        total += flat[k]
+    order = np.empty(rows.size, np.int64)
+    for q in range(rows.size):
+        k = keys[q]
+        order[starts[k]] = rows[q]
+        starts[k] += 1
+    return order
+
+
+@jit
+def move_rows(data, index, lo, points, rows, out):
+    """out[r] = points[r] + u(index[r]) for the given rows, u sampled trilinearly (the
+    arithmetic of `sample`) from `data` (c, z, y, x), the box of the field that starts
+    at voxel `lo`; u is rounded to data's type, then added in float64. `points` and
+    `out` are world (x, y, z), so component c (z, y, x) goes to column 2 - c."""
+    nz, ny, nx = data.shape[1], data.shape[2], data.shape[3]
+    value = np.empty(data.shape[0], data.dtype)
+    for r in rows:
+        z0, z1, wz0, wz1 = _axis(index[r, 0] - lo[0], nz)
+        y0, y1, wy0, wy1 = _axis(index[r, 1] - lo[1], ny)
+        x0, x1, wx0, wx1 = _axis(index[r, 2] - lo[2], nx)
+        for c in range(data.shape[0]):
+            value[c] = _corners(data[c], z0, z1, y0, y1, x0, x1,
+                                wz0, wz1, wy0, wy1, wx0, wx1)
+        for c in range(data.shape[0]):
+            out[r, 2 - c] = points[r, 2 - c] + value[c]

@@ -6,7 +6,8 @@ What this module does for a transform of millions of rows, out of core:
 
 - ``check_points_file`` reads the header or Parquet footer (and counts CSV rows by
   streaming) and checks the x, y, z columns; ``batch_ranges`` cuts the rows into batches.
-- ``read_batch`` reads rows [start, stop) only; ``write_part`` writes a batch as its own
+- ``read_batch`` reads rows [start, stop) only (``read_batch_table``: a Parquet file's,
+  as an Arrow table); ``write_part`` (``write_part_table``) writes a batch as its own
   Parquet part, ``<OUT>.parts/<index>.parquet`` (``part_uri``).
 - ``concatenate_parts`` streams the parts, in batch order, into OUT (CSV or Parquet by
   its extension) one row group at a time, then removes the parts folder.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import io
 import posixpath
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -43,6 +44,17 @@ BATCH_ROWS = 1_000_000
 PART_ROW_GROUP_ROWS = 1 << 17
 """Rows per row group of a part, and so of a Parquet output: the unit that
 concatenation holds in memory."""
+PART_WRITE_OPTIONS = {"compression": "none", "use_dictionary": False,
+                      "write_page_checksum": True}
+"""How parts are written: read once, soon after, from the same storage, so neither
+compressed nor dictionary-encoded (which cost most of writing a part, and of reading
+it back), only checksummed."""
+OUTPUT_WRITE_OPTIONS = {"dictionary_pagesize_limit": 1 << 16, "write_page_checksum": True}
+"""How a Parquet output is written: Parquet's defaults (snappy), but a column chunk
+gives up dictionary encoding once its dictionary passes 64 KiB instead of 1 MiB.
+Columns of repeated values (labels) keep their dictionary; columns of distinct values
+(moved coordinates, ids) stop trying after a few thousand rows: the default tried each
+whole row group, most of the time of writing it, for a larger file."""
 CSV_COUNT_ROWS = 1 << 18
 SAMPLE_ROWS = 1000
 """Rows whose x, y, z are checked to be numbers while a transform is planned (a Parquet
@@ -222,18 +234,37 @@ def read_batch(points: PointsFile, start: int, stop: int) -> pd.DataFrame:
     return frame
 
 
-def _read_parquet_rows(handle: BinaryIO, start: int, stop: int) -> pd.DataFrame:
+def read_batch_table(points: PointsFile, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a Parquet points file as an Arrow table, in file order, with
+    the file's own column types and schema metadata: what `read_batch` reads, without
+    converting to pandas (the transformed rows are written back from it unchanged)."""
+    if points.format != PARQUET:
+        raise ValueError(f"{points.uri}: read_batch_table reads Parquet files only")
+    if not 0 <= start <= stop:
+        raise ValueError(f"rows [{start}, {stop}) are not a valid range")
+    try:
+        with _open_input(points.uri) as handle:
+            return _read_parquet_table(handle, start, stop)
+    except Exception as exc:  # noqa: BLE001 - any parser failure becomes one clear line
+        raise InputError(f"{points.uri}: cannot read rows {start} to {stop} "
+                         f"({describe(exc)})") from None
+
+
+def _read_parquet_table(handle: BinaryIO, start: int, stop: int) -> pa.Table:
     parquet = pq.ParquetFile(handle)
     ends = np.cumsum([parquet.metadata.row_group(g).num_rows
                       for g in range(parquet.metadata.num_row_groups)])
     starts = ends - np.diff(ends, prepend=0)
     groups = [int(g) for g in np.flatnonzero((starts < stop) & (ends > start))]
-    if groups:
-        table = parquet.read_row_groups(groups).slice(start - int(starts[groups[0]]),
-                                                      stop - start)
-    else:
-        table = parquet.schema_arrow.empty_table()
-    return _plain_frame(table)
+    if not groups:
+        return parquet.schema_arrow.empty_table()
+    # One thread: a batch is one task on a single-threaded worker.
+    table = parquet.read_row_groups(groups, use_threads=False)
+    return table.slice(start - int(starts[groups[0]]), stop - start)
+
+
+def _read_parquet_rows(handle: BinaryIO, start: int, stop: int) -> pd.DataFrame:
+    return _plain_frame(_read_parquet_table(handle, start, stop))
 
 
 def _plain_frame(table: pa.Table, types_mapper: Callable | None = None) -> pd.DataFrame:
@@ -319,8 +350,17 @@ def write_part(frame: pd.DataFrame, uri: str, schema: pa.Schema | None = None) -
     if table is None:
         table = pa.Table.from_pandas(frame, preserve_index=False)
     with _atomic_output(uri) as handle:
-        pq.write_table(table, handle, row_group_size=PART_ROW_GROUP_ROWS,
-                       write_page_checksum=True)
+        pq.write_table(table, handle, row_group_size=PART_ROW_GROUP_ROWS, **PART_WRITE_OPTIONS)
+
+
+def write_part_table(table: pa.Table, uri: str, schema: pa.Schema | None = None) -> None:
+    """Write one batch's transformed rows, an Arrow table, as a Parquet part: as
+    `write_part`, with the table's columns as they are (cast to `schema`, when given,
+    whose metadata is kept)."""
+    if schema is not None:
+        table = table.cast(schema.remove_metadata()).replace_schema_metadata(schema.metadata)
+    with _atomic_output(uri) as handle:
+        pq.write_table(table, handle, row_group_size=PART_ROW_GROUP_ROWS, **PART_WRITE_OPTIONS)
 
 
 def part_schema(points: PointsFile) -> pa.Schema | None:
@@ -410,34 +450,78 @@ def _write_csv(handle: BinaryIO, schema: pa.Schema, tables: Iterator[pa.Table]) 
 
 def _write_parquet(handle: BinaryIO, schema: pa.Schema, tables: Iterator[pa.Table]) -> int:
     rows = 0
-    with pq.ParquetWriter(handle, schema, write_page_checksum=True) as writer:
+    with pq.ParquetWriter(handle, schema, **OUTPUT_WRITE_OPTIONS) as writer:
         for table in tables:
-            # safe=False: int64 beyond 2**53 widened to float64 rounds rather than fails.
-            writer.write_table(table.cast(schema, safe=False))
+            if not table.schema.equals(schema, check_metadata=False):
+                # safe=False: int64 beyond 2**53 widened to float64 rounds, not fails.
+                table = table.cast(schema, safe=False)
+            writer.write_table(table)
             rows += table.num_rows
     return rows
 
 
-def concatenate_parts(part_uris: Sequence[str], out_uri: str, keep_parts: bool = False) -> int:
+def parts_share_schema(points: PointsFile) -> bool:
+    """Whether every part of `points`' batches has one schema, known from its first
+    part: those of a Parquet input (written with `part_schema`), not a CSV's (whose
+    types pandas infers batch by batch)."""
+    return points.format == PARQUET
+
+
+def concatenate_parts(part_uris: Iterable[str], out_uri: str, keep_parts: bool = False,
+                      same_schema: bool = False) -> int:
     """Concatenate parts, in the order given, into one CSV or Parquet file (by
     `out_uri`'s extension), then remove the parts and the parts folder ``<OUT>.parts``.
 
     Streams one row group at a time, never holding all rows. Columns that batches typed
-    differently get one type (numbers float64, other mixes text). The output appears
-    only once complete. Returns the number of rows written.
+    differently get one type (numbers float64, other mixes text). With `same_schema`
+    (parts that `parts_share_schema`), the output takes the first part's schema and the
+    parts are read one at a time as `part_uris` yields them, so that the output is
+    written while later parts are still being made (the iterable may wait for each).
+    The output appears only once complete. Returns the number of rows written.
     """
-    if not part_uris:
-        raise ValueError("no parts to concatenate (an empty input still has one part)")
     out_uri = storage.normalize_uri(out_uri)
     fmt = points_format(out_uri)
-    part_uris = [storage.normalize_uri(u) for u in part_uris]
-    schema = _unified_schema(_part_schemas(part_uris), part_uris)
     write = _write_parquet if fmt == PARQUET else _write_csv
-    with _atomic_output(out_uri) as handle:
-        rows = write(handle, schema, _row_groups(part_uris))
+    if same_schema:
+        taken: list[str] = []
+        uris = _taken(part_uris, taken)
+        first = next(uris, None)
+        if first is None:
+            raise ValueError("no parts to concatenate (an empty input still has one part)")
+        schema = _part_schemas([first])[0]
+        with _atomic_output(out_uri) as handle:
+            rows = write(handle, schema, _row_groups(_checked(first, uris, schema)))
+        part_uris = taken
+    else:
+        part_uris = [storage.normalize_uri(u) for u in part_uris]
+        if not part_uris:
+            raise ValueError("no parts to concatenate (an empty input still has one part)")
+        schema = _unified_schema(_part_schemas(part_uris), part_uris)
+        with _atomic_output(out_uri) as handle:
+            rows = write(handle, schema, _row_groups(part_uris))
     if not keep_parts:
         remove_parts(part_uris, out_uri)
     return rows
+
+
+def _taken(part_uris: Iterable[str], taken: list[str]) -> Iterator[str]:
+    """The parts' URIs, normalised, each noted in `taken` as it is yielded."""
+    for uri in part_uris:
+        uri = storage.normalize_uri(uri)
+        taken.append(uri)
+        yield uri
+
+
+def _checked(first: str, rest: Iterator[str], schema: pa.Schema) -> Iterator[str]:
+    """`first`, then each later part once it is there with `schema`'s columns (its
+    types are cast to `schema`'s when they differ)."""
+    yield first
+    for uri in rest:
+        (found,) = _part_schemas([uri])
+        if found.names != schema.names:
+            raise ValueError(f"{uri}: columns {found.names} differ from the first part's "
+                             f"{schema.names}")
+        yield uri
 
 
 def remove_parts(part_uris: Sequence[str], out_uri: str) -> None:
