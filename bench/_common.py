@@ -193,19 +193,37 @@ def register(pair: dict, out: Path, pipeline, address: str) -> dict:
     return {"result": result, "wall": time.perf_counter() - started}
 
 
-def finished_registration(pair: dict, out: Path) -> str:
+def finished_registration(pair: dict, out: Path, factor: int = 1) -> str:
     """OUT as a finished registration leaves it (result.json and field.ome.zarr), made
-    without registering: the synth pair's exact field (truth.ome.zarr: on the fixed grid,
-    spacing factor 1) copied in as the field. Any earlier OUT is removed first, so that
-    no output (and no task cache keyed by it) of an earlier run is reused."""
+    without registering: the synth pair's exact field (truth.ome.zarr, on the fixed grid)
+    as the field: copied at spacing factor 1, or at `factor` (a registration's field is
+    usually at 2: half the voxels per axis over the same physical extent) sampled from
+    the truth chunk by chunk (its voxels on the truth's are copied exactly; the extra
+    layer past the last voxel centre holds the border's). Any earlier OUT is removed
+    first, so that no output (and no task cache keyed by it) of an earlier run is
+    reused."""
     import numpy as np
 
+    from dreg.field import create_field, open_field, sample_field
+    from dreg.grid import Grid, vectors_to_components
+    from dreg.io import ome_zarr
     from dreg.registration.records import InitialRecord, RegistrationResult
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     field = out / "field.ome.zarr"
-    shutil.copytree(pair["truth"], field)
+    if factor == 1:
+        shutil.copytree(pair["truth"], field)
+    else:
+        truth = open_field(pair["truth"])
+        fixed = truth.attributes["fixed"]
+        grid = Grid.from_dict(fixed).coarsened(float(factor))
+        image = create_field(str(field), grid, fixed=fixed,
+                             moving_uri=truth.attributes["moving"]["uri"])
+        for region in ome_zarr.chunk_regions(grid.shape_zyx, image.levels[0].chunks_zyx):
+            u = sample_field(truth, grid.region_points(region))
+            ome_zarr.write_region(image, 0, region,
+                                  vectors_to_components(u).astype(np.float32))
     result = RegistrationResult(
         output=str(out), field=str(field), result=str(out / "result.json"),
         fixed=pair["fixed"], moving=pair["moving"], flow_run_id="made-by-the-benchmark",

@@ -137,6 +137,15 @@ def warm_up(address: str) -> int:
     return configure_workers(address, warm=True)
 
 
+def worker_count(address: str) -> int:
+    """How many workers the cluster at `address` has now (at least 1): what batches of
+    chunks are cut for."""
+    from distributed import Client
+
+    with Client(address, timeout="30s") as client:
+        return max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+
+
 def block_workers(address: str) -> int:
     """How many workers of the cluster at `address` can take block tasks. Raises
     InputError when none declares the block resource: block tasks would wait forever."""

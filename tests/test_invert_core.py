@@ -396,3 +396,24 @@ def test_box_grows_when_iterates_leave_it_and_the_answer_is_the_same(tmp_path):
     assert valid.sum() > 0
     np.testing.assert_allclose(roomy[:, valid], vectors_to_components(v_exact_of(points))[
         :, valid], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_batches_balance_voxels_and_cover_every_chunk_once():
+    from dreg.apply.plan import balanced_batches, chunk_region
+
+    # A 129^3 grid in 64^3 chunks: eight full chunks and 19 thin edge ones.
+    shape, chunks = (129, 129, 129), (64, 64, 64)
+    regions = list(ome_zarr.chunk_regions(shape, chunks))
+    assert [chunk_region(shape, chunks, i) for i in range(len(regions))] == regions
+    sizes = [int(np.prod([s.stop - s.start for s in r])) for r in regions]
+    batches = balanced_batches(sizes, 4)
+    assert sorted(i for b in batches for i in b) == list(range(len(regions)))
+    assert all(b == sorted(b) for b in batches)
+    totals = [sum(sizes[i] for i in b) for b in batches]
+    assert max(totals) - min(totals) <= max(sizes)  # no batch waits on another's share
+    assert max(totals) < 0.3 * sum(sizes)
+    assert balanced_batches([5, 1], 8) == [[0], [1]]  # never an empty batch
+    assert balanced_batches([], 3) == []

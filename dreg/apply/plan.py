@@ -9,6 +9,8 @@ what the flows return, print as their last JSON line and put in their summaries.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -17,13 +19,22 @@ from pydantic import BaseModel, ConfigDict
 from dreg.apply import invert, warp
 from dreg.errors import InputError
 from dreg.field import FIELD_CHUNK, MOVING_TO_FIXED, open_field
-from dreg.grid import Grid
+from dreg.grid import Grid, Region
 from dreg.io import completion, locations, ome_zarr, storage
 from dreg.io.completion import identity_of
 from dreg.layout import DERIVED, INVERSE_NAME, INVERSE_REPORT, WARPED_NAME
 from dreg.registration.records import load_result
 
 WARP_CHUNK = 64
+# Batches of the inverse's chunks, one task run each: a task run per chunk costs Prefect's
+# ~0.1 CPU-s of bookkeeping (and more on a busy server) for some 0.1 s of work. About
+# INVERT_BATCHES_PER_WORKER batches per worker, at most INVERT_MAX_BATCH_CHUNKS chunks
+# each (a retried batch redoes at most that much: its chunks' marks skip the rest), and
+# never more than INVERT_MAX_BATCHES (Prefect's server stalls at tens of thousands of
+# task runs per flow).
+INVERT_BATCHES_PER_WORKER = 2
+INVERT_MAX_BATCH_CHUNKS = 64
+INVERT_MAX_BATCHES = 2000
 POINTS_BATCH_ROWS = 1_000_000
 Interpolation = Literal["linear", "nearest"]
 Space = Literal["fixed", "moving"]
@@ -103,6 +114,7 @@ class InvertResult(BaseModel):
     p99: float | None
     rms: float | None
     chunks: int
+    batches: int = 0  # task runs that wrote the chunks
     seconds: float
     flow_run_id: str
 
@@ -239,6 +251,40 @@ def warp_chunks(plan: WarpPlan) -> list:
 
 def inverse_chunks(plan: InvertPlan) -> list:
     return list(ome_zarr.chunk_regions(plan.grid.shape_zyx, (FIELD_CHUNK,) * 3))
+
+
+def inverse_batches(plan: InvertPlan, workers: int) -> list[list[int]]:
+    """The inverse's chunks (indices into `inverse_chunks`) cut into batches of about
+    equal voxels (`balanced_batches`)."""
+    sizes = [math.prod(s.stop - s.start for s in region) for region in inverse_chunks(plan)]
+    count = max(max(workers, 1) * INVERT_BATCHES_PER_WORKER,
+                math.ceil(len(sizes) / INVERT_MAX_BATCH_CHUNKS))
+    return balanced_batches(sizes, min(count, INVERT_MAX_BATCHES))
+
+
+def balanced_batches(sizes: Sequence[int], count: int) -> list[list[int]]:
+    """Indices of items of the given sizes cut into at most `count` batches of about
+    equal total size: largest first into the lightest batch so far. Each batch's indices
+    go in order, empty batches are dropped. (A grid's edge chunks are thin: cut into
+    bricks, the batches holding them would be far lighter than the others, and on a few
+    workers the run would wait for the heaviest.)"""
+    count = max(1, min(count, len(sizes)))
+    totals = [0] * count
+    batches: list[list[int]] = [[] for _ in range(count)]
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        lightest = min(range(count), key=lambda b: (totals[b], b))
+        batches[lightest].append(index)
+        totals[lightest] += sizes[index]
+    return [sorted(batch) for batch in batches if batch]
+
+
+def chunk_region(shape_zyx: Sequence[int], chunks_zyx: Sequence[int], index: int) -> Region:
+    """The region of chunk `index` in `ome_zarr.chunk_regions`' C order."""
+    grid = [math.ceil(n / c) for n, c in zip(shape_zyx, chunks_zyx, strict=True)]
+    k, rest = divmod(index, grid[1] * grid[2])
+    j, i = divmod(rest, grid[2])
+    return tuple(slice(a * c, min((a + 1) * c, n))
+                 for a, c, n in zip((k, j, i), chunks_zyx, shape_zyx, strict=True))
 
 
 def _parent(uri: str) -> str:
