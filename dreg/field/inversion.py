@@ -40,27 +40,30 @@ def _grid_point(a, b, c, start, to_world, origin):
 
 
 @jit(inline="always")
-def _needs(index, n, lo, hi, need, axis):
-    """Whether the voxels a sample at `index` weighs along one axis (clipped to the n
-    voxels of the field) lie in the box [lo, hi); widens `need` to them either way."""
-    if index != index:  # NaN: needs nothing (a NaN field makes the point fail anyway)
-        return True
-    first = min(max(math.floor(index), 0), n - 1)
-    last = min(max(math.ceil(index) + 1, first + 1), n)
-    need[axis] = min(need[axis], first)
-    need[3 + axis] = max(need[3 + axis], last)
-    return first >= lo and last <= hi
+def _widen(index, n, need, axis):
+    """Widen `need` to the voxels a sample at `index` weighs along one axis (clipped to
+    the n voxels of the field). A NaN index needs nothing (a NaN field makes the point
+    fail anyway)."""
+    if index == index:
+        first = min(max(math.floor(index), 0), n - 1)
+        need[axis] = min(need[axis], first)
+        need[3 + axis] = max(need[3 + axis], min(max(math.ceil(index) + 1, first + 1), n))
 
 
 @jit(inline="always")
-def _sample(data, box, field_shape, to_index, field_origin, px, py, pz, need):
+def _sample(data, box, held, field_shape, to_index, field_origin, px, py, pz, need):
     """u at a world point as world (x, y, z) components from the box `data` (c, z, y, x)
-    that starts at box[0:3] and stops at box[3:6] (field indices), float64; and whether
-    the box held every voxel the sample needs."""
+    that starts at box[0:3] (field indices), float64; and whether the box held every
+    voxel the sample needs: its indices within held[0:3] and held[3:6] (the box's first
+    and last voxel, or infinite where the box reaches the field's border, beyond which
+    the border's value is held). If not, `need` is widened to what it needs."""
     k, j, i = _to_index(px, py, pz, to_index, field_origin)
-    inside = (_needs(k, field_shape[0], box[0], box[3], need, 0)
-              & _needs(j, field_shape[1], box[1], box[4], need, 1)
-              & _needs(i, field_shape[2], box[2], box[5], need, 2))
+    inside = not (k < held[0] or k > held[3] or j < held[1] or j > held[4]
+                  or i < held[2] or i > held[5])  # NaN compares false: needs nothing
+    if not inside:
+        _widen(k, field_shape[0], need, 0)
+        _widen(j, field_shape[1], need, 1)
+        _widen(i, field_shape[2], need, 2)
     z0, z1, wz0, wz1 = _axis(k - box[0], data.shape[1])
     y0, y1, wy0, wy1 = _axis(j - box[1], data.shape[2])
     x0, x1, wx0, wx1 = _axis(i - box[2], data.shape[3])
@@ -92,10 +95,17 @@ def invert_box(start, shape, to_world, origin, data, box, field_shape, to_index,
     there is no preimage, and the round-trip error |x + u(x) - y| at x = y + v (v as
     stored, u rounded to float32 as `sample_field` gives it; NaN likewise) into `errors`
     (z, y, x). Returns how many samples needed voxels outside the box, and the bounds
-    (z, y, x starts, then stops) of every voxel any sample needed."""
+    (z, y, x starts, then stops) of the voxels those samples needed."""
     need = np.empty(6, dtype=np.int64)
     need[:3] = field_shape.max()
     need[3:] = -1
+    # A sample at field index k weighs voxels floor(k) and floor(k) + 1 (clipped to the
+    # field): all in the box when box start <= k <= box stop - 1, on each axis.
+    held = np.empty(6)
+    for axis in range(3):
+        held[axis] = -np.inf if box[axis] == 0 else float(box[axis])
+        held[3 + axis] = (np.inf if box[3 + axis] == field_shape[axis]
+                          else float(box[3 + axis] - 1))
     escaped = 0
     nz, ny, nx = field_shape[0], field_shape[1], field_shape[2]
     for a in range(shape[0]):
@@ -103,13 +113,13 @@ def invert_box(start, shape, to_world, origin, data, box, field_shape, to_index,
             for c in range(shape[2]):
                 yx, yy, yz = _grid_point(a, b, c, start, to_world, origin)
                 # u(y) as sample_field gives it: float32.
-                ux, uy, uz, ok = _sample(data, box, field_shape, to_index, field_origin,
+                ux, uy, uz, ok = _sample(data, box, held, field_shape, to_index, field_origin,
                                          yx, yy, yz, need)
                 escaped += 0 if ok else 1
                 xx = yx - float(np.float32(ux))
                 xy = yy - float(np.float32(uy))
                 xz = yz - float(np.float32(uz))
-                ux, uy, uz, ok = _sample(data, box, field_shape, to_index, field_origin,
+                ux, uy, uz, ok = _sample(data, box, held, field_shape, to_index, field_origin,
                                          xx, xy, xz, need)
                 escaped += 0 if ok else 1
                 rx, ry, rz = (xx + ux) - yx, (xy + uy) - yy, (xz + uz) - yz
@@ -120,7 +130,7 @@ def invert_box(start, shape, to_world, origin, data, box, field_shape, to_index,
                 while active and done < iterations:
                     done += 1
                     cx, cy, cz = xx - step * rx, xy - step * ry, xz - step * rz
-                    ux, uy, uz, ok = _sample(data, box, field_shape, to_index, field_origin,
+                    ux, uy, uz, ok = _sample(data, box, held, field_shape, to_index, field_origin,
                                              cx, cy, cz, need)
                     escaped += 0 if ok else 1
                     qx, qy, qz = (cx + ux) - yx, (cy + uy) - yy, (cz + uz) - yz
@@ -152,7 +162,7 @@ def invert_box(start, shape, to_world, origin, data, box, field_shape, to_index,
                 v_out[2, a, b, c] = vx
                 # The round trip from v as stored, u as sample_field gives it.
                 px, py, pz = yx + float(vx), yy + float(vy), yz + float(vz)
-                ux, uy, uz, ok = _sample(data, box, field_shape, to_index, field_origin,
+                ux, uy, uz, ok = _sample(data, box, held, field_shape, to_index, field_origin,
                                          px, py, pz, need)
                 escaped += 0 if ok else 1
                 ex = (px + float(np.float32(ux))) - yx
