@@ -417,3 +417,18 @@ def test_batches_balance_voxels_and_cover_every_chunk_once():
     assert max(totals) < 0.3 * sum(sizes)
     assert balanced_batches([5, 1], 8) == [[0], [1]]  # never an empty batch
     assert balanced_batches([], 3) == []
+
+
+def test_a_large_translation_moves_the_box_it_does_not_grow_it(tmp_path):
+    # Out of core: under a shift of 20 voxels along x, a chunk holds a box about its own
+    # size plus the shift along x, not the shift on every side.
+    grid = Grid((24, 24, 64), (1.0, 1.0, 1.0))
+    shift = np.array([20.0, 0.0, 0.0])
+    forward = write_field(tmp_path / "u.ome.zarr", grid, lambda p: np.broadcast_to(
+        shift, p.shape))
+    region = region_from_bounds((8, 8, 32), (16, 16, 40))
+    v, stats = invert.invert_region(forward, grid, region)
+    assert stats["nan"] == 0 and stats["reruns"] == 0 and stats["max"] < 1e-5
+    np.testing.assert_allclose(v[2], -20.0, atol=1e-5)
+    margin = invert.MARGIN_VOXELS
+    assert stats["field_box_voxels"] <= (8 + 1 + 2 * margin) ** 2 * (8 + 1 + 20 + 2 * margin)

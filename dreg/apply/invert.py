@@ -310,11 +310,23 @@ def _region_field_box(field_grid: Grid, grid: Grid, region: Region) -> tuple[np.
     return lo, hi
 
 
-def _reach_voxels(data: np.ndarray, field_grid: Grid) -> int:
-    """How far, in field voxels along any axis, a preimage can lie from its point when
-    the field holds `data`: the largest displacement over the smallest spacing."""
-    largest = np.nan_to_num(np.nanmax(np.abs(data), axis=(1, 2, 3)) if data.size else 0.0)
-    return int(np.ceil(np.linalg.norm(largest) / min(field_grid.spacing_xyz)))
+def _preimage_box(data: np.ndarray, to_index: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                  margin: int, field_shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The field box to hold for points whose own voxels are lo..hi, when the field
+    around them holds `data` (c, z, y, x): a preimage x = y - u(x) lies about -u away,
+    so the box spans lo..hi and lo..hi moved by -u for every u found there (a large
+    translation moves the box, it does not grow it on every side), plus `margin`."""
+    # World (x, y, z) displacements as index steps (i, j, k), then in (z, y, x) order.
+    steps = np.tensordot(to_index, data[::-1].reshape(3, -1), axes=1)[::-1]
+    finite = np.isfinite(steps).all(axis=0)
+    if finite.any():
+        low = np.floor(steps[:, finite].min(axis=1)).astype(int)
+        high = np.ceil(steps[:, finite].max(axis=1)).astype(int)
+    else:
+        low = high = np.zeros(3, dtype=int)
+    box_lo = np.clip(np.minimum(lo, lo - high) - margin, 0, field_shape - 1)
+    box_hi = np.clip(np.maximum(hi, hi - low) + margin, box_lo + 1, field_shape)
+    return box_lo, box_hi
 
 
 def invert_region(
@@ -330,38 +342,38 @@ def invert_region(
     Returns v as (3, z, y, x) float32 world (z, y, x) components, NaN where there is no
     preimage, and the round-trip statistics (`round_trip_stats`) of
     |y + v(y) + u(y + v(y)) - y|, with u sampled anew at the stored v, plus
-    "field_reads": how many boxes of the field were read, and "reruns": how many times
-    the loop ran again because an iterate had left the box.
+    "field_reads": how many boxes of the field were read, "field_box_voxels": the voxels
+    of the last (largest) one, and "reruns": how many times the loop ran again because
+    an iterate had left the box.
 
     One compiled loop over the region's voxels (`dreg.field.inversion.invert_box`), each
     iterating on its own as `invert_points` does, with the same arithmetic: the same
     inverse (bit for bit on axis-aligned grids). It reads one box of the field: the
-    region's own box grown by the largest displacement found there plus `margin_voxels`;
-    should an iterate leave it, a larger box is read and the loop runs again.
+    region's own box and that box moved by minus the displacements found around it,
+    plus `margin_voxels` (`_preimage_box`); should an iterate leave it, a larger box is
+    read and the loop runs again.
     """
     field_grid = field.levels[0].grid
     field_shape = np.array(field_grid.shape_zyx, dtype=np.int64)
     lo, hi = _region_field_box(field_grid, grid, region)
-    # A first box with room for moves of a few voxels; grown below if displacements here
-    # are larger (the box is then read again, larger).
+    to_index = np.linalg.inv(field_grid.index_to_world_matrix)
+    # A first box with room for moves of a few voxels, which is usually all it takes; if
+    # the displacements found in it reach further, the box to hold is read anew.
     guess = 2 * margin_voxels
     box_lo = np.clip(lo - guess, 0, field_shape - 1)
     box_hi = np.clip(hi + guess, box_lo + 1, field_shape)
     data = _read_box(field, box_lo, box_hi)
     reads, reruns = 1, 0
-    grow = _reach_voxels(data, field_grid) + margin_voxels
+    wanted_lo, wanted_hi = _preimage_box(data, to_index, lo, hi, margin_voxels, field_shape)
+    if np.any(wanted_lo < box_lo) or np.any(wanted_hi > box_hi):
+        box_lo, box_hi = wanted_lo, wanted_hi
+        data = _read_box(field, box_lo, box_hi)
+        reads += 1
     start = np.array([s.start for s in region], dtype=np.int64)
     shape = np.array(region_shape(region), dtype=np.int64)
     v = np.empty((3, *shape), dtype=np.float32)
     errors = np.empty(tuple(shape), dtype=np.float64)
-    to_index = np.linalg.inv(field_grid.index_to_world_matrix)
     while True:
-        wanted_lo = np.clip(lo - grow, 0, field_shape - 1)
-        wanted_hi = np.clip(hi + grow, wanted_lo + 1, field_shape)
-        if np.any(wanted_lo < box_lo) or np.any(wanted_hi > box_hi):
-            box_lo, box_hi = np.minimum(box_lo, wanted_lo), np.maximum(box_hi, wanted_hi)
-            data = _read_box(field, box_lo, box_hi)
-            reads += 1
         escaped, need = inversion.invert_box(
             start, shape, grid.index_to_world_matrix, np.asarray(grid.origin_xyz, dtype=float),
             data, np.concatenate([box_lo, box_hi]).astype(np.int64), field_shape, to_index,
@@ -369,10 +381,14 @@ def invert_region(
             TARGET_FRACTION * tolerance_voxels, float(tolerance_voxels), MIN_STEP, v, errors)
         if escaped == 0:
             break
-        # Some iterate left the box: read what every sample needed, with a margin.
-        lo, hi, grow = np.minimum(lo, need[:3]), np.maximum(hi, need[3:]), margin_voxels
+        # Some iterate left the box: add what those samples needed, with a margin.
+        box_lo = np.clip(np.minimum(box_lo, need[:3] - margin_voxels), 0, field_shape - 1)
+        box_hi = np.clip(np.maximum(box_hi, need[3:] + margin_voxels), box_lo + 1, field_shape)
+        data = _read_box(field, box_lo, box_hi)
+        reads += 1
         reruns += 1
-    return v, {**round_trip_stats(errors), "field_reads": reads, "reruns": reruns}
+    return v, {**round_trip_stats(errors), "field_reads": reads, "reruns": reruns,
+               "field_box_voxels": int(np.prod(box_hi - box_lo))}
 
 
 def warm_up() -> None:
