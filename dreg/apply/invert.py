@@ -316,14 +316,15 @@ def _preimage_box(data: np.ndarray, to_index: np.ndarray, lo: np.ndarray, hi: np
     around them holds `data` (c, z, y, x): a preimage x = y - u(x) lies about -u away,
     so the box spans lo..hi and lo..hi moved by -u for every u found there (a large
     translation moves the box, it does not grow it on every side), plus `margin`."""
-    # World (x, y, z) displacements as index steps (i, j, k), then in (z, y, x) order.
-    steps = np.tensordot(to_index, data[::-1].reshape(3, -1), axes=1)[::-1]
-    finite = np.isfinite(steps).all(axis=0)
-    if finite.any():
-        low = np.floor(steps[:, finite].min(axis=1)).astype(int)
-        high = np.ceil(steps[:, finite].max(axis=1)).astype(int)
-    else:
-        low = high = np.zeros(3, dtype=int)
+    # The range of each world component (x, y, z; NaN ignored), then of the index steps
+    # (i, j, k) they make, by interval arithmetic (exact on axis-aligned grids, a little
+    # wider on oblique ones), in (z, y, x) order.
+    flat = data[::-1].reshape(3, -1)
+    least = np.nan_to_num(np.fmin.reduce(flat, axis=1))
+    most = np.nan_to_num(np.fmax.reduce(flat, axis=1))
+    positive, negative = np.maximum(to_index, 0), np.minimum(to_index, 0)
+    low = np.floor(positive @ least + negative @ most)[::-1].astype(int)
+    high = np.ceil(positive @ most + negative @ least)[::-1].astype(int)
     box_lo = np.clip(np.minimum(lo, lo - high) - margin, 0, field_shape - 1)
     box_hi = np.clip(np.maximum(hi, hi - low) + margin, box_lo + 1, field_shape)
     return box_lo, box_hi
