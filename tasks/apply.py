@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dreg.apply import invert, points, warp
 from dreg.apply.plan import InvertPlan, PointsPlan, WarpPlan, chunk_region
-from dreg.grid import Region
+from dreg.field import FIELD_CHUNK
 from dreg.io import completion, ome_zarr, pyramid, tables
 
 # Chunk tasks keep no Prefect result or cache: their chunk marks are the resume state.
@@ -69,10 +69,15 @@ def prepare_inverse(plan: InvertPlan) -> str:
     return completion.start(plan.dest, plan.identity, create)
 
 
-@task(name="invert-chunk", **CHUNK_TASK, task_run_name="invert-chunk-{index}")
-def invert_chunk(plan: InvertPlan, region: Region, index: int, token: str) -> dict:
-    return completion.once(plan.dest, token, str(index),
-                           lambda: invert.invert_chunk(plan.field, plan.dest, region))
+@task(name="invert-chunks", **CHUNK_TASK, task_run_name="invert-chunks-{batch}")
+def invert_batch(plan: InvertPlan, batch: int, indices: list[int], token: str) -> list[dict]:
+    """A batch of the inverse's chunks (indices into `inverse_chunks`' C order), each
+    under its own chunk mark, named by its index as when a task run wrote one chunk: a
+    retried or resumed batch skips the chunks it had written."""
+    return invert.invert_batch(
+        plan.field, plan.dest,
+        [(str(i), chunk_region(plan.grid.shape_zyx, (FIELD_CHUNK,) * 3, i)) for i in indices],
+        token)
 
 
 @task(name="prepare-points", retries=2, retry_delay_seconds=1)

@@ -193,6 +193,9 @@ def test_invert_round_trips_and_marks_the_scene_a_bijection(pair, out, prefect_a
     result = invert_field(out, options=RunOptions(dask_address=dask_address))
     report = json.loads(Path(out, "inverse.json").read_text())
     assert report["voxels"] == result.voxels > 0 and len(report["per_chunk"]) == result.chunks
+    # One task run per batch of chunks (issue 19 item 5), every chunk under its own mark.
+    assert 0 < result.batches <= result.chunks
+    assert len(chunk_states(result.flow_run_id, "invert-chunks")) == result.batches
     assert result.max < 1e-2 and result.p99 <= 1e-2
     # Against the truth: a fixed point x maps to y = x + u(x); y + v(y) comes back to x.
     grid, moved = truth_moving_points(pair)

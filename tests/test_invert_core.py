@@ -313,3 +313,122 @@ def test_invert_chunk_writes_only_its_region(tmp_path):
     untouched = np.ones(stored.shape, dtype=bool)
     untouched[(slice(None), *region)] = False
     assert np.isnan(stored[untouched]).all()  # the fill value: no inverse known
+
+
+# ----------------------------------------------------------------------------- the compiled loop
+
+
+def numpy_region(forward: ome_zarr.OmeZarrImage, grid: Grid, region) -> tuple[np.ndarray, dict]:
+    """`invert_region` as it was before the compiled loop: `invert_points` (the NumPy
+    iteration over all points at once) and the round trip through `sample_field`."""
+    y = grid.region_points(region).reshape(-1, 3)
+    v, _ = invert.invert_points(forward, y)
+    v = v.astype(np.float32)
+    errors = np.full(len(y), np.nan)
+    valid = ~np.isnan(v).any(axis=-1)
+    x = y[valid] + v[valid]
+    errors[valid] = np.linalg.norm(x + field.sample_field(forward, x) - y[valid], axis=-1)
+    shape = tuple(s.stop - s.start for s in region)
+    return vectors_to_components(v.reshape(*shape, 3)), invert.round_trip_stats(errors)
+
+
+def assert_same_stats(ours: dict, theirs: dict) -> None:
+    for key in ("voxels", "nan", "max", "rms", "p99", "sum_squares", "histogram"):
+        assert ours[key] == theirs[key], key
+
+
+def test_compiled_loop_gives_the_numpy_iterations_bits_on_axis_aligned_grids(synth_pair,
+                                                                           tmp_path):
+    forward = field.open_field(synth_pair["truth"])
+    for region in (whole_region(SYNTH_GRID.shape_zyx),
+                   region_from_bounds((0, 5, 16), (16, 28, 32))):
+        v, stats = invert.invert_region(forward, SYNTH_GRID, region)
+        expected, expected_stats = numpy_region(forward, SYNTH_GRID, region)
+        assert stats["nan"] > 0  # the NaN rule is exercised too
+        np.testing.assert_array_equal(v, expected)
+        assert_same_stats(stats, expected_stats)
+    # A field at spacing factor 2 (as a registration writes it), damped iterations too.
+    u, _ = affine(np.diag([2.5, 1.0, 0.9]), AFFINE_CENTRE, AFFINE_SHIFT)
+    coarse = AFFINE_GRID.coarsened(2)
+    forward = write_field(tmp_path / "u.ome.zarr", coarse, u, fixed_grid=AFFINE_GRID, chunks=8)
+    grid = invert.inverse_grid(forward, AFFINE_GRID)
+    region = whole_region(grid.shape_zyx)
+    v, stats = invert.invert_region(forward, grid, region)
+    expected, expected_stats = numpy_region(forward, grid, region)
+    np.testing.assert_array_equal(v, expected)
+    assert_same_stats(stats, expected_stats)
+
+
+def test_compiled_loop_on_oblique_grids_is_the_numpy_iteration_to_rounding(tmp_path):
+    """Oblique directions: NumPy's matrix products may round differently in the last bit,
+    so the two iterations may stop a step apart; both meet the same tolerance, and the
+    round trip is no worse."""
+    field_grid = FIXED_OBLIQUE.coarsened(2)
+    lo, hi = FIXED_OBLIQUE.world_bounds()
+    u, _ = affine(rotation_zx(3.0, -2.0), (lo + hi) / 2, np.array([0.9, -0.6, 0.4]))
+    forward = write_field(tmp_path / "u.ome.zarr", field_grid, u, fixed_grid=FIXED_OBLIQUE,
+                          chunks=8)
+    grid = invert.inverse_grid(forward, MOVING_OBLIQUE)
+    region = whole_region(grid.shape_zyx)
+    v, stats = invert.invert_region(forward, grid, region)
+    expected, expected_stats = numpy_region(forward, grid, region)
+    np.testing.assert_array_equal(np.isnan(v), np.isnan(expected))
+    spacing = min(field_grid.spacing_xyz)
+    target = invert.TARGET_FRACTION * invert.TOLERANCE_VOXELS * spacing
+    np.testing.assert_allclose(v, expected, rtol=0, atol=2 * target)
+    assert stats["max"] <= max(expected_stats["max"], target)
+
+
+def test_box_grows_when_iterates_leave_it_and_the_answer_is_the_same(tmp_path):
+    # moving = half of x about the centre: the preimage of y lies |y - c| from it along x,
+    # twice the largest displacement around the region: with no margin the box must grow.
+    u, v_exact_of = affine(np.diag([0.5, 1.0, 1.0]), AFFINE_CENTRE, np.zeros(3))
+    forward = write_field(tmp_path / "shrunk.ome.zarr", AFFINE_GRID, u)
+    region = region_from_bounds((2, 2, 5), (5, 5, 8))
+    tight, tight_stats = invert.invert_region(forward, AFFINE_GRID, region, margin_voxels=0)
+    assert tight_stats["reruns"] >= 1 and tight_stats["field_reads"] > 1
+    roomy, roomy_stats = invert.invert_region(forward, AFFINE_GRID, region)
+    assert roomy_stats["reruns"] == 0
+    np.testing.assert_array_equal(tight, roomy)
+    assert_same_stats(tight_stats, roomy_stats)
+    points = AFFINE_GRID.region_points(region)
+    valid = ~np.isnan(roomy).any(axis=0)
+    assert valid.sum() > 0
+    np.testing.assert_allclose(roomy[:, valid], vectors_to_components(v_exact_of(points))[
+        :, valid], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_batches_balance_voxels_and_cover_every_chunk_once():
+    from dreg.apply.plan import balanced_batches, chunk_region
+
+    # A 129^3 grid in 64^3 chunks: eight full chunks and 19 thin edge ones.
+    shape, chunks = (129, 129, 129), (64, 64, 64)
+    regions = list(ome_zarr.chunk_regions(shape, chunks))
+    assert [chunk_region(shape, chunks, i) for i in range(len(regions))] == regions
+    sizes = [int(np.prod([s.stop - s.start for s in r])) for r in regions]
+    batches = balanced_batches(sizes, 4)
+    assert sorted(i for b in batches for i in b) == list(range(len(regions)))
+    assert all(b == sorted(b) for b in batches)
+    totals = [sum(sizes[i] for i in b) for b in batches]
+    assert max(totals) - min(totals) <= max(sizes)  # no batch waits on another's share
+    assert max(totals) < 0.3 * sum(sizes)
+    assert balanced_batches([5, 1], 8) == [[0], [1]]  # never an empty batch
+    assert balanced_batches([], 3) == []
+
+
+def test_a_large_translation_moves_the_box_it_does_not_grow_it(tmp_path):
+    # Out of core: under a shift of 20 voxels along x, a chunk holds a box about its own
+    # size plus the shift along x, not the shift on every side.
+    grid = Grid((24, 24, 64), (1.0, 1.0, 1.0))
+    shift = np.array([20.0, 0.0, 0.0])
+    forward = write_field(tmp_path / "u.ome.zarr", grid, lambda p: np.broadcast_to(
+        shift, p.shape))
+    region = region_from_bounds((8, 8, 32), (16, 16, 40))
+    v, stats = invert.invert_region(forward, grid, region)
+    assert stats["nan"] == 0 and stats["reruns"] == 0 and stats["max"] < 1e-5
+    np.testing.assert_allclose(v[2], -20.0, atol=1e-5)
+    margin = invert.MARGIN_VOXELS
+    assert stats["field_box_voxels"] <= (8 + 1 + 2 * margin) ** 2 * (8 + 1 + 20 + 2 * margin)

@@ -34,6 +34,7 @@ from dreg.field import (
     FIELD_CHUNK,
     MOVING_TO_FIXED,
     create_field,
+    inversion,
     open_field,
     sample_field,
 )
@@ -44,10 +45,9 @@ from dreg.grid import (
     region_from_bounds,
     region_shape,
     region_to_list,
-    vectors_to_components,
     xyz_to_zyx,
 )
-from dreg.io import ome_zarr
+from dreg.io import completion, mapped, ome_zarr
 
 ITERATIONS = 50
 TOLERANCE_VOXELS = 1e-3
@@ -297,30 +297,117 @@ def merge_stats(chunks: Sequence[dict]) -> dict:
 # ----------------------------------------------------------------------------- regions
 
 
+def _region_field_box(field_grid: Grid, grid: Grid, region: Region) -> tuple[np.ndarray,
+                                                                             np.ndarray]:
+    """The field voxels (lo, hi) that sampling u at the region's own points needs: the
+    corners' indices bound them, the map from one grid to the other being affine."""
+    corners = np.array([[s.start if pick == 0 else s.stop - 1 for s, pick in zip(
+        region, picks, strict=True)] for picks in np.ndindex(2, 2, 2)], dtype=float)
+    index = field_grid.world_to_index(grid.index_to_world(corners))
+    shape = np.array(field_grid.shape_zyx)
+    lo = np.clip(np.floor(index.min(axis=0)).astype(int), 0, shape - 1)
+    hi = np.clip(np.ceil(index.max(axis=0)).astype(int) + 1, lo + 1, shape)
+    return lo, hi
+
+
+def _preimage_box(data: np.ndarray, to_index: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                  margin: int, field_shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The field box to hold for points whose own voxels are lo..hi, when the field
+    around them holds `data` (c, z, y, x): a preimage x = y - u(x) lies about -u away,
+    so the box spans lo..hi and lo..hi moved by -u for every u found there (a large
+    translation moves the box, it does not grow it on every side), plus `margin`."""
+    # The range of each world component (x, y, z; NaN ignored), then of the index steps
+    # (i, j, k) they make, by interval arithmetic (exact on axis-aligned grids, a little
+    # wider on oblique ones), in (z, y, x) order.
+    flat = data[::-1].reshape(3, -1)
+    least = np.nan_to_num(np.fmin.reduce(flat, axis=1))
+    most = np.nan_to_num(np.fmax.reduce(flat, axis=1))
+    positive, negative = np.maximum(to_index, 0), np.minimum(to_index, 0)
+    low = np.floor(positive @ least + negative @ most)[::-1].astype(int)
+    high = np.ceil(positive @ most + negative @ least)[::-1].astype(int)
+    box_lo = np.clip(np.minimum(lo, lo - high) - margin, 0, field_shape - 1)
+    box_hi = np.clip(np.maximum(hi, hi - low) + margin, box_lo + 1, field_shape)
+    return box_lo, box_hi
+
+
 def invert_region(
     field: ome_zarr.OmeZarrImage,
     grid: Grid,
     region: Region,
     iterations: int = ITERATIONS,
     tolerance_voxels: float = TOLERANCE_VOXELS,
+    margin_voxels: int = MARGIN_VOXELS,
 ) -> tuple[np.ndarray, dict]:
     """The inverse on one region of the inverse grid `grid`.
 
     Returns v as (3, z, y, x) float32 world (z, y, x) components, NaN where there is no
     preimage, and the round-trip statistics (`round_trip_stats`) of
-    |y + v(y) + u(y + v(y)) - y|, with u sampled anew at the stored v.
+    |y + v(y) + u(y + v(y)) - y|, with u sampled anew at the stored v, plus
+    "field_reads": how many boxes of the field were read, "field_box_voxels": the voxels
+    of the last (largest) one, and "reruns": how many times the loop ran again because
+    an iterate had left the box.
+
+    One compiled loop over the region's voxels (`dreg.field.inversion.invert_box`), each
+    iterating on its own as `invert_points` does, with the same arithmetic: the same
+    inverse (bit for bit on axis-aligned grids). It reads one box of the field: the
+    region's own box and that box moved by minus the displacements found around it,
+    plus `margin_voxels` (`_preimage_box`); should an iterate leave it, a larger box is
+    read and the loop runs again.
     """
-    shape = region_shape(region)
-    y = grid.region_points(region).reshape(-1, 3)
-    v, _ = invert_points(field, y, iterations, tolerance_voxels)
-    # The check uses v as stored (float32), not the iteration's own residual.
-    v = v.astype(np.float32)
-    errors = np.full(len(y), np.nan)
-    valid = ~np.isnan(v).any(axis=-1)
-    if valid.any():
-        x = y[valid] + v[valid]
-        errors[valid] = np.linalg.norm(x + sample_field(field, x) - y[valid], axis=-1)
-    return vectors_to_components(v.reshape(*shape, 3)), round_trip_stats(errors)
+    field_grid = field.levels[0].grid
+    field_shape = np.array(field_grid.shape_zyx, dtype=np.int64)
+    lo, hi = _region_field_box(field_grid, grid, region)
+    to_index = np.linalg.inv(field_grid.index_to_world_matrix)
+    # A first box with room for moves of a few voxels, which is usually all it takes; if
+    # the displacements found in it reach further, the box to hold is read anew.
+    guess = 2 * margin_voxels
+    box_lo = np.clip(lo - guess, 0, field_shape - 1)
+    box_hi = np.clip(hi + guess, box_lo + 1, field_shape)
+    data = _read_box(field, box_lo, box_hi)
+    reads, reruns = 1, 0
+    wanted_lo, wanted_hi = _preimage_box(data, to_index, lo, hi, margin_voxels, field_shape)
+    if np.any(wanted_lo < box_lo) or np.any(wanted_hi > box_hi):
+        box_lo, box_hi = wanted_lo, wanted_hi
+        data = _read_box(field, box_lo, box_hi)
+        reads += 1
+    start = np.array([s.start for s in region], dtype=np.int64)
+    shape = np.array(region_shape(region), dtype=np.int64)
+    v = np.empty((3, *shape), dtype=np.float32)
+    errors = np.empty(tuple(shape), dtype=np.float64)
+    while True:
+        escaped, need = inversion.invert_box(
+            start, shape, grid.index_to_world_matrix, np.asarray(grid.origin_xyz, dtype=float),
+            data, np.concatenate([box_lo, box_hi]).astype(np.int64), field_shape, to_index,
+            np.asarray(field_grid.origin_xyz, dtype=float), int(iterations),
+            TARGET_FRACTION * tolerance_voxels, float(tolerance_voxels), MIN_STEP, v, errors)
+        if escaped == 0:
+            break
+        # Some iterate left the box: add what those samples needed, with a margin.
+        box_lo = np.clip(np.minimum(box_lo, need[:3] - margin_voxels), 0, field_shape - 1)
+        box_hi = np.clip(np.maximum(box_hi, need[3:] + margin_voxels), box_lo + 1, field_shape)
+        data = _read_box(field, box_lo, box_hi)
+        reads += 1
+        reruns += 1
+    return v, {**round_trip_stats(errors), "field_reads": reads, "reruns": reruns,
+               "field_box_voxels": int(np.prod(box_hi - box_lo))}
+
+
+def warm_up() -> None:
+    """Load (or compile) the compiled inversion loop in this process: a second or so once
+    per process, from Numba's on-disk cache, else a few seconds to compile."""
+    data = np.zeros((3, 2, 2, 2))
+    grid = np.eye(3)
+    inversion.invert_box(np.zeros(3, np.int64), np.ones(3, np.int64), grid, np.zeros(3), data,
+                         np.array([0, 0, 0, 2, 2, 2], np.int64), np.full(3, 2, np.int64), grid,
+                         np.zeros(3), 1, 1e-5, 1e-3, MIN_STEP,
+                         np.empty((3, 1, 1, 1), np.float32), np.empty((1, 1, 1)))
+
+
+def _read_box(field: ome_zarr.OmeZarrImage, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """A box of the field (c, z, y, x) in float64, as the iteration samples it (the
+    iteration's residuals go well below float32's resolution of the values otherwise)."""
+    return np.asarray(mapped.read_region(field, 0, region_from_bounds(lo, hi)),
+                      dtype=np.float64)
 
 
 def create_inverse(
@@ -370,10 +457,36 @@ def invert_chunk(
 
     Returns the region's round-trip statistics plus "region" as [[start, stop], ...].
     """
-    region = _as_region(region)
-    field = open_field(field_uri)
-    inverse = open_field(inverse_uri, mapping=MOVING_TO_FIXED)
+    return _write_chunk(open_field(field_uri), open_field(inverse_uri, mapping=MOVING_TO_FIXED),
+                        _as_region(region), iterations, tolerance_voxels)
+
+
+def _write_chunk(field: ome_zarr.OmeZarrImage, inverse: ome_zarr.OmeZarrImage, region: Region,
+                 iterations: int, tolerance_voxels: float) -> dict:
     v, stats = invert_region(field, inverse.levels[0].grid, region, iterations,
                              tolerance_voxels)
     ome_zarr.write_region(inverse, 0, region, v)
     return {**stats, "region": region_to_list(region)}
+
+
+def invert_batch(
+    field_uri: str,
+    inverse_uri: str,
+    chunks: Sequence[tuple[str, Region | Sequence[Sequence[int]]]],
+    token: str,
+    iterations: int = ITERATIONS,
+    tolerance_voxels: float = TOLERANCE_VOXELS,
+) -> list[dict]:
+    """`invert_chunk` for a batch of chunks (named regions) of the inverse, each under
+    its own chunk mark (`completion.once` with the inverse's `token`): a retried or
+    resumed batch skips the chunks it had written. The fields are opened once for the
+    batch. Returns each chunk's result, in order."""
+    field = open_field(field_uri)
+    inverse = open_field(inverse_uri, mapping=MOVING_TO_FIXED)
+    results = []
+    for name, region in chunks:
+        def compute(region: Region = _as_region(region)) -> dict:  # noqa: B008 (bound now)
+            return _write_chunk(field, inverse, region, iterations, tolerance_voxels)
+
+        results.append(completion.once(inverse_uri, token, name, compute))
+    return results

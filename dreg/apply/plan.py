@@ -27,9 +27,13 @@ from dreg.layout import DERIVED, INVERSE_NAME, INVERSE_REPORT, WARPED_NAME
 from dreg.registration.records import load_result
 
 WARP_CHUNK = 64
-# Batches of chunks (warp, pyramid): a task run per chunk would cost Prefect's ~0.1 CPU-s
-# bookkeeping for some 10 ms of work each. A brick of up to 4 x 4 x 4 chunks needs at
-# most 6**3 input chunks decoded at a time (216 MiB of float32 chunks of 64**3).
+# Batches of chunks (warp, pyramid, inverse), one task run each: a task run per chunk
+# would cost Prefect's ~0.1 CPU-s of bookkeeping (more on a busy server) for 10-100 ms of
+# work. About BATCHES_PER_WORKER batches per worker, at most MAX_BATCH_CHUNKS chunks each
+# (a retried batch redoes at most that much: its chunks' marks skip the rest), never more
+# than MAX_BATCHES (Prefect's server stalls at tens of thousands of task runs per flow).
+# A warp brick of up to 4 x 4 x 4 chunks needs at most 6**3 input chunks decoded at a
+# time (216 MiB of float32 chunks of 64**3).
 BATCHES_PER_WORKER = 2
 MIN_BATCH_CHUNKS = 4
 MAX_BATCH_CHUNKS = 64
@@ -114,6 +118,7 @@ class InvertResult(BaseModel):
     p99: float | None
     rms: float | None
     chunks: int
+    batches: int = 0  # task runs that wrote the chunks
     seconds: float
     flow_run_id: str
 
@@ -302,6 +307,30 @@ def warp_batches(plan: WarpPlan, workers: int) -> list[list[int]]:
 
 def inverse_chunks(plan: InvertPlan) -> list:
     return list(ome_zarr.chunk_regions(plan.grid.shape_zyx, (FIELD_CHUNK,) * 3))
+
+
+def inverse_batches(plan: InvertPlan, workers: int) -> list[list[int]]:
+    """The inverse's chunks (indices into `inverse_chunks`) cut into batches of about
+    equal voxels (`balanced_batches`)."""
+    sizes = [math.prod(s.stop - s.start for s in region) for region in inverse_chunks(plan)]
+    count = max(max(workers, 1) * BATCHES_PER_WORKER, math.ceil(len(sizes) / MAX_BATCH_CHUNKS))
+    return balanced_batches(sizes, min(count, MAX_BATCHES))
+
+
+def balanced_batches(sizes: Sequence[int], count: int) -> list[list[int]]:
+    """Indices of items of the given sizes cut into at most `count` batches of about
+    equal total size: largest first into the lightest batch so far. Each batch's indices
+    go in order, empty batches are dropped. (A grid's edge chunks are thin: cut into
+    bricks, the batches holding them would be far lighter than the others, and on a few
+    workers the run would wait for the heaviest.)"""
+    count = max(1, min(count, len(sizes)))
+    totals = [0] * count
+    batches: list[list[int]] = [[] for _ in range(count)]
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        lightest = min(range(count), key=lambda b: (totals[b], b))
+        batches[lightest].append(index)
+        totals[lightest] += sizes[index]
+    return [sorted(batch) for batch in batches if batch]
 
 
 def _parent(uri: str) -> str:
