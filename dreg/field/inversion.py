@@ -24,19 +24,7 @@ import math
 import numpy as np
 
 from dreg.compiled import jit
-from dreg.field.trilinear import _axis, _corners, _to_index
-
-
-@jit(inline="always")
-def _grid_point(a, b, c, start, to_world, origin):
-    """World point (x, y, z) of voxel start + (a, b, c) of a grid."""
-    i = float(start[2] + c)
-    j = float(start[1] + b)
-    k = float(start[0] + a)
-    px = to_world[0, 0] * i + to_world[0, 1] * j + to_world[0, 2] * k + origin[0]
-    py = to_world[1, 0] * i + to_world[1, 1] * j + to_world[1, 2] * k + origin[1]
-    pz = to_world[2, 0] * i + to_world[2, 1] * j + to_world[2, 2] * k + origin[2]
-    return px, py, pz
+from dreg.field.trilinear import _axis, _corners, _grid_point, _to_index
 
 
 @jit(inline="always")

@@ -77,15 +77,23 @@ def sample(data: np.ndarray, index_zyx: np.ndarray) -> np.ndarray:
 
 
 @jit(inline="always")
-def _moved_point(residual, a, b, c, start, to_world, origin):
-    """World point (x, y, z) of grid voxel start + (a, b, c), moved by the residual there
-    (components in (z, y, x) order, float32, added in float64)."""
+def _grid_point(a, b, c, start, to_world, origin):
+    """World point (x, y, z) of grid voxel start + (a, b, c), as Grid.index_to_world
+    computes it (the matrix row times (i, j, k), then the origin)."""
     i = float(start[2] + c)
     j = float(start[1] + b)
     k = float(start[0] + a)
     px = to_world[0, 0] * i + to_world[0, 1] * j + to_world[0, 2] * k + origin[0]
     py = to_world[1, 0] * i + to_world[1, 1] * j + to_world[1, 2] * k + origin[1]
     pz = to_world[2, 0] * i + to_world[2, 1] * j + to_world[2, 2] * k + origin[2]
+    return px, py, pz
+
+
+@jit(inline="always")
+def _moved_point(residual, a, b, c, start, to_world, origin):
+    """World point (x, y, z) of grid voxel start + (a, b, c), moved by the residual there
+    (components in (z, y, x) order, float32, added in float64)."""
+    px, py, pz = _grid_point(a, b, c, start, to_world, origin)
     return px + residual[2, a, b, c], py + residual[1, a, b, c], pz + residual[0, a, b, c]
 
 
@@ -100,6 +108,17 @@ def _to_index(qx, qy, qz, to_index, origin):
     return k, j, i
 
 
+@jit(inline="always")
+def _extend(lo, hi, k, j, i):
+    """Widen the box [lo, hi] (z, y, x) to hold the index (k, j, i)."""
+    lo[0] = min(lo[0], k)
+    lo[1] = min(lo[1], j)
+    lo[2] = min(lo[2], i)
+    hi[0] = max(hi[0], k)
+    hi[1] = max(hi[1], j)
+    hi[2] = max(hi[2], i)
+
+
 @jit
 def moved_index_bounds(residual, start, to_world, origin, to_index, index_origin):
     """Smallest and largest continuous (z, y, x) index, in the previous field's grid, of
@@ -111,12 +130,7 @@ def moved_index_bounds(residual, start, to_world, origin, to_index, index_origin
             for c in range(residual.shape[3]):
                 qx, qy, qz = _moved_point(residual, a, b, c, start, to_world, origin)
                 k, j, i = _to_index(qx, qy, qz, to_index, index_origin)
-                lo[0] = min(lo[0], k)
-                lo[1] = min(lo[1], j)
-                lo[2] = min(lo[2], i)
-                hi[0] = max(hi[0], k)
-                hi[1] = max(hi[1], j)
-                hi[2] = max(hi[2], i)
+                _extend(lo, hi, k, j, i)
     return lo, hi
 
 
@@ -157,19 +171,6 @@ def compose_affine(residual, start, to_world, origin, matrix, translation, out):
                                                  + (moved - q[row]))
 
 
-@jit(inline="always")
-def _grid_point(a, b, c, start, to_world, origin):
-    """World point (x, y, z) of grid voxel start + (a, b, c), as Grid.index_to_world
-    computes it (the matrix row times (i, j, k), then the origin)."""
-    i = float(start[2] + c)
-    j = float(start[1] + b)
-    k = float(start[0] + a)
-    px = to_world[0, 0] * i + to_world[0, 1] * j + to_world[0, 2] * k + origin[0]
-    py = to_world[1, 0] * i + to_world[1, 1] * j + to_world[1, 2] * k + origin[1]
-    pz = to_world[2, 0] * i + to_world[2, 1] * j + to_world[2, 2] * k + origin[2]
-    return px, py, pz
-
-
 @jit
 def region_index_bounds(start, shape, to_world, origin, to_index, index_origin):
     """Smallest and largest continuous (z, y, x) index, in another grid, of the voxels of
@@ -185,12 +186,7 @@ def region_index_bounds(start, shape, to_world, origin, to_index, index_origin):
             for c in (0, shape[2] - 1):
                 px, py, pz = _grid_point(a, b, c, start, to_world, origin)
                 k, j, i = _to_index(px, py, pz, to_index, index_origin)
-                lo[0] = min(lo[0], k)
-                lo[1] = min(lo[1], j)
-                lo[2] = min(lo[2], i)
-                hi[0] = max(hi[0], k)
-                hi[1] = max(hi[1], j)
-                hi[2] = max(hi[2], i)
+                _extend(lo, hi, k, j, i)
     return lo, hi
 
 
