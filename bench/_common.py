@@ -56,11 +56,15 @@ def finish_prefect() -> None:
         return
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
-    from prefect.server.api.server import SubprocessASGIServer
 
     APILogWorker.drain_all(timeout=10)
     EventsWorker.drain_all(timeout=10)
-    SubprocessASGIServer().stop()  # the temporary server; nothing when none was started
+    # Prefect imports its server's module to start the temporary server: when it is not
+    # imported, none was started (and importing it, the whole API server, takes about
+    # 2.5 CPU-s).
+    server = sys.modules.get("prefect.server.api.server")
+    if server is not None:
+        server.SubprocessASGIServer().stop()  # the temporary server, if one was started
 
 
 def prefect_api_kind() -> str:

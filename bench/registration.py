@@ -1,9 +1,11 @@
 """Whole-run figures of a block-wise registration on a synthetic pair.
 
 Makes a `dreg synth` pair, registers it with one B-spline block stage on a LocalCluster
-of N single-threaded workers (Prefect's temporary API), and prints progress, then one
-JSON line: wall seconds, seconds registering blocks and reducing, field voxels per second
-of the reduce, peak RSS of the flow process and of each worker, RMS error before/after.
+of N single-threaded workers, warmed first (Prefect's temporary API unless
+PREFECT_API_URL is set; the cluster DREG_DASK_ADDRESS names, as it is, when set), and
+prints progress, then one JSON line: wall seconds, seconds registering blocks and
+reducing, field voxels per second of the reduce, peak RSS of the flow process and of
+each worker, RMS error before/after.
 
     .venv/bin/python bench/registration.py [--size 128] [--block 64] [--overlap 0.25]
 """
@@ -11,16 +13,21 @@ of the reduce, peak RSS of the flow process and of each worker, RMS error before
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import emit, log, peak_rss_mb  # noqa: E402
+from _common import (  # noqa: E402
+    emit,
+    in_flow_with_cluster,
+    log,
+    peak_rss_mb,
+    register,
+    worker_peak_rss_mb,
+)
 
 
 def main() -> None:
@@ -34,16 +41,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-    from distributed import Client, LocalCluster
-    from prefect import flow
-
     from dreg import synth
     from dreg.grid import Grid
     from dreg.qc.accuracy import field_error
     from dreg.registration import PipelineConfig, StageConfig
-    from flows.cluster import WORKER_RESOURCES, current_api_url, warm_up
-    from flows.options import RunOptions
-    from flows.registration import register_images
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="dreg-bench-"))
     log(f"making a {args.size}^3 pair in {work}")
@@ -53,26 +54,15 @@ def main() -> None:
         name="bspline", level=0, block_size=args.block, overlap=args.overlap,
         transform="bspline", parameters={"MaximumNumberOfIterations": args.iterations})])
 
-    @flow(name="dreg-bench")
-    def bench() -> dict:
-        # Inside a flow so the temporary API is up before the workers start.
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None, silence_logs=logging.WARNING,
-                          env={"PREFECT_API_URL": current_api_url()},
-                          resources=WORKER_RESOURCES) as cluster:
-            warm_up(cluster.scheduler_address)
-            started = time.perf_counter()
-            result = register_images(fixed=pair["fixed"], moving=pair["moving"],
-                                     out=str(work / "out"), pipeline=pipeline,
-                                     options=RunOptions(dask_address=cluster.scheduler_address,
-                                                        overwrite=True, qc=False))
-            wall = time.perf_counter() - started
-            with Client(cluster.scheduler_address) as client:
-                workers = client.run(peak_rss_mb)
-        return {"result": result, "wall": wall, "workers": workers}
+    def body(cluster) -> dict:
+        # Inside a flow so the temporary API is up before the workers start; the workers
+        # warmed (elastix's first use) before the timing starts.
+        run = register(pair, work / "out", pipeline, cluster.scheduler_address)
+        run["workers"] = worker_peak_rss_mb(cluster.scheduler_address)
+        return run
 
     log("registering")
-    run = bench()
+    run = in_flow_with_cluster(args.workers, body, name="dreg-bench")
     (stage,) = run["result"].stages
     error = field_error(run["result"].field, pair["truth"])
     emit({
@@ -85,7 +75,7 @@ def main() -> None:
         "field_voxels": stage.field_voxels,
         "reduce_field_voxels_per_s": round(stage.field_voxels / stage.reduce_seconds),
         "flow_peak_rss_mb": round(peak_rss_mb(), 1),
-        "worker_peak_rss_mb": sorted(round(v, 1) for v in run["workers"].values()),
+        "worker_peak_rss_mb": run["workers"],
         "rms_before": round(error["rms_before"], 4),
         "rms_after": round(error["rms_after"], 4),
         "p95_after": round(error["p95_after"], 4),
