@@ -4,7 +4,8 @@ Makes a `dreg synth` pair of size^3 (default 96), then runs `dreg register` on i
 the built-in pipeline twice, as a user would (a fresh process each time; the second with
 --overwrite, so every block is found in the block store). With --server both runs talk
 to a real `prefect server start` started here first; without it each run starts
-Prefect's temporary server, as the embedded defaults do.
+Prefect's temporary server, as the embedded defaults do, unless PREFECT_API_URL names an
+API (the figures' `prefect` says which: server, temporary or external).
 
 Fixed cost: a run's wall time minus its block compute (each stage's block seconds over
 the workers) and its reduce seconds; what is left is start-up (Python, Prefect, the
@@ -26,7 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, emit, load_average, log, make_pair, prefect_server  # noqa: E402
+from _common import (  # noqa: E402
+    REPO,
+    emit,
+    load_average,
+    log,
+    make_pair,
+    prefect_api_kind,
+    prefect_server,
+)
 
 QUICK_PIPELINE = """\
 stages:
@@ -90,7 +99,7 @@ def main() -> None:
     emit({
         "size": args.size,
         "workers": args.workers,
-        "prefect": "server" if args.server else "temporary",
+        "prefect": "server" if args.server else prefect_api_kind(),
         "first_s": round(first_wall, 1),
         "rerun_s": round(again_wall, 1),
         "rerun_ratio": round(again_wall / first_wall, 3),

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 CASES = {
     "block": (["--size", "32", "--iterations", "4"],
               ["cpu_s_preset", "rms_preset", "cpu_s_elastix_default", "cpu_ratio"], False),
-    "reduce": (["--blocks", "8", "--block", "32", "--chunk", "16"],
+    "reduce": (["--blocks", "8", "--block", "32", "--chunk", "16", "--workers", "1"],
                ["field_voxels_per_s"], False),
     "overhead": (["--size", "32", "--block", "16", "--iterations", "2", "--workers", "1"],
                  ["overhead_s_per_block"], True),
@@ -46,7 +46,7 @@ CASES = {
     "jacobian": (["--size", "32", "--chunk", "16", "--workers", "1"],
                  ["jacobian_voxels_per_s", "jacobian_voxels_per_cpu_s",
                   "compute_only_voxels_per_s"], False),
-    "registration": (["--size", "48", "--block", "24", "--iterations", "2", "--workers", "1"],
+    "registration": (["--size", "24", "--block", "24", "--iterations", "2", "--workers", "1"],
                      ["wall_s", "reduce_field_voxels_per_s", "rms_after"], True),
     "rerun": (["--size", "32", "--quick", "--workers", "1"], ["rerun_ratio", "rerun_s"], True),
     "read_region": (["--size", "32", "--repeats", "1"], ["local_mb_per_s", "s3_mb_per_s"],
