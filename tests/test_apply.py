@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,25 @@ def dreg(*args: str, api: str | None = None, check: bool = True) -> subprocess.C
     if check:
         assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+@pytest.fixture
+def dreg_here(monkeypatch, capfd):
+    """The CLI as a call of its entry point in this process: its exit status and what it
+    printed, as `dreg` gives them. For commands refused before any work, where a process
+    of their own would only add an interpreter start (this module runs the real command
+    as a process too)."""
+    from cli.main import main
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capfd.readouterr()
+        try:
+            status = main(list(args))
+        except SystemExit as exc:  # argparse's own errors
+            status = exc.code
+        printed = capfd.readouterr()
+        return subprocess.CompletedProcess(["dreg", *args], status, printed.out, printed.err)
+    return run
 
 
 def last_json(done: subprocess.CompletedProcess) -> dict:
@@ -217,7 +238,7 @@ def test_invert_round_trips_and_marks_the_scene_a_bijection(pair, out, prefect_a
 
 
 def test_points_both_ways_keep_rows_and_columns(pair, out, prefect_api, dask_address,
-                                                tmp_path):
+                                                tmp_path, dreg_here):
     rng = np.random.default_rng(3)
     grid, _ = truth_moving_points(pair)
     index = rng.uniform(INTERIOR, np.array(SHAPE) - 1 - INTERIOR, (500, 3))
@@ -243,10 +264,12 @@ def test_points_both_ways_keep_rows_and_columns(pair, out, prefect_api, dask_add
                                atol=0.05)
     assert np.isnan(xyz[5]).all()
 
-    # Back from the moving space: the inverse is computed first, since OUT has none.
+    # Back from the moving space: the inverse is computed first, since OUT has none. The
+    # command in this process (the one above ran as a process of its own).
     back_uri = tmp_path / "cells-back.csv"
-    done = dreg("transform-points", out, str(moved_uri), str(back_uri), "--from", "moving",
-                "--dask-address", dask_address, api=prefect_api)
+    done = dreg_here("transform-points", out, str(moved_uri), str(back_uri), "--from",
+                     "moving", "--dask-address", dask_address)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert Path(out, "inverse.ome.zarr").exists()
     back = pd.read_csv(back_uri)
     assert back["cell"].tolist() == frame["cell"].tolist()
@@ -256,7 +279,8 @@ def test_points_both_ways_keep_rows_and_columns(pair, out, prefect_api, dask_add
 
 
 def test_warp_command_prints_json_last_and_refuses_bad_input(pair, out, prefect_api,
-                                                             dask_address, tmp_path):
+                                                             dask_address, tmp_path,
+                                                             dreg_here):
     done = dreg("warp", out, "--dask-address", dask_address, api=prefect_api)
     assert last_json(done)["output"] == storage.join(out, "warped.ome.zarr")
     # Issue 18 item 3: another warp onto an image dreg wrote needs --overwrite, and then
@@ -292,16 +316,18 @@ def test_warp_command_prints_json_last_and_refuses_bad_input(pair, out, prefect_
          "no-xyz.csv"),
     ]
     for args, expected in cases:
-        done = dreg(*args, check=False)
+        done = dreg_here(*args)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2, (args, done.stderr[-2000:])
         assert len(lines) == 1 and expected in lines[0] and "Traceback" not in done.stderr
 
 
 @pytest.mark.s3
-def test_warp_invert_and_points_on_s3(s3, prefect_api, tmp_path):
-    """Everything on the moto S3 server: inputs, OUT, points in and out. The flows start
-    their own local cluster, whose workers inherit the S3 settings."""
+def test_warp_invert_and_points_on_s3(s3, prefect_api, tmp_path, dask_address):
+    """Everything on the moto S3 server: inputs, OUT, points in and out. The warp starts
+    its own local cluster, whose workers inherit the S3 settings; the inversion and the
+    points (whose clusters are started by the same code) run on the session's cluster,
+    given the S3 settings, which saves two cluster starts."""
     import uuid
 
     from flows.invert import invert_field
@@ -316,17 +342,20 @@ def test_warp_invert_and_points_on_s3(s3, prefect_api, tmp_path):
     options = RunOptions(workers=1)
     warped = warp_image(out, options=options)
     assert ome_zarr.open_image(warped.output).attributes["complete"] is True
-    inverse = invert_field(out, options=options)
-    assert inverse.max < 1e-2
-    assert json.loads(storage.read_text(storage.join(out, "inverse.json")))["voxels"] > 0
+    with s3_on_workers(dask_address, s3.endpoint_url):
+        on_session = RunOptions(dask_address=dask_address)
+        inverse = invert_field(out, options=on_session)
+        assert inverse.max < 1e-2
+        assert json.loads(storage.read_text(storage.join(out, "inverse.json")))["voxels"] > 0
 
-    world = grid.index_to_world(np.array([[12.0, 14.0, 16.0], [10.5, 9.0, 20.0]]))
-    points_in = storage.join(root, "cells.csv")
-    storage.write_text(points_in, pd.DataFrame(
-        {"x": world[:, 0], "y": world[:, 1], "z": world[:, 2], "id": [7, 9]}).to_csv(
-        index=False))
-    points_out = storage.join(root, "cells-moving.parquet")
-    result = transform_points_file(out, points_in, points_out, "fixed", options=options)
+        world = grid.index_to_world(np.array([[12.0, 14.0, 16.0], [10.5, 9.0, 20.0]]))
+        points_in = storage.join(root, "cells.csv")
+        storage.write_text(points_in, pd.DataFrame(
+            {"x": world[:, 0], "y": world[:, 1], "z": world[:, 2], "id": [7, 9]}).to_csv(
+            index=False))
+        points_out = storage.join(root, "cells-moving.parquet")
+        result = transform_points_file(out, points_in, points_out, "fixed",
+                                       options=on_session)
     assert result.rows == 2 and result.outside == 0
     fs, path = storage.filesystem(points_out)
     with fs.open(path, "rb") as handle:
@@ -343,8 +372,9 @@ def test_register_with_warp_leaves_a_scene_and_a_warped_image(prefect_api, dask_
                             seed=1, amplitude_voxels=0.0, shift_voxels=(1.0, 0.0, -1.0),
                             chunks=16, overwrite=True)
     config = tmp_path / "pipeline.yaml"
+    # The exact registrar (the registration's accuracy with elastix is test_registration.py's).
     config.write_text("stages:\n  - name: shift\n    level: 0\n    transform: translation\n"
-                      "    parameters: {MaximumNumberOfIterations: 60}\n")
+                      f"    method: {METHOD}\n    parameters: {{MaximumNumberOfIterations: 60}}\n")
     out = str(tmp_path / "out")
     done = dreg("register", pair["fixed"], pair["moving"], out, "--config", str(config),
                 "--warp", "--no-qc", "--dask-address", dask_address, api=prefect_api)
@@ -382,6 +412,10 @@ def test_a_second_run_on_one_output_is_refused_naming_the_owner(prefect_api, das
         owner = read_owner(str(tmp_path / "a"))
         time.sleep(0.2)
     assert owner is not None, "the first run never took the lease"
+    # A run on another OUT, started while the first holds its own.
+    other = subprocess.Popen([*command, str(tmp_path / "b"), "--config", str(config),
+                              "--no-qc", "--dask-address", dask_address], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = time.monotonic()
     second = dreg("register", pair["fixed"], pair["moving"], str(tmp_path / "a"), "--config",
                   str(config), "--dask-address", dask_address, api=prefect_api, check=False)
@@ -389,12 +423,12 @@ def test_a_second_run_on_one_output_is_refused_naming_the_owner(prefect_api, das
     lines = second.stderr.strip().splitlines()
     assert second.returncode == 2, second.stderr[-2000:]
     assert len(lines) == 1 and owner["owner"] in lines[0] and "in use by run" in lines[0]
-    other = dreg("register", pair["fixed"], pair["moving"], str(tmp_path / "b"), "--config",
-                 str(config), "--no-qc", "--dask-address", dask_address, api=prefect_api)
     stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-2000:]
     assert json.loads(stdout.strip().splitlines()[-1])["flow_run_id"] == owner["owner"]
-    assert last_json(other)["output"] == str(tmp_path / "b")
+    other_out, other_err = other.communicate(timeout=300)
+    assert other.returncode == 0, other_err[-2000:]
+    assert json.loads(other_out.strip().splitlines()[-1])["output"] == str(tmp_path / "b")
     print(json.dumps({"refused_after_s": round(refused_after, 2)}))
 
 
@@ -443,10 +477,36 @@ def test_a_repeated_ingest_event_with_the_same_inputs_is_a_no_op(prefect_api, da
         register_on_ingest(**request)
 
 
+@contextmanager
+def s3_on_workers(dask_address: str, endpoint_url: str) -> Iterator[None]:
+    """The session's workers started before the S3 server: give them its settings while
+    inside, then restore theirs. (A client of the session's cluster is open only while
+    setting them: a flow that starts a cluster of its own must not find it.)"""
+    import s3_server
+    from distributed import Client
+
+    variables = s3_server.environment(endpoint_url)
+
+    def restore(dask_worker) -> None:
+        for name, value in saved[dask_worker.address].items():
+            os.environ.pop(name, None) if value is None else os.environ.update({name: value})
+
+    with Client(dask_address, set_as_default=False) as client:
+        saved = client.run(lambda: {name: os.environ.get(name) for name in variables})
+        client.run(lambda: os.environ.update(variables))
+    try:
+        yield
+    finally:
+        with Client(dask_address, set_as_default=False) as client:
+            client.run(restore)
+
+
 @pytest.mark.s3
-def test_an_s3_endpoint_that_stops_answering_for_20_s_is_survived(s3, prefect_api, tmp_path):
+def test_an_s3_endpoint_that_stops_answering_for_20_s_is_survived(s3, prefect_api, tmp_path,
+                                                                  dask_address):
     """The moto server is frozen (SIGSTOP) for 20 s while a warp reads and writes S3; the
-    run waits it out and its result equals an undisturbed run's."""
+    run waits it out and its result equals an undisturbed run's. On the session's cluster
+    (test_warp_invert_and_points_on_s3 starts clusters of the flows' own)."""
     import signal
     import threading
     import uuid
@@ -457,29 +517,31 @@ def test_an_s3_endpoint_that_stops_answering_for_20_s_is_survived(s3, prefect_ap
     pair = synth.write_pair(storage.join(root, "pair"), Grid((32, 32, 32), (1.0, 1.0, 1.0)),
                             seed=6, amplitude_voxels=1.0, chunks=16, overwrite=True)
     out = finished_registration(pair, storage.join(root, "out"))
-    options = RunOptions(workers=1)
-    calm = warp_image(out, to=storage.join(root, "calm.ome.zarr"), options=options)
+    with s3_on_workers(dask_address, s3.endpoint_url):
+        options = RunOptions(dask_address=dask_address)
+        calm = warp_image(out, to=storage.join(root, "calm.ome.zarr"), options=options)
 
-    paused = threading.Event()
+        paused = threading.Event()
 
-    def freeze_when_writing() -> None:
-        dest = storage.join(root, "paused.ome.zarr", "zarr.json")
-        deadline = time.monotonic() + 120
-        while not storage.exists(dest) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        s3.process.send_signal(signal.SIGSTOP)
-        paused.set()
-        time.sleep(20)
-        s3.process.send_signal(signal.SIGCONT)
+        def freeze_when_writing() -> None:
+            dest = storage.join(root, "paused.ome.zarr", "zarr.json")
+            deadline = time.monotonic() + 120
+            while not storage.exists(dest) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            s3.process.send_signal(signal.SIGSTOP)
+            paused.set()
+            time.sleep(20)
+            s3.process.send_signal(signal.SIGCONT)
 
-    freezer = threading.Thread(target=freeze_when_writing, daemon=True)
-    freezer.start()
-    started = time.perf_counter()
-    try:
-        stormy = warp_image(out, to=storage.join(root, "paused.ome.zarr"), options=options)
-    finally:
-        freezer.join(timeout=60)
-        s3.process.send_signal(signal.SIGCONT)
+        freezer = threading.Thread(target=freeze_when_writing, daemon=True)
+        freezer.start()
+        started = time.perf_counter()
+        try:
+            stormy = warp_image(out, to=storage.join(root, "paused.ome.zarr"),
+                                options=options)
+        finally:
+            freezer.join(timeout=60)
+            s3.process.send_signal(signal.SIGCONT)
     assert paused.is_set()
     assert time.perf_counter() - started >= 20
     np.testing.assert_array_equal(whole(stormy.output), whole(calm.output))
@@ -493,7 +555,7 @@ def flip_one_byte(path: Path) -> None:
 
 
 def test_a_corrupt_chunk_fails_the_warp_command_naming_image_level_and_chunk(
-        pair, out, prefect_api, dask_address, tmp_path):
+        pair, out, prefect_api, dask_address, tmp_path, dreg_here):
     """One flipped byte in a chunk of the field (read while planning) or of the image
     (read by a chunk task on the cluster): exit 2 with one `dreg: error:` line naming the
     image, the level and the chunk; never a warped image made of garbage."""
@@ -510,7 +572,7 @@ def test_a_corrupt_chunk_fails_the_warp_command_naming_image_level_and_chunk(
 
     field = Path(out) / "field.ome.zarr"
     flip_one_byte(field / "0" / "c" / "0" / "0" / "1" / "0")
-    done = dreg("warp", out, check=False)
+    done = dreg_here("warp", out)  # refused while planning, in this process
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines() == [
         f"dreg: error: {field}: level 0 (array '0'), chunk (0, 1, 0) (z, y, x) corrupt "
@@ -518,7 +580,8 @@ def test_a_corrupt_chunk_fails_the_warp_command_naming_image_level_and_chunk(
     assert "Traceback" not in done.stderr
 
 
-def test_warp_and_invert_refuse_an_output_in_or_over_what_they_read(pair, tmp_path):
+def test_warp_and_invert_refuse_an_output_in_or_over_what_they_read(pair, tmp_path,
+                                                                     dreg_here):
     """The warped image inside the image or field it reads, equal to one however
     spelled, or over a folder holding an input or OUT; the inverse of a registration
     whose OUT lies inside its moving image: exit 2, one line naming both, nothing written."""
@@ -535,7 +598,7 @@ def test_warp_and_invert_refuse_an_output_in_or_over_what_they_read(pair, tmp_pa
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     inputs_before = sorted(str(p) for p in Path(pair_folder).rglob("*"))
     for args, expected in cases:
-        done = dreg("warp", out, *args, check=False)
+        done = dreg_here("warp", out, *args)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2, (args, done.stderr[-2000:])
         assert len(lines) == 1 and expected in lines[0], (args, lines)
@@ -545,7 +608,7 @@ def test_warp_and_invert_refuse_an_output_in_or_over_what_they_read(pair, tmp_pa
     inside = tmp_path / "moving-copy.ome.zarr"
     shutil.copytree(moving, inside)
     nested = finished_registration({**pair, "moving": str(inside)}, str(inside / "out"))
-    done = dreg("invert", nested, check=False)
+    done = dreg_here("invert", nested)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines() == [
         f"dreg: error: the inverse {nested}/inverse.ome.zarr is inside MOVING {inside}: a "
@@ -559,7 +622,8 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def test_warp_and_invert_never_replace_a_folder_dreg_did_not_write(pair, tmp_path):
+def test_warp_and_invert_never_replace_a_folder_dreg_did_not_write(pair, tmp_path,
+                                                                    dreg_here):
     """Issue 18 item 3: `warp --to DIR` (with or without --overwrite) and `invert` over a
     folder at OUT/inverse.ome.zarr that is not an inverse field: exit 2, one line naming
     the folder, which survives byte for byte."""
@@ -571,7 +635,7 @@ def test_warp_and_invert_never_replace_a_folder_dreg_did_not_write(pair, tmp_pat
     inverse = Path(out, "inverse.ome.zarr")
     shutil.copytree(mine, inverse)
     before = tree_bytes(mine)
-    done = dreg("warp", out, "--to", str(mine), check=False)  # the command's line
+    done = dreg_here("warp", out, "--to", str(mine))  # the command's line
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines() == [
         f"dreg: error: {mine}: exists and is not an OME-Zarr image written by dreg; not "

@@ -147,14 +147,21 @@ def test_tallies_merge_and_a_field_that_is_not_finite_warns():
     assert verdict({**summary, "nonfinite": 0}, similar, 0.5) == ("ok", "")
 
 
-def test_a_field_that_makes_things_worse_warns(pair, tmp_path):
-    truth = finished_registration(pair, str(tmp_path / "truth"))
+@pytest.fixture(scope="module")
+def exact_qc(pair, tmp_path_factory):
+    """A finished registration whose field is the pair's exact one, and its QC (in this
+    process): what several tests read, made once."""
+    out = finished_registration(pair, str(tmp_path_factory.mktemp("exact") / "out"))
+    return out, check.check(plan_qc(load_result(out)))
+
+
+def test_a_field_that_makes_things_worse_warns(pair, exact_qc, tmp_path):
     u = components_to_vectors(ome_zarr.read_region(
         ome_zarr.open_image(pair["truth"]), 0, whole_region((24, 26, 28))))
     grid = ome_zarr.open_image(pair["truth"]).levels[0].grid
     backwards = with_field(pair, tmp_path / "backwards", grid, -u)
 
-    good = check.check(plan_qc(load_result(truth)))
+    good = exact_qc[1]
     bad = check.check(plan_qc(load_result(backwards)))
     assert good.qc == "ok" and good.reason == ""
     assert good.similarity["after"] > good.similarity["before"]
@@ -178,11 +185,10 @@ def assert_not_blank(name: str, png: bytes, width: int, height: int) -> None:
         assert third.std() > 0.05, name
 
 
-def test_pictures_numbers_and_page(pair, tmp_path):
+def test_pictures_numbers_and_page(pair, exact_qc):
     """On the exact field: numbers that match an independent computation, every picture
     (right size, not blank), qc.json and a page that holds everything."""
-    out = finished_registration(pair, str(tmp_path / "out"))
-    report = check.check(plan_qc(load_result(out)))
+    out, report = exact_qc
 
     u = ome_zarr.read_region(ome_zarr.open_image(pair["truth"]), 0, whole_region((24, 26, 28)))
     spacing_zyx = (0.9, 1.2, 1.0)  # the pair's spacing x 1.0, y 1.2, z 0.9; no rotation
@@ -232,9 +238,8 @@ class PageImages(html.parser.HTMLParser):
 
 
 @needs_chromium
-def test_the_page_renders_offline_in_chromium(pair, tmp_path):
-    out = finished_registration(pair, str(tmp_path / "out"))
-    report = check.check(plan_qc(load_result(out)))
+def test_the_page_renders_offline_in_chromium(exact_qc, tmp_path):
+    report = exact_qc[1]
     with browser() as page:
         page.open(f"file://{report.page}")
         loaded = page.wait_for(f"(() => {{ const l = {LOADED_IMAGES}; "
@@ -248,14 +253,33 @@ def test_the_page_renders_offline_in_chromium(pair, tmp_path):
     assert rgb.shape[1] >= 1400 and rgb.std() > 0.05
 
 
+def run_cli_here(args: list[str], capfd) -> subprocess.CompletedProcess:
+    """`dreg ARGS` as a call of its entry point in this process: exit status and output."""
+    from cli.main import main
+
+    capfd.readouterr()
+    try:
+        status = main(args)
+    except SystemExit as exc:  # argparse's own errors
+        status = exc.code
+    printed = capfd.readouterr()
+    return subprocess.CompletedProcess(["dreg", *args], status, printed.out, printed.err)
+
+
 @pytest.mark.prefect
-def test_qc_command_refuses_bad_input(tmp_path):
+def test_qc_command_refuses_bad_input(tmp_path, capfd):
+    """The first as a `dreg` process, the second in this process (the same entry point,
+    without another interpreter start)."""
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
-    for args, expected in [(["qc", str(unfinished)], "no finished registration"),
-                           (["qc", str(tmp_path / "missing")], "missing")]:
-        done = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
-                              text=True, timeout=120)
+    for args, expected, in_process in [
+            (["qc", str(unfinished)], "no finished registration", False),
+            (["qc", str(tmp_path / "missing")], "missing", True)]:
+        if in_process:
+            done = run_cli_here(args, capfd)
+        else:
+            done = subprocess.run([sys.executable, "-m", "cli.main", *args],
+                                  capture_output=True, text=True, timeout=120)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2, done.stderr[-2000:]
         assert len(lines) == 1 and expected in lines[0]
@@ -263,15 +287,14 @@ def test_qc_command_refuses_bad_input(tmp_path):
 
 @pytest.mark.prefect
 def test_qc_flow_uses_the_warped_image_and_records_its_verdict(pair, tmp_path, prefect_api,
-                                                               dask_address):
+                                                               dask_address, capfd):
     from flows.warp import warp_image
 
     out = finished_registration(pair, str(tmp_path / "out"))
     resampled = check.check(plan_qc(load_result(out)))
     warp_image(out, options=RunOptions(dask_address=dask_address))
-    done = subprocess.run([sys.executable, "-m", "cli.main", "qc", out, "--dask-address",
-                           dask_address], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PREFECT_API_URL": prefect_api})
+    # The command in this process, reporting to the session's Prefect API.
+    done = run_cli_here(["qc", out, "--dask-address", dask_address], capfd)
     assert done.returncode == 0, done.stderr[-3000:]
     line = json.loads(done.stdout.strip().splitlines()[-1])
     assert (line["qc"], line["page"]) == ("ok", storage.join(out, "qc", "index.html"))

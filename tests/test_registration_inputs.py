@@ -163,6 +163,28 @@ def register_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
+@pytest.fixture
+def register_here(monkeypatch, capfd):
+    """`dreg register ARGS` as a call of the entry point in this process (in `cwd`):
+    its exit status and what it printed, as register_cli gives them. The refusals below
+    come from the CLI's checks; a process each would only add an interpreter start."""
+    from cli.main import main
+
+    def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+        with monkeypatch.context() as patch:
+            if cwd is not None:
+                patch.chdir(cwd)
+            capfd.readouterr()
+            try:
+                status = main(["register", *args])
+            except SystemExit as exc:  # argparse's own errors
+                status = exc.code
+            printed = capfd.readouterr()
+        return subprocess.CompletedProcess(["dreg", "register", *args], status,
+                                           printed.out, printed.err)
+    return run
+
+
 def assert_refused(done: subprocess.CompletedProcess, *named: str) -> str:
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stdout + done.stderr
@@ -179,8 +201,7 @@ def listing(folder) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
 
 
-@pytest.mark.full  # runs dreg as a process
-def test_an_output_in_or_over_an_input_is_refused_naming_both(tmp_path):
+def test_an_output_in_or_over_an_input_is_refused_naming_both(tmp_path, register_here):
     """OUT inside FIXED or MOVING, OUT equal to one however spelled (relative, `..`,
     trailing slash), and an input inside OUT: exit 2, one line naming both, nothing
     written anywhere."""
@@ -198,13 +219,13 @@ def test_an_output_in_or_over_an_input_is_refused_naming_both(tmp_path):
         (str(tmp_path / "pair"), "is inside OUT", str(fixed)),
     ]
     for out, relation, named in cases:
-        done = register_cli(str(fixed), str(moving), out, cwd=tmp_path)
+        done = register_here(str(fixed), str(moving), out, cwd=tmp_path)
         assert_refused(done, relation, named, str((tmp_path / out).resolve()))
     assert listing(tmp_path) == before
 
 
 @pytest.mark.s3
-def test_an_output_in_an_input_on_s3_is_refused(s3):
+def test_an_output_in_an_input_on_s3_is_refused(s3, register_here):
     import uuid
 
     root = s3.uri(uuid.uuid4().hex)
@@ -215,7 +236,7 @@ def test_an_output_in_an_input_on_s3_is_refused(s3):
     for out, relation in ((pair["fixed"] + "//out/", "is inside FIXED"),
                           (pair["fixed"] + "/../moving.ome.zarr/", "is MOVING"),
                           (root, "is inside OUT")):
-        done = register_cli(pair["fixed"], pair["moving"], out)
+        done = register_here(pair["fixed"], pair["moving"], out)
         assert_refused(done, relation)
     fs.invalidate_cache()
     assert sorted(fs.find(root.removeprefix("s3://"))) == before
@@ -369,13 +390,17 @@ def test_the_worker_check_names_what_only_elastix_knows():
         "ImagePyramidSchedule": [4, 4, 4, 2, 2, 2, 1, 1, 1]}), "stage b")
 
 
-@pytest.mark.full  # runs dreg as a process
-@pytest.mark.parametrize("parameters, named", [
-    ("{NumberOfResolutions: 0}", "parameter NumberOfResolutions must be a positive whole"),
-    ("{MaximumNumberOfIterations: [100, 50, 25]}", "parameter MaximumNumberOfIterations needs"),
-    ("{Metric: NoSuchMetric}", "parameter Metric: 'NoSuchMetric' is not an elastix Metric"),
+@pytest.mark.parametrize("parameters, named, mode", [
+    pytest.param("{NumberOfResolutions: 0}",
+                 "parameter NumberOfResolutions must be a positive whole", "process",
+                 marks=pytest.mark.full),  # runs dreg as a process
+    ("{MaximumNumberOfIterations: [100, 50, 25]}", "parameter MaximumNumberOfIterations needs",
+     "in-process"),
+    ("{Metric: NoSuchMetric}", "parameter Metric: 'NoSuchMetric' is not an elastix Metric",
+     "in-process"),
 ])
-def test_cli_refuses_a_bad_parameter_in_seconds(pair, tmp_path, parameters, named):
+def test_cli_refuses_a_bad_parameter_in_seconds(pair, tmp_path, parameters, named, mode,
+                                                register_here):
     import json
     import time
 
@@ -383,8 +408,9 @@ def test_cli_refuses_a_bad_parameter_in_seconds(pair, tmp_path, parameters, name
     config.write_text("stages:\n  - {name: fine, level: 0, block_size: 32, transform: bspline,"
                       f" parameters: {parameters}}}\n")
     started = time.monotonic()
-    done = register_cli(pair["fixed"], pair["moving"], str(tmp_path / "out"), "--config",
-                        str(config))
+    command = register_cli if mode == "process" else register_here
+    done = command(pair["fixed"], pair["moving"], str(tmp_path / "out"), "--config",
+                   str(config))
     seconds = time.monotonic() - started
     assert_refused(done, f"dreg: error: stage fine: {named}")
     assert not (tmp_path / "out").exists()
