@@ -8,9 +8,12 @@ u(x); a fixed-point iteration finds it (p is smooth and small). Fast and determi
 flow tests of batching, resume, failure handling, QC and the CLI use it where elastix is
 not what they test.
 
-Stages select it with ``method=METHOD``. Its one parameter, ``seconds``, makes each
-block take at least that long (a stand-in for a registration's work), for tests that
-interrupt a run mid-stage; the residual does not depend on it.
+Stages select it with ``method=METHOD``. Its parameter ``seconds`` makes each block
+take at least that long (a stand-in for a registration's work), for tests that
+interrupt a run mid-stage; ``hold`` (a local folder) and ``free`` (a number) let the
+first `free` blocks through and hold every later one until the test puts a file named
+``open`` into that folder (`open_hold`), so that a stage is surely still running when
+the test has done something to it. The residual depends on neither.
 
 Dask worker processes import it by that path: LocalCluster workers started by a test
 get the test process's sys.path (which holds tests/); for a `dreg` command run as a
@@ -49,6 +52,32 @@ def truth_uri(fixed_uri: str) -> str:
     return storage.join(fixed_uri.rstrip("/").rsplit("/", 1)[0], "truth.ome.zarr")
 
 
+HOLD_TIMEOUT_S = 600
+
+
+def wait_unless_free(folder: Path, free: int) -> None:
+    """Take the next ticket of `folder` (a file made exclusively, so that the blocks of
+    all processes count together); beyond the first `free` tickets, wait until `folder`
+    holds a file named ``open``."""
+    ticket = 0
+    while True:
+        try:
+            os.close(os.open(folder / f"ticket-{ticket}", os.O_CREAT | os.O_EXCL))
+            break
+        except FileExistsError:
+            ticket += 1
+    deadline = time.monotonic() + HOLD_TIMEOUT_S
+    while ticket >= free and not (folder / "open").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{folder} was not opened within {HOLD_TIMEOUT_S} s")
+        time.sleep(0.1)
+
+
+def open_hold(folder: Path) -> None:
+    """Let every held block of `folder` through."""
+    (folder / "open").touch()
+
+
 def exact_residual(truth, previous, points_xyz: np.ndarray) -> np.ndarray:
     """r at world points (..., 3), as world (x, y, z) vectors: r + p(x + r) = u(x)."""
     u = displacement_of(truth, points_xyz)
@@ -66,7 +95,7 @@ def residual_on(grid: Grid, truth, previous) -> np.ndarray:
 
 class ExactRegistrar:
     """The `BlockMethod` that knows the answer. The transform is ignored, and every
-    parameter but ``seconds``; a pair without a truth field fails the block
+    parameter but ``seconds``, ``hold`` and ``free``; a pair without a truth field fails the block
     (RuntimeError), as elastix may."""
 
     name = "exact"
@@ -82,6 +111,8 @@ class ExactRegistrar:
 
     def register(self, pair: BlockPair) -> BlockRegistration:
         time.sleep(float(pair.parameters.get("seconds", 0)))
+        if pair.parameters.get("hold"):
+            wait_unless_free(Path(pair.parameters["hold"]), int(pair.parameters.get("free", 0)))
         uri = truth_uri(pair.fixed_uri)
         if not storage.exists(uri):
             raise RuntimeError(f"no truth field next to the fixed image ({uri})")

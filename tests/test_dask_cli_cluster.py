@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -32,16 +32,18 @@ from reliability_helpers import (
     child_environment,
     finish,
     read_field,
-    run_to_end,
     start,
     stop,
     wait_for,
     wait_for_port,
 )
 
+from dreg import synth
+from dreg.grid import Grid
+
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
-SHAPE = "40,40,40"
+SHAPE = (40, 40, 40)
 BLOCKS = 27
 INTERRUPT_AT = 3          # blocks stored on S3 before a worker is killed
 RUN_TIMEOUT_S = 420
@@ -62,15 +64,11 @@ def server(tmp_path_factory, s3, prefect_api):
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, server, s3):
-    """A synthetic pair made by `dreg synth` straight onto S3, and the pipeline YAML."""
-    _, env = server
+def inputs(tmp_path_factory, s3):
+    """A synthetic pair written straight onto S3, and the pipeline YAML."""
     root = tmp_path_factory.mktemp("inputs")
-    made = subprocess.run([str(BIN / "dreg"), "synth", s3.uri("dask-cli", "pair"), "--shape",
-                           SHAPE, "--chunks", "16", "--seed", "5", "--overwrite"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert made.returncode == 0, made.stderr
-    pair = json.loads(made.stdout.strip().splitlines()[-1])
+    pair = synth.write_pair(s3.uri("dask-cli", "pair"), Grid(SHAPE, (1.0, 1.0, 1.0)), seed=5,
+                            chunks=16, overwrite=True)
     assert pair["fixed"].startswith("s3://") and pair["moving"].startswith("s3://")
     pipeline = root / "pipeline.yaml"
     pipeline.write_text(PIPELINE)
@@ -114,19 +112,26 @@ def both_workers(address: str) -> dict[str, int] | None:
 
 
 @pytest.fixture(scope="module")
-def local_run(server, inputs, s3, tmp_path_factory):
-    """The registration on a LocalCluster of two workers started by `dreg register`."""
-    _, env = server
-    root = tmp_path_factory.mktemp("local")
+def local_run(server, inputs, s3):
+    """The registration on a LocalCluster of two workers that the flow starts (run in
+    this process, whose environment points at S3, as the workers' does then)."""
+    from dreg.registration.pipeline import load_pipeline
+    from flows.options import RunOptions
+    from flows.registration import register_images
+
     out = s3.uri("dask-cli", "out-local")
-    run, seconds = run_to_end(register_args(inputs, out, "--workers", "2"), env,
-                              root / "register.log", RUN_TIMEOUT_S)
-    line = run.last_json()
-    assert line["field"].startswith("s3://")
-    assert sum(line["block_counts"]["bspline"].values()) == BLOCKS
+    started = time.monotonic()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("DREG_DASK_ADDRESS", raising=False)
+        result = register_images(inputs["fixed"], inputs["moving"], out,
+                                 load_pipeline(inputs["pipeline"]),
+                                 options=RunOptions(workers=2, qc=False))
+    seconds = time.monotonic() - started
+    assert result.field.startswith("s3://")
+    assert sum(result.block_counts["bspline"].values()) == BLOCKS
     report("dask_cli_local_cluster_run", {"seconds": round(seconds, 1),
-                                          "block_counts": line["block_counts"]})
-    return {"field": read_field(line["field"]), "block_counts": line["block_counts"],
+                                          "block_counts": result.block_counts})
+    return {"field": read_field(result.field), "block_counts": result.block_counts,
             "stored": stored_count(out)}
 
 
@@ -146,7 +151,7 @@ def cli_cluster(server, tmp_path_factory):
                            "--no-dashboard"], {**env, "HOME": str(root / "scheduler")},
                           root / "scheduler.log")
         started.append(scheduler)
-        wait_for_port(port, STARTUP_TIMEOUT_S, scheduler)
+        # The workers start at once: a worker waits for its scheduler to answer.
         for i in range(2):
             home = root / f"worker-{i}"
             (home / "tmp").mkdir(parents=True)
@@ -156,6 +161,7 @@ def cli_cluster(server, tmp_path_factory):
                                   "--resources", "block=1", "--no-dashboard",
                                   "--local-directory", home / "dask", "--name", f"worker-{i}"],
                                  worker_env, root / f"worker-{i}.log"))
+        wait_for_port(port, STARTUP_TIMEOUT_S, scheduler)
         wait_for(lambda: both_workers(address), STARTUP_TIMEOUT_S, "both workers registered",
                  scheduler, interval=1)
         yield address
@@ -164,19 +170,23 @@ def cli_cluster(server, tmp_path_factory):
             stop(process)
 
 
-def test_dask_cli_cluster_on_s3_equals_the_local_cluster(server, inputs, s3, local_run,
-                                                         cli_cluster, tmp_path):
-    """Scheduler and workers from the Dask CLIs, everything on S3: the same field."""
-    _, env = server
+def test_dask_cli_cluster_on_s3_equals_the_local_cluster(inputs, s3, local_run, cli_cluster):
+    """Scheduler and workers from the Dask CLIs, everything on S3: the same field. (The
+    flow runs in this process; `dreg register --dask-address` drives the next test's.)"""
+    from dreg.registration.pipeline import load_pipeline
+    from flows.options import RunOptions
+    from flows.registration import register_images
+
     out = s3.uri("dask-cli", "out-cli")
-    run, seconds = run_to_end(register_args(inputs, out, "--dask-address", cli_cluster),
-                              env, tmp_path / "register.log", RUN_TIMEOUT_S)
-    line = run.last_json()
-    report("dask_cli_cluster_run", {"seconds": round(seconds, 1),
-                                    "block_counts": line["block_counts"]})
-    assert line["field"].startswith(out)
-    assert line["block_counts"] == local_run["block_counts"]
-    np.testing.assert_array_equal(read_field(line["field"]), local_run["field"])
+    started = time.monotonic()
+    result = register_images(inputs["fixed"], inputs["moving"], out,
+                             load_pipeline(inputs["pipeline"]),
+                             options=RunOptions(dask_address=cli_cluster, qc=False))
+    report("dask_cli_cluster_run", {"seconds": round(time.monotonic() - started, 1),
+                                    "block_counts": result.block_counts})
+    assert result.field.startswith(out)
+    assert result.block_counts == local_run["block_counts"]
+    np.testing.assert_array_equal(read_field(result.field), local_run["field"])
 
 
 def test_dask_cli_cluster_survives_a_sigkilled_worker(server, inputs, s3, local_run,

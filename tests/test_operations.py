@@ -34,6 +34,22 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 POOL = "dreg-process"
 RUN_TIMEOUT_S = 420
+# The worker's pipeline (DREG_PIPELINE, passed on by the deployments' job variables): the
+# built-in pipeline's stages (a global affine at the coarsest level, then B-spline blocks
+# at full resolution) with few iterations, so that elastix takes seconds, not a minute.
+PIPELINE = """\
+stages:
+  - name: affine
+    level: -1
+    transform: affine
+    parameters: {MaximumNumberOfIterations: 30}
+  - name: bspline
+    level: 0
+    block_size: 64
+    overlap: 0.25
+    transform: bspline
+    parameters: {MaximumNumberOfIterations: 30}
+"""
 
 
 @contextmanager
@@ -63,6 +79,7 @@ def platform(tmp_path_factory, s3, postgres):
     """Server (on PostgreSQL, as in production: issue 21 item 1), pool, deployments and
     worker, with a reference and a moving volume on S3."""
     tmp = tmp_path_factory.mktemp("ops")
+    (tmp / "pipeline.yaml").write_text(PIPELINE)
     port = s3_server.free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
@@ -79,6 +96,7 @@ def platform(tmp_path_factory, s3, postgres):
         "DREG_ALLOWED_PREFIXES": s3.uri("volumes") + "/",
         "DREG_DASK_WORKERS": "1",
         "DREG_MANIFEST": s3.uri("manifests", "nightly.yaml"),
+        "DREG_PIPELINE": str(tmp / "pipeline.yaml"),
     }
     env.pop("DREG_DASK_ADDRESS", None)
     pair = synth.write_pair(s3.uri("volumes", "pair"), Grid((64, 64, 64), (1.0, 1.0, 1.0)),
@@ -135,7 +153,7 @@ def wait_for_run(api: str, moving: str, timeout: float = RUN_TIMEOUT_S):
             for run in runs:
                 if run.parameters.get("moving") == moving and run.state.is_final():
                     return run
-            time.sleep(2)
+            time.sleep(0.5)
     raise AssertionError(f"no finished run for {moving} within {timeout} s")
 
 

@@ -5,11 +5,13 @@ Everything is real: `dreg register` runs as a subprocess leading its own process
 real `prefect server start` (on a PostgreSQL server that the tests start in a temporary
 folder, as production runs it: tests/postgres_server.py) so that flow-run and task-run
 states can be read after a process has been killed; an external cluster is started with
-the `dask scheduler` and `dask worker` CLIs. The pair is made with `dreg synth`.
+the `dask scheduler` and `dask worker` CLIs. The pair is made with `dreg.synth`.
 
 The pipeline is one stage of 16-voxel blocks on a 64³ pair: 64 blocks, registered by
 the exact registrar at a quarter of a second each (no elastix: the tests are about
-processes, not registration), long enough to be interrupted mid-stage. That a joining
+processes, not registration), long enough to be interrupted mid-stage. The
+uninterrupted run they are compared with is made in this process, on the session's
+cluster: the exact registrar's field is the same wherever it runs. That a joining
 worker sets elastix's threads up before its first block is checked in
 test_worker_setup.py.
 
@@ -55,6 +57,9 @@ from reliability_helpers import (
     wait_group_gone,
 )
 
+from dreg import synth
+from dreg.grid import Grid
+
 pytestmark = pytest.mark.slow
 
 BLOCKS = 64
@@ -90,15 +95,11 @@ def server(tmp_path_factory, postgres):
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, server):
-    """A synthetic 64³ pair (chunks of 32) made by `dreg synth`, and the pipeline YAML."""
-    _, env = server
+def inputs(tmp_path_factory):
+    """A synthetic 64³ pair (chunks of 32), and the pipeline YAML."""
     root = tmp_path_factory.mktemp("inputs")
-    made = subprocess.run([str(BIN / "dreg"), "synth", str(root / "pair"), "--shape",
-                           "64,64,64", "--chunks", "32", "--seed", "3"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert made.returncode == 0, made.stderr
-    pair = json.loads(made.stdout.strip().splitlines()[-1])
+    pair = synth.write_pair(str(root / "pair"), Grid((64, 64, 64), (1.0, 1.0, 1.0)), seed=3,
+                            chunks=32)
     (root / "pipeline.yaml").write_text(PIPELINE)
     return {"fixed": pair["fixed"], "moving": pair["moving"],
             "pipeline": root / "pipeline.yaml"}
@@ -115,29 +116,30 @@ def mid_stage(out: Path, at_least: int):
     return found if len(found) >= at_least else None
 
 
-def uninterrupted(server, inputs, root: Path) -> dict:
-    """An uninterrupted run of the command: its field, counts and time."""
-    _, env = server
-    out = root / "out"
-    run, seconds = run_to_end(register_args(inputs, out), env,
-                              root / "register.log", RUN_TIMEOUT_S)
-    line = run.last_json()
-    figures = {"seconds": round(seconds, 1), "flow_seconds": line["seconds"],
-               "block_counts": line["block_counts"],
+@pytest.fixture(scope="module")
+def reference(inputs, dask_address, tmp_path_factory) -> dict:
+    """An uninterrupted registration of the same pair with the same pipeline (in this
+    process, on the session's two-worker cluster): its field, counts and time."""
+    from dreg.registration.pipeline import load_pipeline
+    from flows.options import RunOptions
+    from flows.registration import register_images
+
+    out = tmp_path_factory.mktemp("reference") / "out"
+    started = time.monotonic()
+    result = register_images(inputs["fixed"], inputs["moving"], str(out),
+                             load_pipeline(inputs["pipeline"]),
+                             options=RunOptions(dask_address=dask_address, qc=False))
+    seconds = time.monotonic() - started
+    figures = {"seconds": round(seconds, 1), "flow_seconds": result.seconds,
+               "block_counts": result.block_counts,
                "blocks_stored": len(stored_blocks(out, STAGE))}
     report("uninterrupted_run", figures)
-    assert sum(line["block_counts"]["bspline"].values()) == BLOCKS
-    return {"field": read_field(line["field"]), "block_counts": line["block_counts"],
-            "blocks_stored": figures["blocks_stored"], "seconds": seconds,
-            "flow_run_id": line["flow_run_id"]}
+    assert sum(result.block_counts["bspline"].values()) == BLOCKS
+    return {"field": read_field(result.field), "block_counts": result.block_counts,
+            "blocks_stored": figures["blocks_stored"], "seconds": seconds}
 
 
-@pytest.fixture(scope="module")
-def reference(server, inputs, tmp_path_factory):
-    return uninterrupted(server, inputs, tmp_path_factory.mktemp("reference"))
-
-
-def test_sigkill_of_the_whole_run_then_resume(server, inputs, tmp_path, request):
+def test_sigkill_of_the_whole_run_then_resume(server, postgres, inputs, tmp_path, request):
     """SIGKILL of the `dreg register` process group mid-stage: nothing survives, nothing
     looks complete; the same command completes, reusing every finished block, and gives
     exactly the uninterrupted run's field.
@@ -146,6 +148,10 @@ def test_sigkill_of_the_whole_run_then_resume(server, inputs, tmp_path, request)
     (same host and boot, its pid gone): the same command takes OUT over at once, saying
     that the killed run is no longer running, never telling to stop it (issue 18 item
     12). The uninterrupted reference run (another OUT) is made afterwards.
+
+    Issue 21 item 1: the module's server runs on PostgreSQL, as in production: the
+    resumed run's flow run is a Completed row of its database there, the killed one's a
+    Crashed row.
 
     A block is stored when its record is written (after its residual): every block
     stored SETTLE_S before the kill must be reused, and no block that was not stored at
@@ -218,6 +224,11 @@ def test_sigkill_of_the_whole_run_then_resume(server, inputs, tmp_path, request)
     assert settled_blocks <= reused <= at_kill_blocks, (settled_blocks, reused, at_kill_blocks)
     assert line["block_counts"] == reference["block_counts"]
     np.testing.assert_array_equal(read_field(line["field"]), reference["field"])
+    rows = postgres_server.fetch(
+        postgres, "select id, state_type from flow_run where id = any($1::uuid[])",
+        [UUID(line["flow_run_id"]), killed_run.id])
+    assert {str(i): state for i, state in rows} == {line["flow_run_id"]: "COMPLETED",
+                                                     str(killed_run.id): "CRASHED"}
 
 
 def worker_pids(address: str) -> set[int]:
@@ -255,10 +266,11 @@ def test_a_worker_killed_and_a_new_one_joining_mid_run(server, inputs, reference
         scheduler = start([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", port,
                            "--no-dashboard"], bare, tmp_path / "scheduler.log")
         started.append(scheduler)
-        wait_for_port(port, 120, scheduler)
+        # The workers start at once: a worker waits for its scheduler to answer.
         first, second = worker("worker-0"), worker("worker-1")
+        wait_for_port(port, 120, scheduler)
         wait_for(lambda: worker_pids(address) == {first.pid, second.pid}, 180,
-                 "both workers registered", scheduler, interval=1)
+                 "both workers registered", scheduler, interval=0.5)
 
         run = start(register_args(inputs, out, "--dask-address", address), env,
                     tmp_path / "register.log")
@@ -374,9 +386,8 @@ def test_a_full_disk_is_a_clear_error_and_the_freed_run_resumes(server, tmp_path
         pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.strip()}")
     _, env = server
     try:
-        subprocess.run([str(BIN / "dreg"), "synth", str(tmp_path / "pair"), "--shape",
-                        "32,32,32", "--chunks", "16"], env=env, check=True,
-                       capture_output=True, timeout=300)
+        synth.write_pair(str(tmp_path / "pair"), Grid((32, 32, 32), (1.0, 1.0, 1.0)),
+                         chunks=16)
         pipeline = tmp_path / "translation.yaml"
         pipeline.write_text("stages:\n  - name: t\n    level: 0\n    block_size: 16\n"
                             f"    transform: translation\n    method: {METHOD}\n"
@@ -384,7 +395,7 @@ def test_a_full_disk_is_a_clear_error_and_the_freed_run_resumes(server, tmp_path
         out = mount / "out"
         args = [str(BIN / "dreg"), "register", str(tmp_path / "pair" / "fixed.ome.zarr"),
                 str(tmp_path / "pair" / "moving.ome.zarr"), str(out), "--config",
-                str(pipeline), "--workers", "1"]
+                str(pipeline), "--workers", "1", "--no-qc"]
         full = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
         assert full.returncode == 2, full.stderr[-3000:]
         errors = [line for line in full.stderr.splitlines() if line.startswith("dreg: error:")]
@@ -408,9 +419,3 @@ def test_a_full_disk_is_a_clear_error_and_the_freed_run_resumes(server, tmp_path
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-def test_the_server_keeps_its_runs_in_postgresql(server, postgres, reference):
-    """issue 21 item 1: these tests' server runs on PostgreSQL, as in production: the
-    uninterrupted run's flow run is a completed row of its database there."""
-    rows = postgres_server.fetch(postgres, "select state_type from flow_run where id = $1",
-                                 UUID(reference["flow_run_id"]))
-    assert rows == [("COMPLETED",)]

@@ -44,11 +44,12 @@ def test_a_worker_that_joins_later_is_set_up_before_its_first_task(tmp_path):
         scheduler = start([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", port,
                            "--no-dashboard"], bare_environment(), tmp_path / "scheduler.log")
         started.append(scheduler)
-        wait_for_port(port, 120, scheduler)
+        # Started at once: a worker waits for its scheduler to answer.
         first = dask_worker(address, "first", 1, tmp_path / "first.log")
         started.append(first)
+        wait_for_port(port, 120, scheduler)
         wait_for(lambda: "first" in workers_by_name(address), 120, "the first worker", first,
-                 interval=1)
+                 interval=0.2)
         assert configure_workers(address, warm=True) == 1
 
         # Several threads, as workers of an external cluster may have.
