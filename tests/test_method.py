@@ -67,6 +67,30 @@ def test_the_method_is_part_of_the_block_key(small_pair, tmp_path):
     assert keys[0].grids == keys[1].grids and keys[0].method != keys[1].method
 
 
+def test_blocks_of_64_or_more_get_the_coarser_bspline_grid(small_pair, tmp_path):
+    """Planning makes elastix's block-size-dependent default explicit: a B-spline stage
+    that sets no grid spacing gets 16 voxels where its blocks are at least 64 per axis,
+    and keeps the preset's 8 (nothing added) below; a spacing the stage sets is kept."""
+    from dreg.registration.pipeline import default_pipeline
+
+    large = synth.write_pair(str(tmp_path / "large"), Grid((64, 70, 80), (1.0, 1.0, 1.0)),
+                             seed=4, amplitude_voxels=1.5)
+
+    def planned(pair, pipeline):
+        plan = plan_registration(pair["fixed"], pair["moving"], str(tmp_path / "o"),
+                                 pipeline, versions=False)
+        return [stage.config.parameters for stage in plan.stages]
+
+    assert planned(large, default_pipeline()) == [{}, {"FinalGridSpacingInVoxels": 16}]
+    assert planned(small_pair, default_pipeline()) == [{}, {}]
+    chosen = [StageConfig(name="b", block_size=64, parameters={"FinalGridSpacingInVoxels": 8}),
+              StageConfig(name="p", block_size=64,
+                          parameters={"FinalGridSpacingInPhysicalUnits": 12.0}),
+              StageConfig(name="x", block_size=64, method=METHOD)]
+    assert planned(large, PipelineConfig(stages=chosen)) == [
+        {"FinalGridSpacingInVoxels": 8}, {"FinalGridSpacingInPhysicalUnits": 12.0}, {}]
+
+
 def exact_block_residual(pair: dict, out: Path, previous):
     """Every block of a one-stage plan registered by the exact registrar from
     `previous`: the residuals and the truth and previous sampled on the field grid."""

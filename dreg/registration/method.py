@@ -76,7 +76,11 @@ class BlockRegistration:
 class BlockMethod(Protocol):
     """A way to register one block pair. An implementation is built from its name in
     each process that needs it (never pickled), once; a block's outcome may depend only
-    on the pair and on what `version` names."""
+    on the pair and on what `version` names.
+
+    A method may also offer ``planned_stage(stage, size_zyx) -> StageConfig``: called
+    while planning, after the checks, it returns the stage with the defaults that depend
+    on the block size made explicit (elastix: its B-spline grid spacing)."""
 
     name: str
 

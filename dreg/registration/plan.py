@@ -144,6 +144,15 @@ def check_inputs_meet(fixed: ome_zarr.OmeZarrImage, moving: ome_zarr.OmeZarrImag
         )
 
 
+def _planned_stage(stage: StageConfig, grid: Grid) -> StageConfig:
+    """The stage as its method will run it on `grid` (the method may make a default
+    explicit that depends on the block size: elastix's B-spline grid spacing)."""
+    method = resolve_method(stage.method)
+    planned = getattr(method, "planned_stage", None)
+    return planned(stage, normalize_block_size(stage.block_size, grid.shape_zyx)) \
+        if planned else stage
+
+
 def _check_block_size(stage: StageConfig, grid: Grid) -> None:
     size = normalize_block_size(stage.block_size, grid.shape_zyx)
     padded = [min(n, round(b * (1 + stage.overlap))) for b, n in zip(size, grid.shape_zyx,
@@ -226,6 +235,7 @@ def plan_registration(
             raise InputError(f"stage {stage.name}: {exc}") from None
         fixed_grid = fixed.levels[level].grid
         _check_block_size(stage, fixed_grid)
+        stage = _planned_stage(stage, fixed_grid)
         stages.append(
             StagePlan(
                 number=number,
