@@ -90,17 +90,19 @@ def _write_truth(uri: str, model, grid, fixed_image, moving_uri: str) -> None:
                                    workers=2)
 
 
-def warped_by(model, grid, source: np.ndarray, source_grid) -> np.ndarray:
-    """source(x + u(x)) on every voxel of `grid`, trilinear, 0 outside `source`."""
+def pulled(source: np.ndarray, grid, displacement=None) -> np.ndarray:
+    """source(x + u(x)) on every voxel of `grid` (source on the same grid), trilinear, 0
+    outside `source`; `displacement` maps world points (..., 3) to u (identity: None)."""
     from scipy.ndimage import map_coordinates
 
     out = np.empty(grid.shape_zyx, dtype=np.float32)
     for z in range(grid.shape_zyx[0]):  # a slab at a time: the points are float64
         region = (slice(z, z + 1), slice(0, grid.shape_zyx[1]), slice(0, grid.shape_zyx[2]))
         points = grid.region_points(region)
-        index = source_grid.world_to_index(points + model.displacement(points))
-        out[z] = map_coordinates(source, np.moveaxis(index, -1, 0), order=1, mode="constant",
-                                 cval=0.0)[0]
+        if displacement is not None:
+            points = points + displacement(points)
+        out[z] = map_coordinates(source, np.moveaxis(grid.world_to_index(points), -1, 0),
+                                 order=1, mode="constant", cval=0.0)[0]
     return out
 
 
@@ -160,7 +162,7 @@ def brain_pair(out: Path, modality: str = "t1", amplitude_mm: float = 3.0,
                for name in ("gm", "wm")}
     model = synth.make_model(grid, seed=seed, amplitude_voxels=amplitude_mm / min(grid.spacing_xyz))
 
-    fixed = warped_by(model, grid, t1, grid)
+    fixed = pulled(t1, grid, model.displacement)
     moving = t2_like(t1) if modality == "t2" else t1.copy()
     top = float(np.percentile(moving, 99))
     rng = np.random.default_rng(seed + 1)
@@ -173,6 +175,7 @@ def brain_pair(out: Path, modality: str = "t1", amplitude_mm: float = 3.0,
     fixed_image = _write_image(uris["fixed"], fixed, grid, "fixed", "millimeter")
     _write_image(uris["moving"], moving, grid, "moving", "millimeter")
     _write_truth(uris["truth"], model, grid, fixed_image, uris["moving"])
-    tissues_fixed = {name: warped_by(model, grid, array, grid) for name, array in tissues.items()}
+    tissues_fixed = {name: pulled(array, grid, model.displacement)
+                     for name, array in tissues.items()}
     return Pair(uris["fixed"], uris["moving"], uris["truth"], grid,
                 tissues_fixed=tissues_fixed, tissues_moving=tissues)

@@ -193,21 +193,14 @@ def folded_share(field_uri: str) -> dict:
 
 def pulled_through(field_uri: str | None, grid, source: np.ndarray) -> np.ndarray:
     """source(x + u(x)) on every voxel of `grid` (identity when no field), trilinear."""
-    from scipy.ndimage import map_coordinates
+    import _pairs
 
     from dreg.field import open_field, sample_field
 
-    image = open_field(field_uri) if field_uri else None
-    out = np.empty(grid.shape_zyx, dtype=np.float32)
-    for z in range(grid.shape_zyx[0]):
-        region = (slice(z, z + 1), slice(0, grid.shape_zyx[1]), slice(0, grid.shape_zyx[2]))
-        points = grid.region_points(region)
-        if image is not None:
-            points = points + sample_field(image, points)
-        index = grid.world_to_index(points)
-        out[z] = map_coordinates(source, np.moveaxis(index, -1, 0), order=1, mode="constant",
-                                 cval=0.0)[0]
-    return out
+    if field_uri is None:
+        return _pairs.pulled(source, grid)
+    image = open_field(field_uri)
+    return _pairs.pulled(source, grid, lambda points: sample_field(image, points))
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
