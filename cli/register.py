@@ -16,16 +16,27 @@ from flows.options import RunOptions
 DEMO_SHAPE = (64, 80, 96)
 
 
-def _run_registration(args: argparse.Namespace, pipeline):
+def _run_registration(args: argparse.Namespace, pipeline, warp: bool = False):
+    """The registration's result and, with `warp`, the warp's, both run on one Dask
+    cluster (a local one starts once)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.children import use_temporary_server, wait_for_temporary_server
 
     use_temporary_server()  # comes up while the flow is imported
+    from flows.cluster import dask_cluster
     from flows.registration import register_images
 
     wait_for_temporary_server()
-    return register_images(fixed=args.fixed, moving=args.moving, out=args.out,
-                           pipeline=pipeline, options=run_options(args, show_progress=True))
+    options = run_options(args, show_progress=True)
+    with dask_cluster(options.dask_address, options.workers):
+        result = register_images(fixed=args.fixed, moving=args.moving, out=args.out,
+                                 pipeline=pipeline, options=options)
+        if not warp:
+            return result, None
+        from flows.warp import warp_image
+
+        return result, warp_image(result.output, options=RunOptions(
+            dask_address=options.dask_address, workers=options.workers))
 
 
 def _last_line(result) -> dict:
@@ -47,13 +58,9 @@ def cmd_register(args: argparse.Namespace) -> int:
     plan = plan_registration(args.fixed, args.moving, args.out, pipeline,
                              overwrite=args.overwrite, versions=False)
     ownership.check_free(plan.out_uri)
-    result = _run_registration(args, pipeline)
+    result, warped = _run_registration(args, pipeline, warp=args.warp)
     line = _last_line(result)
-    if args.warp:
-        from flows.warp import warp_image
-
-        warped = warp_image(result.output, options=RunOptions(
-            dask_address=args.dask_address, workers=args.workers))
+    if warped:
         line["warped"] = warped.output
     print(json.dumps(line))
     return 0
@@ -90,7 +97,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     args.fixed, args.moving = pair["fixed"], pair["moving"]
     args.out, args.overwrite = storage.join(folder, "registration"), True
-    result = _run_registration(args, demo_pipeline())
+    result, _ = _run_registration(args, demo_pipeline())
     error = field_error(result.field, pair["truth"])
     print(f"error against the truth (voxels): RMS {error['rms_before']:.3f} before, "
           f"{error['rms_after']:.3f} after; 95th percentile after {error['p95_after']:.3f}")

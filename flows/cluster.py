@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import sys
@@ -52,6 +53,12 @@ LOCAL_CLUSTER_CONFIG = {"distributed.admin.tick.interval": "500ms",
 
 _STATE = {"configured": False, "warm": False}  # per worker process
 _LOCK = threading.Lock()
+# The local cluster that `dask_cluster` started and has not yet closed, in this context:
+# the flows that a command or a flow runs one after another (register, then warp) use it
+# instead of each starting and stopping one of their own. A context variable, so that
+# flows run side by side in other threads never see it.
+_OPEN_LOCAL: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "dreg_open_local_cluster", default=None)
 
 
 def configure_process(threads: int = THREADS_PER_WORKER, warm: bool = True) -> None:
@@ -222,8 +229,10 @@ def dask_cluster(address: str | None = None, workers: int | None = None,
     process's Dask clients use its key. A cluster given by address is used as it is.
     Every worker, now or later, is set up by `WorkerSetup`; with `warm`, it also pays
     elastix's first-use cost first (registration needs it; warping, inverting and
-    moving points do not)."""
-    address = address or os.environ.get(ADDRESS_VARIABLE) or None
+    moving points do not). Inside another `dask_cluster` that started a local cluster,
+    with no address given, that cluster is used: a command that registers and then
+    warps starts one."""
+    address = address or os.environ.get(ADDRESS_VARIABLE) or _OPEN_LOCAL.get()
     environ = _run_environment()
     if address:
         configure_workers(address, warm, environ)
@@ -253,4 +262,8 @@ def dask_cluster(address: str | None = None, workers: int | None = None,
         )
     with cluster, dask.config.set(_client_config(security)):
         configure_workers(cluster.scheduler_address, warm, environ)
-        yield cluster.scheduler_address
+        opened = _OPEN_LOCAL.set(cluster.scheduler_address)
+        try:
+            yield cluster.scheduler_address
+        finally:
+            _OPEN_LOCAL.reset(opened)

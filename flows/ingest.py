@@ -35,6 +35,7 @@ from dreg.registration.method import check_built_in
 from dreg.registration.pipeline import load_pipeline
 from dreg.registration.records import finished_with_same_inputs
 from flows import artifacts, events
+from flows.cluster import dask_cluster
 from flows.options import RunOptions, check_run_options
 from flows.registration import register_images
 from flows.run_names import ingest_run_name, warp_run_name
@@ -151,11 +152,13 @@ def register_on_ingest(
         logger.info(f"{request['out']} already holds this registration: nothing to do")
         artifacts.publish_result(existing)
         return existing
-    result = register_images(fixed=request["fixed"], moving=request["moving"],
-                             out=request["out"], pipeline=pipeline, options=options)
-    artifacts.publish_result(result)  # on the run an operator opens, too
-    if warp:
-        warp_image(result.output, options=options)
+    # One cluster for the registration and the warp: a local one starts once.
+    with dask_cluster(options.dask_address, options.workers):
+        result = register_images(fixed=request["fixed"], moving=request["moving"],
+                                 out=request["out"], pipeline=pipeline, options=options)
+        artifacts.publish_result(result)  # on the run an operator opens, too
+        if warp:
+            warp_image(result.output, options=options)
     return result
 
 

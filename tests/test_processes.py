@@ -25,6 +25,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -299,7 +300,7 @@ def test_the_local_cluster_talks_tls_and_its_workers_ignore_ctrl_c(prefect_api, 
     from distributed import Client
     from distributed.security import Security
 
-    from flows.cluster import TLS_VARIABLE, dask_cluster, local_security
+    from flows.cluster import _OPEN_LOCAL, TLS_VARIABLE, dask_cluster, local_security
 
     monkeypatch.delenv("DREG_DASK_ADDRESS", raising=False)
     monkeypatch.delenv(TLS_VARIABLE, raising=False)
@@ -307,12 +308,22 @@ def test_the_local_cluster_talks_tls_and_its_workers_ignore_ctrl_c(prefect_api, 
         assert address.startswith("tls://127.0.0.1:")
         with Client(address, timeout="30s") as client:
             assert list(client.run(_sigint_blocked_here).values()) == [True]
+        # Flows run inside it (`register --warp`: the registration, then the warp) use
+        # this cluster; a flow run side by side in another thread does not.
+        with dask_cluster() as inner:
+            assert inner == address
+        seen = []
+        other = threading.Thread(target=lambda: seen.append(_OPEN_LOCAL.get()))
+        other.start()
+        other.join()
+        assert seen == [None]
         with pytest.raises((OSError, TimeoutError)):
             Client(address, security=Security.temporary(), timeout="5s")
         with pytest.raises((OSError, TimeoutError)):
             Client(address.replace("tls://", "tcp://"),
                    security=Security(require_encryption=False), timeout="5s")
     assert not _sigint_blocked_here()  # only while the cluster starts
+    assert _OPEN_LOCAL.get() is None  # closed: the next flow starts its own
     monkeypatch.setenv(TLS_VARIABLE, "0")
     assert local_security() is None
 
@@ -322,7 +333,6 @@ def test_a_command_inside_a_program_stops_only_what_it_started(prefect_api, dask
     cluster of the program's own running): its last step leaves the program's API
     server serving and returns at once, instead of stopping that server or waiting for
     the multiprocessing resource tracker that the program's cluster still holds."""
-    import threading
     import urllib.request
 
     from flows.children import stop_children
