@@ -498,7 +498,7 @@ def test_the_cli_checks_a_registration_without_listing_a_chunk(pair, tmp_path, m
     listings = CountedListings(monkeypatch)
     listed_before_the_run = []
 
-    def run(args, pipeline):
+    def run(args, pipeline, warp=False):
         listed_before_the_run.extend(listings.take())
         raise InputError("the flow is not run here")
 
@@ -510,5 +510,5 @@ def test_the_cli_checks_a_registration_without_listing_a_chunk(pair, tmp_path, m
 def test_the_cli_still_refuses_bad_input_before_the_run(pair, tmp_path, monkeypatch):
     from cli import main, register
 
-    monkeypatch.setattr(register, "_run_registration", lambda *a: pytest.fail("ran"))
+    monkeypatch.setattr(register, "_run_registration", lambda *a, **k: pytest.fail("ran"))
     assert main.main(["register", pair["fixed"], pair["truth"], str(tmp_path / "out")]) == 2
