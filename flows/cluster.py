@@ -123,13 +123,32 @@ def worker_state() -> dict:
     return state
 
 
+# How long a client waits for a scheduler to answer.
+CONNECT_TIMEOUT = "30s"
+
+
+@contextlib.contextmanager
+def connected(address: str):
+    """A Dask client of the scheduler at `address`; InputError naming the address when
+    no scheduler answers there (a typo, or a cluster that is down), not a traceback."""
+    from distributed import Client
+
+    from dreg.errors import InputError
+
+    try:
+        client = Client(address, timeout=CONNECT_TIMEOUT)
+    except OSError:
+        raise InputError(f"Dask cluster {address} (--dask-address or {ADDRESS_VARIABLE}): "
+                         f"no scheduler answered within {CONNECT_TIMEOUT}") from None
+    with client:
+        yield client
+
+
 def configure_workers(address: str, warm: bool = True, environ: dict | None = None) -> int:
     """Register the worker setup on the cluster at `address`: it runs now on every
     worker (this waits for them) and on every worker that joins later. Returns how many
     workers there are now; raises RuntimeError naming a worker whose setup failed."""
-    from distributed import Client
-
-    with Client(address, timeout="30s") as client:
+    with connected(address) as client:
         replies = client.register_plugin(WorkerSetup(warm, environ), name=PLUGIN_NAMES[warm])
     failed = {w: r for w, r in (replies or {}).items() if r.get("status") != "OK"}
     if failed:
@@ -147,20 +166,16 @@ def warm_up(address: str) -> int:
 def worker_count(address: str) -> int:
     """How many workers the cluster at `address` has now (at least 1): what batches of
     chunks are cut for."""
-    from distributed import Client
-
-    with Client(address, timeout="30s") as client:
+    with connected(address) as client:
         return max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
 
 
 def block_workers(address: str) -> int:
     """How many workers of the cluster at `address` can take block tasks. Raises
     InputError when none declares the block resource: block tasks would wait forever."""
-    from distributed import Client
-
     from dreg.errors import InputError
 
-    with Client(address, timeout="30s") as client:
+    with connected(address) as client:
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
     able = sum(1 for w in workers if w.get("resources", {}).get(BLOCK_RESOURCE, 0) >= 1)
     if not able:

@@ -259,6 +259,20 @@ def test_unreachable_endpoint_fails_in_seconds(closed_endpoint, command):
     assert elapsed < 20, f"took {elapsed:.1f} s"
 
 
+def test_a_dask_address_where_no_scheduler_answers_is_one_line(monkeypatch):
+    """--dask-address (or DREG_DASK_ADDRESS) naming a port where nothing listens: an
+    InputError naming the address and the wait, not distributed's traceback."""
+    from dreg.errors import InputError
+    from flows import cluster
+
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", "1s")
+    address = f"tcp://127.0.0.1:{s3_server.free_port()}"
+    with pytest.raises(InputError) as raised:
+        cluster.configure_workers(address, warm=False)
+    assert str(raised.value) == (f"Dask cluster {address} (--dask-address or "
+                                 "DREG_DASK_ADDRESS): no scheduler answered within 1s")
+
+
 @pytest.mark.full  # a process each (S3 clients are shared within a process)
 @pytest.mark.parametrize("command", ["info", "synth", "convert"])
 def test_missing_credentials(tmp_path, closed_endpoint, command):
