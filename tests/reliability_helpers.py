@@ -49,8 +49,9 @@ stages:
 """
 
 
-# The pipeline of the process-level tests: about a quarter of a second per block.
-PIPELINE = exact_pipeline(0.25)
+# The pipeline of the process-level tests: 0.15 s per block (64 blocks: about 5 s a
+# stage on two workers), long enough to act mid-stage after polling every 0.2 s.
+PIPELINE = exact_pipeline(0.15)
 # Variables of the caller that would change what a child does (another cluster, a
 # fault injected on purpose, another API).
 DROPPED_VARIABLES = ("DREG_DASK_ADDRESS", "DREG_DASK_WORKERS", "DREG_FAULT_INJECT",

@@ -8,7 +8,7 @@ states can be read after a process has been killed; an external cluster is start
 the `dask scheduler` and `dask worker` CLIs. The pair is made with `dreg.synth`.
 
 The pipeline is one stage of 16-voxel blocks on a 64³ pair: 64 blocks, registered by
-the exact registrar at a quarter of a second each (no elastix: the tests are about
+the exact registrar at 0.15 s each (no elastix: the tests are about
 processes, not registration), long enough to be interrupted mid-stage. The
 uninterrupted run they are compared with is made in this process, on the session's
 cluster: the exact registrar's field is the same wherever it runs. That a joining
