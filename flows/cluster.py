@@ -147,7 +147,8 @@ def connected(address: str):
 def configure_workers(address: str, warm: bool = True, environ: dict | None = None) -> int:
     """Register the worker setup on the cluster at `address`: it runs now on every
     worker (this waits for them) and on every worker that joins later. Returns how many
-    workers there are now; raises RuntimeError naming a worker whose setup failed."""
+    workers there are now; raises RuntimeError naming a worker whose setup failed, and
+    InputError naming `address` when no scheduler answers there."""
     with connected(address) as client:
         replies = client.register_plugin(WorkerSetup(warm, environ), name=PLUGIN_NAMES[warm])
     failed = {w: r for w, r in (replies or {}).items() if r.get("status") != "OK"}
