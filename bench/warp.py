@@ -55,8 +55,8 @@ from _common import (  # noqa: E402
 
 def pyramid_batches(uri: str, workers: int) -> int:
     """Batches of every level of an image below level 0 (one downsample task each)."""
-    from dreg.apply.plan import chunk_batches
     from dreg.io import ome_zarr
+    from dreg.io.batches import chunk_batches
 
     image = ome_zarr.open_image(uri)
     return sum(len(chunk_batches(lv.grid.shape_zyx, lv.chunks_zyx, workers))

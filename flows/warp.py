@@ -18,12 +18,12 @@ from prefect_dask import DaskTaskRunner
 from dreg.apply.plan import (
     WarpPlan,
     WarpResult,
-    chunk_batches,
     plan_warp,
     warp_batches,
     warp_chunks,
 )
 from dreg.io import ome_zarr
+from dreg.io.batches import chunk_batches
 from flows import artifacts
 from flows.cluster import dask_cluster, worker_count
 from flows.options import RunOptions, checked_for_deployment

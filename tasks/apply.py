@@ -17,9 +17,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dreg.apply import invert, points, warp
-from dreg.apply.plan import InvertPlan, PointsPlan, WarpPlan, chunk_region
+from dreg.apply.plan import InvertPlan, PointsPlan, WarpPlan
 from dreg.field import FIELD_CHUNK
 from dreg.io import completion, ome_zarr, pyramid, tables
+from dreg.io.batches import chunk_region
 
 # Chunk tasks keep no Prefect result or cache: their chunk marks are the resume state.
 CHUNK_TASK = {"retries": 2, "retry_delay_seconds": 1, "persist_result": False}

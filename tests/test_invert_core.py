@@ -402,7 +402,7 @@ def test_box_grows_when_iterates_leave_it_and_the_answer_is_the_same(tmp_path):
 
 
 def test_batches_balance_voxels_and_cover_every_chunk_once():
-    from dreg.apply.plan import balanced_batches, chunk_region
+    from dreg.io.batches import balanced_batches, chunk_region
 
     # A 129^3 grid in 64^3 chunks: eight full chunks and 19 thin edge ones.
     shape, chunks = (129, 129, 129), (64, 64, 64)

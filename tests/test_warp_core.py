@@ -439,8 +439,8 @@ def test_compiled_warp_of_a_vector_image_and_an_oblique_grid(pair, tmp_path):
 def test_a_batch_writes_each_chunk_once_under_its_own_mark(pair, tmp_path):
     """warp_batch decodes each input chunk once for the batch, writes what warp_chunk
     writes, and skips the chunks already marked (a retried or resumed batch)."""
-    from dreg.apply.plan import chunk_batches, chunk_region
     from dreg.io import completion
+    from dreg.io.batches import chunk_batches, chunk_region
 
     field = fields.open_field(pair["truth"])
     image = ome_zarr.open_image(pair["moving"])
@@ -490,7 +490,7 @@ def test_chunk_cache_reads_what_zarr_reads_decoding_each_chunk_once(pair):
 
 
 def test_pyramid_batches_write_what_chunk_by_chunk_writes(tmp_path):
-    from dreg.apply.plan import chunk_batches, chunk_region
+    from dreg.io.batches import chunk_batches, chunk_region
 
     grid = Grid(shape_zyx=(40, 36, 50), spacing_xyz=(1.0, 0.5, 2.0), origin_xyz=(1, 2, 3))
     data = np.random.default_rng(2).normal(size=grid.shape_zyx).astype(np.float32)
