@@ -1,10 +1,10 @@
 """The registration flows: one subflow per stage, and the flow that runs the stages.
 
 A stage reads as its story: tile → register blocks (in batches, each block stored on its
-own) → reduce → record. The registration flow plans (validates everything first),
-starts (or joins) a Dask cluster, runs the stages coarse to fine, each from the field of
-the one before, checks that the inputs did not change meanwhile, and writes result.json
-last. Plans, contexts and records are built by the core (`dreg.registration`).
+own) → reduce (in batches of chunks) → record. The registration flow plans (validates
+everything first), starts (or joins) a Dask cluster, runs the stages coarse to fine, each
+from the field of the one before, checks that the inputs did not change meanwhile, and
+writes result.json last. Plans, contexts and records are built by the core (`dreg.registration`).
 
 Prefect entrypoints: ``flows/registration.py:register_images`` (the registration) and
 ``flows/registration.py:register_stage`` (one stage, as a subflow).
@@ -27,6 +27,7 @@ from dreg.apply.plan import check_derived_replaceable, derived_outputs
 from dreg.errors import DregError, StorageError, describe, first_line
 from dreg.field import FIELD_CHUNK, fixed_description
 from dreg.io import completion, ome_zarr, storage
+from dreg.io.batches import region_batches
 from dreg.io.ownership import OwnedElsewhere
 from dreg.registration import (
     BlockResult,
@@ -58,7 +59,7 @@ from flows.ownership import fence, owning
 from flows.qc import check_registration
 from flows.run_names import register_run_name
 from tasks.publish import write_json, write_result, write_scene
-from tasks.reduce import create_field, reduce_chunk
+from tasks.reduce import create_field, reduce_chunks
 from tasks.register import register_batch, tile
 
 
@@ -119,10 +120,10 @@ def register_blocks(ctx, blocks, stage: StagePlan, workers: int,
 
 
 def reduce_field(plan: RegistrationPlan, stage: StagePlan, previous, results,
-                 destinations: list[str], identity: str) -> int:
+                 destinations: list[str], identity: str, workers: int) -> int:
     """Create the stage's field at every destination that does not already hold it
-    complete, fill it chunk by chunk (each chunk from the blocks that reach it), then
-    mark it complete; returns the field's voxel count."""
+    complete, fill it in batches of chunks (each chunk from the blocks that reach it),
+    then mark it complete; returns the field's voxel count."""
     voxels = int(np.prod(stage.field_grid.shape_zyx))
     destinations = [uri for uri in destinations if not completion.is_complete(uri, identity)]
     if not destinations:
@@ -135,14 +136,15 @@ def reduce_field(plan: RegistrationPlan, stage: StagePlan, previous, results,
                                            plan.moving_uri))
     for future in created:
         future.result()  # a field that could not be created fails the stage, here
-    chunks = ome_zarr.chunk_regions(stage.field_grid.shape_zyx, (FIELD_CHUNK,) * 3)
+    chunks = list(ome_zarr.chunk_regions(stage.field_grid.shape_zyx, (FIELD_CHUNK,) * 3))
     futures = []
-    for index, chunk in enumerate(chunks):
-        fence(destinations[0], f"writing chunk {index} of {', '.join(destinations)}")
-        futures.append(reduce_chunk.submit(
-            index, blocks_for_chunk(results, chunk), chunk, stage.field_grid,
-            stage.fixed_grid.shape_zyx, float(stage.config.field_grid_factor), previous,
-            destinations))
+    for number, batch in enumerate(region_batches(chunks, workers)):
+        fence(destinations[0], f"writing batch {number} of the chunks of "
+                               f"{', '.join(destinations)}")
+        parts = [(chunks[i], blocks_for_chunk(results, chunks[i])) for i in batch]
+        futures.append(reduce_chunks.submit(
+            number, parts, stage.field_grid, stage.fixed_grid.shape_zyx,
+            float(stage.config.field_grid_factor), previous, destinations))
     for future in futures:
         future.result()  # a failed chunk fails the stage
     for uri in destinations:
@@ -173,7 +175,8 @@ def register_stage(
     registered = time.perf_counter()
     identity = field_identity(json.dumps(asdict(ctx.key_inputs()), default=str), results)
     destinations = [stage.field_uri(identity), *([final_field] if final_field else [])]
-    voxels = reduce_field(plan, stage, ctx.previous, results, destinations, identity)
+    voxels = reduce_field(plan, stage, ctx.previous, results, destinations, identity,
+                          workers)
     finished = time.perf_counter()
 
     timings = StageTimings(seconds=finished - started, register_seconds=registered - started,

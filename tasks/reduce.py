@@ -1,4 +1,5 @@
-"""Prefect tasks of a stage's reduce step: create the field, compute it chunk by chunk."""
+"""Prefect tasks of a stage's reduce step: create the field, compute it in batches of
+chunks."""
 
 from __future__ import annotations
 
@@ -18,22 +19,22 @@ def create_field(uri: str, grid: Grid, fixed: dict, moving_uri: str) -> str:
 
 
 @task(
-    name="reduce-chunk",
+    name="reduce-chunks",
     retries=2,
     retry_delay_seconds=1,
-    task_run_name="reduce-chunk-{index}",
+    task_run_name="reduce-chunks-{number}",
 )
-def reduce_chunk(
-    index: int,
-    results: list[BlockResult],
-    chunk: Region,
+def reduce_chunks(
+    number: int,
+    parts: list[tuple[Region, list[BlockResult]]],
     field_grid: Grid,
     image_shape_zyx: tuple[int, int, int],
     factor: float,
     previous,
     destinations: list[str],
 ) -> dict:
-    """Blend, compose and write one chunk of the stage's field to every destination."""
-    return reduce.reduce_chunk(
-        results, chunk, field_grid, image_shape_zyx, factor, previous, destinations
+    """Blend, compose and write a batch of chunks of the stage's field (each with the
+    blocks that reach it) to every destination: one task run per batch, not per chunk."""
+    return reduce.reduce_chunks(
+        parts, field_grid, image_shape_zyx, factor, previous, destinations
     )

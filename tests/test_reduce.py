@@ -27,6 +27,7 @@ from dreg.registration.reduce import (
     blocks_for_chunk,
     compose_on_grid,
     reduce_chunk,
+    reduce_chunks,
 )
 
 GRID = Grid((32, 32, 64), (1.0, 1.0, 1.0))
@@ -212,6 +213,32 @@ def test_compiled_reduce_equals_the_plain_numpy_formulas_on_random_data(tmp_path
         np.testing.assert_allclose(
             ome_zarr.read_region(field.open_field(out), 0, chunk),
             reference_compose(blended, chunk, field_grid, previous), rtol=1e-6, atol=1e-6)
+
+
+def test_batches_of_chunks_write_what_chunk_by_chunk_writes(tmp_path):
+    """The flow reduces a stage in batches of chunks (one task run each, dreg.io.batches):
+    every chunk is written bit for bit as on its own, and the counts add up."""
+    from dreg.io.batches import region_batches
+
+    rng = np.random.default_rng(11)
+    image, field_grid, factor, results, previous_uri = random_stage(tmp_path, rng)
+    chunks = list(ome_zarr.chunk_regions(field_grid.shape_zyx, (5, 5, 5)))
+    one, batched = (str(tmp_path / f"{name}.ome.zarr") for name in ("one", "batched"))
+    for uri in (one, batched):
+        field.create_field(uri, field_grid, chunks=5, overwrite=True)
+    for chunk in chunks:
+        reduce_chunk(blocks_for_chunk(results, chunk), chunk, field_grid, image.shape_zyx,
+                     factor, previous_uri, [one])
+    batches = region_batches(chunks, workers=2)
+    assert len(batches) > 1 and sorted(i for b in batches for i in b) == list(range(len(chunks)))
+    totals = [reduce_chunks([(chunks[i], blocks_for_chunk(results, chunks[i])) for i in batch],
+                            field_grid, image.shape_zyx, factor, previous_uri, [batched])
+              for batch in batches]
+    assert sum(t["chunks"] for t in totals) == len(chunks)
+    assert sum(t["voxels"] for t in totals) == int(np.prod(field_grid.shape_zyx))
+    whole = tuple(slice(0, n) for n in field_grid.shape_zyx)
+    np.testing.assert_array_equal(ome_zarr.read_region(field.open_field(batched), 0, whole),
+                                  ome_zarr.read_region(field.open_field(one), 0, whole))
 
 
 def test_compiled_sampling_gives_scipys_bits_inside_on_and_beyond_the_border():

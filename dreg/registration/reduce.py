@@ -232,6 +232,26 @@ def reduce_chunk(
     return {"voxels": int(np.prod(total.shape[1:])), "blocks": len(results)}
 
 
+def reduce_chunks(
+    parts: Sequence[tuple[Region, Sequence[BlockResult]]],
+    field_grid: Grid,
+    image_shape_zyx: Sequence[int],
+    factor: float,
+    previous,
+    destinations: Sequence[str],
+) -> dict:
+    """`reduce_chunk` for each (chunk, the blocks that reach it) of a batch, in order;
+    returns the counts summed, with how many chunks."""
+    totals = {"voxels": 0, "blocks": 0, "chunks": 0}
+    for chunk, results in parts:
+        counts = reduce_chunk(results, chunk, field_grid, image_shape_zyx, factor, previous,
+                              destinations)
+        totals = {"voxels": totals["voxels"] + counts["voxels"],
+                  "blocks": totals["blocks"] + counts["blocks"],
+                  "chunks": totals["chunks"] + 1}
+    return totals
+
+
 def warm_up() -> None:
     """Load (or compile, the first time on a machine) the compiled loops of this step on
     tiny inputs of the types real chunks give them, so that a worker's first chunk does
