@@ -5,9 +5,9 @@ the end of every registration (``register_images``), inside that run's ownership
 and before result.json is written, so that result.json, the summary and the completion
 event carry its verdict.
 
-On Dask: one task per brick of the field (det J with a one-voxel halo, and the
-similarity histograms of the brick's lattice points), one that draws the pictures, one
-that reads the stage tables; then qc.json and index.html.
+On Dask: the bricks of the field in batches, one task each (det J with a one-voxel halo,
+and the similarity histograms of the bricks' lattice points), one task per group of
+pictures, one that reads the stage tables; then qc.json and index.html.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
 from dreg.errors import first_line
+from dreg.io.batches import region_batches
 from dreg.qc.measure import BrickMeasure
 from dreg.qc.plan import FOLD_THRESHOLD, QcPlan, brick_regions, plan_qc
 from dreg.qc.report import PICTURE_GROUPS, QcReport, build_report
 from dreg.registration import RegistrationResult
 from dreg.registration.records import load_result
 from flows import artifacts
-from flows.cluster import dask_cluster
+from flows.cluster import dask_cluster, worker_count
 from flows.events import INTERRUPT_MARKERS
 from flows.options import RunOptions
 from flows.ownership import owning
@@ -34,7 +35,7 @@ from flows.run_names import qc_run_name
 from tasks.qc import (
     clear_qc,
     draw_pictures,
-    measure_brick,
+    measure_bricks,
     record_verdict,
     stage_numbers,
     write_report,
@@ -42,16 +43,20 @@ from tasks.qc import (
 
 
 @flow(name="dreg-qc-measure", flow_run_name="qc-measure")
-def measure_quality(plan: QcPlan, retries: int = 2, run_id: str | None = None) -> QcReport:
-    """Measure every brick, draw the pictures, and write qc.json and index.html. The
-    report names `run_id`, the flow run whose artifacts show it (default this one)."""
+def measure_quality(plan: QcPlan, retries: int = 2, run_id: str | None = None,
+                    workers: int = 1) -> QcReport:
+    """Measure every brick (in batches, about two per worker of `workers`), draw the
+    pictures, and write qc.json and index.html. The report names `run_id`, the flow run
+    whose artifacts show it (default this one)."""
     started = time.perf_counter()
     clear_qc(plan)
     pictures = [draw_pictures.with_options(retries=retries).submit(plan, group)
                 for group in PICTURE_GROUPS]
     stages = stage_numbers.with_options(retries=retries).submit(plan)
-    futures = [measure_brick.with_options(retries=retries).submit(plan, brick, index)
-               for index, brick in enumerate(brick_regions(plan))]
+    bricks = brick_regions(plan)
+    futures = [measure_bricks.with_options(retries=retries).submit(
+        plan, [bricks[i] for i in batch], number)
+        for number, batch in enumerate(region_batches(bricks, workers))]
     total = BrickMeasure()
     for future in as_completed(futures):
         total = total.merge(future.result())  # a brick that fails after retries fails QC
@@ -71,7 +76,7 @@ def run_quality_control(result: RegistrationResult, options: RunOptions,
     plan = plan_qc(result, fold_threshold)
     with dask_cluster(options.dask_address, options.workers, warm=False) as address:
         return measure_quality.with_options(task_runner=DaskTaskRunner(address=address))(
-            plan, options.block_retries, str(flow_run.get_id()))
+            plan, options.block_retries, str(flow_run.get_id()), worker_count(address))
 
 
 def check_registration(result: RegistrationResult, options: RunOptions) -> RegistrationResult:

@@ -24,11 +24,11 @@ def clear_qc(plan: QcPlan) -> None:
     check.clear(plan)
 
 
-@task(name="measure-brick", task_run_name="measure-brick-{index}", **OPTIONS)
-def measure_brick(plan: QcPlan, brick: Region, index: int) -> measure.BrickMeasure:
-    """det J over one brick of the field (a one-voxel halo around it) and the similarity
-    histograms of its lattice points."""
-    return measure.measure_brick(plan, brick)
+@task(name="measure-bricks", task_run_name="measure-bricks-{number}", **OPTIONS)
+def measure_bricks(plan: QcPlan, bricks: list[Region], number: int) -> measure.BrickMeasure:
+    """det J over a batch of bricks of the field (each with a one-voxel halo) and the
+    similarity histograms of their lattice points, merged: one task run per batch."""
+    return measure.measure_bricks(plan, bricks)
 
 
 @task(name="stage-numbers", **OPTIONS)

@@ -11,7 +11,7 @@ import time
 
 from dreg.io import locations, storage
 from dreg.layout import QC_FILE
-from dreg.qc.measure import BrickMeasure, measure_brick
+from dreg.qc.measure import BrickMeasure, measure_bricks
 from dreg.qc.page import render_page
 from dreg.qc.plan import QcPlan, brick_regions
 from dreg.qc.report import QcReport, build_report
@@ -26,10 +26,7 @@ def clear(plan: QcPlan) -> None:
 
 def measure_field(plan: QcPlan) -> BrickMeasure:
     """Every brick of the field, one after the other, merged."""
-    total = BrickMeasure()
-    for brick in brick_regions(plan):
-        total = total.merge(measure_brick(plan, brick))
-    return total
+    return measure_bricks(plan, brick_regions(plan))
 
 
 def stages_of(plan: QcPlan) -> list[dict]:

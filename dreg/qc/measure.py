@@ -3,6 +3,7 @@ of the lattice points in it, from one read of the brick with its one-voxel halo.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,3 +60,10 @@ def measure_brick(plan: QcPlan, brick: Region) -> BrickMeasure:
     before, after = brick_histograms(plan, u, grown, brick)
     return measure.merge(BrickMeasure(before=before, after=after))
 
+
+def measure_bricks(plan: QcPlan, bricks: Sequence[Region]) -> BrickMeasure:
+    """`measure_brick` for each of a batch of bricks, merged."""
+    total = BrickMeasure()
+    for brick in bricks:
+        total = total.merge(measure_brick(plan, brick))
+    return total
