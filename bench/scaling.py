@@ -2,10 +2,11 @@
 
 Makes a `dreg synth` pair of size^3 and registers it twice with the same one-stage
 B-spline pipeline (into two output folders, so no block is served from the cache): first
-on a LocalCluster of one single-threaded worker, then, after scaling the same cluster to
-two workers (the new one warmed too; every worker also imports the task modules
-before timing), on two. With t1 and t2 the stage's register wall
-seconds (result.stages[0].register_seconds):
+on a LocalCluster of two (--workers) single-threaded workers, all warmed and importing the
+task modules before timing; then, after scaling the same cluster down to one worker
+(already warm: scaling up instead would pay elastix's first use again, about 10 s), on
+one. The workers' first Prefect task runs fall in the two-worker run. With t1 and t2 the
+stage's register wall seconds (result.stages[0].register_seconds):
 
     parallel_efficiency = t1 / (2 * t2)
 
@@ -30,10 +31,18 @@ from _common import (  # noqa: E402
     log,
     make_pair,
     peak_rss_mb,
-    prepare_workers,
     register,
     stage_pipeline,
 )
+
+
+def wait_for_worker_count(client, count: int, timeout: float = 120.0) -> None:
+    """Wait until the scheduler knows exactly `count` workers (after a scale down)."""
+    deadline = time.monotonic() + timeout
+    while len(client.scheduler_info(n_workers=-1)["workers"]) != count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the cluster did not come to {count} worker(s) in {timeout} s")
+        time.sleep(0.1)
 
 
 def main() -> None:
@@ -60,12 +69,11 @@ def main() -> None:
         from distributed import Client
 
         runs = {}
-        for workers in (1, args.workers):
-            if workers > 1:
+        for workers in (args.workers, 1):
+            if workers < args.workers:
                 cluster.scale(workers)
                 with Client(cluster.scheduler_address) as client:
-                    client.wait_for_workers(workers, timeout=120)
-                prepare_workers(cluster.scheduler_address)
+                    wait_for_worker_count(client, workers)
             log(f"registering on {workers} worker(s)")
             run = register(pair, work / f"out-{workers}", pipeline, cluster.scheduler_address)
             (stage,) = run["result"].stages
@@ -74,7 +82,7 @@ def main() -> None:
             runs[workers] = {"stage": stage, "wall": run["wall"]}
         return runs
 
-    runs = in_flow_with_cluster(1, body, name="dreg-bench-scaling")
+    runs = in_flow_with_cluster(args.workers, body, name="dreg-bench-scaling")
     one, many = runs[1]["stage"], runs[args.workers]["stage"]
     t1, t2 = one.register_seconds, many.register_seconds
     efficiency = t1 / (args.workers * t2)
