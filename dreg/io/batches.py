@@ -1,12 +1,12 @@
 """Cutting a grid's chunks into batches, one task run each.
 
-A task run per chunk would cost Prefect's ~0.1 CPU-s of bookkeeping (more on a busy
-server) for 10-100 ms of work. The warp, its pyramid, the inverse, a stage's reduce and
-QC's bricks go in about BATCHES_PER_WORKER batches per worker, at most MAX_BATCH_CHUNKS
-chunks each (a retried batch redoes at most that much), never more than MAX_BATCHES (Prefect's
-server stalls at tens of thousands of task runs per flow). A warp brick of up to
-4 x 4 x 4 chunks needs at most 6**3 input chunks decoded at a time (216 MiB of float32
-chunks of 64**3).
+A task run per chunk would cost Prefect's bookkeeping, about 0.2 CPU-s in all (worker,
+flow and server; bench/README.md), for 10-100 ms of work. The warp, its pyramid, the
+inverse, a stage's reduce and QC's bricks go in about BATCHES_PER_WORKER batches per
+worker, at most MAX_BATCH_CHUNKS chunks each (a retried batch redoes at most that much),
+never more than MAX_BATCHES (Prefect's server stalls at tens of thousands of task runs per
+flow). A warp brick of up to 4 x 4 x 4 chunks needs at most 6**3 input chunks decoded at
+a time (216 MiB of float32 chunks of 64**3).
 """
 
 from __future__ import annotations
