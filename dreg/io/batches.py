@@ -34,8 +34,8 @@ def chunk_batches(shape_zyx: Sequence[int], chunks_zyx: Sequence[int], workers: 
 
     The brick starts as the whole chunk grid and its longest side is halved until there
     are at least `batches_per_worker` bricks per worker and a brick holds at most
-    `max_chunks` chunks, but never below `min_chunks` (Prefect's cost per task run,
-    about 0.1 CPU-s, would show) unless the cap asks for it, nor into more than
+    `max_chunks` chunks, but never below `min_chunks` (Prefect's cost per task run
+    would show) unless the cap asks for it, nor into more than
     `max_batches` bricks (Prefect's server stalls at tens of thousands of task runs per
     flow). Bricks, and the chunks inside each, go in C order."""
     grid = [math.ceil(n / c) for n, c in zip(shape_zyx, chunks_zyx, strict=True)]
