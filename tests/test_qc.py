@@ -311,6 +311,28 @@ def test_qc_flow_uses_the_warped_image_and_records_its_verdict(pair, tmp_path, p
     assert report.flow_run_id and Path(out, "qc", "index.html").exists()
 
 
+@pytest.mark.prefect
+def test_the_qc_flow_measures_every_brick_in_its_batches(pair, tmp_path, prefect_api,
+                                                          dask_address):
+    """On Dask the bricks go in batches, one task run each: the flow's numbers equal
+    those of every brick measured one after the other, folds included."""
+    from dreg.io.batches import region_batches
+    from dreg.qc.plan import brick_regions
+    from flows.qc import quality_control
+
+    grid = ome_zarr.open_image(pair["fixed"]).levels[0].grid
+    box = (slice(9, 15), slice(10, 17), slice(6, 10))
+    out = with_field(pair, tmp_path / "out", grid, fold_field(grid, box))
+    plan = plan_qc(load_result(out))
+    assert len(brick_regions(plan)) > 1 and len(region_batches(brick_regions(plan), 2)) > 1
+    one_by_one = check.check(plan)
+    report = quality_control(out, options=RunOptions(dask_address=dask_address))
+    assert report.jacobian == one_by_one.jacobian
+    assert report.jacobian["voxels"] == int(np.prod(grid.shape_zyx))
+    assert sorted(map(json.dumps, report.fold_chunks)) == sorted(
+        map(json.dumps, one_by_one.fold_chunks))
+
+
 @pytest.mark.s3
 @pytest.mark.prefect
 def test_qc_on_s3(s3, prefect_api, tmp_path):
