@@ -242,14 +242,10 @@ def reduce_chunks(
 ) -> dict:
     """`reduce_chunk` for each (chunk, the blocks that reach it) of a batch, in order;
     returns the counts summed, with how many chunks."""
-    totals = {"voxels": 0, "blocks": 0, "chunks": 0}
-    for chunk, results in parts:
-        counts = reduce_chunk(results, chunk, field_grid, image_shape_zyx, factor, previous,
-                              destinations)
-        totals = {"voxels": totals["voxels"] + counts["voxels"],
-                  "blocks": totals["blocks"] + counts["blocks"],
-                  "chunks": totals["chunks"] + 1}
-    return totals
+    counts = [reduce_chunk(results, chunk, field_grid, image_shape_zyx, factor, previous,
+                           destinations) for chunk, results in parts]
+    return {"voxels": sum(c["voxels"] for c in counts),
+            "blocks": sum(c["blocks"] for c in counts), "chunks": len(counts)}
 
 
 def warm_up() -> None:
