@@ -69,6 +69,8 @@ def role(process) -> str:
     if "cli.main" in text:
         index = words.index("cli.main")
         return "dreg " + (words[index + 1] if len(words) > index + 1 else "")
+    if len(words) > 1 and words[1].endswith(".py"):
+        return Path(words[1]).stem  # a script: bench/_itk_dreg_run.py is "_itk_dreg_run"
     return Path(words[0]).name if words else "?"
 
 
@@ -116,9 +118,15 @@ class TreeWatch:
 def run_step(name: str, args: list[str]) -> dict:
     """Run `dreg ARGS` in a child process; its figures and its last JSON line."""
     log(f"{name}: dreg {' '.join(args)}")
+    return run_command(name, [sys.executable, "-m", "cli.main", *args])
+
+
+def run_command(name: str, command: list[str]) -> dict:
+    """Run `command` in a child process: its wall and CPU seconds (with every process
+    under it), the peak RSS of each role of process, and its last JSON line."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=REPO,
+    process = subprocess.Popen(command, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watch = TreeWatch(process.pid)
     out, err = process.communicate()

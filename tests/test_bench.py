@@ -51,6 +51,8 @@ CASES = {
     "rerun": (["--size", "32", "--quick", "--workers", "1"], ["rerun_ratio", "rerun_s"], True),
     "read_region": (["--size", "32", "--repeats", "1"], ["local_mb_per_s", "s3_mb_per_s"],
                     False),
+    "peer": (["--size", "48", "--block", "24", "--iterations", "2", "--workers", "1",
+              "--repeats", "1"], ["wall_s", "cpu_s", "largest_process_mb", "rms_after"], True),
     "gigavoxel": (["--size", "32", "--points", "2000", "--workers", "1"],
                   ["total_wall_s", "total_cpu_s", "max_process_rss_mb", "rms_after",
                    "round_trip_max"], True),
@@ -65,7 +67,7 @@ ON_ITS_OWN_API = "warp"
 # with a cluster of its own): no cluster to start, elastix already loaded. The others
 # start their own: warp (above) and scaling (it resizes its cluster).
 ON_THE_SESSION_CLUSTER = {"rerun", "accuracy", "registration", "memory", "overhead",
-                          "invert", "points", "gigavoxel"}
+                          "invert", "points", "gigavoxel", "peer"}
 
 
 def test_every_script_has_a_case():
@@ -115,6 +117,10 @@ def test_script_prints_its_figures_last(name, tmp_path, request):
         assert figures["rms_after"] < figures["rms_before"]
         assert figures["qc_status"] in ("ok", "warn")
         assert figures["rows_both_ways"] > 0 and figures["round_trip_max"] < 0.5
+    if name == "peer":
+        # dreg's side of the comparison registered, with QC, in itk-dreg's configuration.
+        assert figures["rms_after"] < figures["rms_before"]
+        assert figures["qc"] and set(figures["qc"]) <= {"ok", "warn"}
     if name == "points":
         # Every point was drawn inside the field's grid.
         assert figures["rows"] == 20_000 and figures["outside"] == 0
