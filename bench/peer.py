@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -111,8 +112,19 @@ def largest(figures: dict) -> float:
     return max(figures["peak_rss_mb_by_role"].values(), default=0.0)
 
 
-def median_of(runs: list[dict], key: str) -> float:
-    return round(statistics.median(run[key] for run in runs), 2)
+def median_of(runs: list[dict], key: str, digits: int = 2) -> float:
+    return round(statistics.median(run[key] for run in runs), digits)
+
+
+def check_interpreter(python: str) -> None:
+    """Exit with one line before any work when `python` cannot import itk_dreg."""
+    try:
+        found = subprocess.run([python, "-c", "import itk_dreg"], capture_output=True,
+                               check=False, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        found = False
+    if not found:
+        sys.exit(f"--itk-dreg {python}: not a Python interpreter that can import itk_dreg")
 
 
 def main() -> None:
@@ -128,6 +140,8 @@ def main() -> None:
                         help="an interpreter with itk_dreg: run itk-dreg beside dreg")
     parser.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args()
+    if args.itk_dreg:
+        check_interpreter(args.itk_dreg)
     workers = ["--workers", str(args.workers)]
 
     with work_folder(args.dir, "dreg-bench-peer-") as work:
@@ -169,7 +183,7 @@ def main() -> None:
         "workers": args.workers, "repeats": args.repeats,
         "wall_s": median_of(ours, "wall_s"), "cpu_s": median_of(ours, "cpu_s"),
         "largest_process_mb": median_of(ours, "largest_mb"),
-        "rms_before": ours[0]["rms_before"], "rms_after": median_of(ours, "rms_after"),
+        "rms_before": ours[0]["rms_before"], "rms_after": median_of(ours, "rms_after", 4),
         "qc": [run["qc"] for run in ours],
         "target_rss": max(run["largest_mb"] for run in ours) < RSS_LIMIT_MB,
         "runs": ours,
@@ -181,7 +195,7 @@ def main() -> None:
             "itk_dreg": {"wall_s": median_of(theirs, "wall_s"),
                          "cpu_s": median_of(theirs, "cpu_s"),
                          "largest_process_mb": median_of(theirs, "largest_mb"),
-                         "rms_after": median_of(theirs, "rms_after"), "runs": theirs},
+                         "rms_after": median_of(theirs, "rms_after", 4), "runs": theirs},
             "wall_ratio": round(wall_ratio, 3), "cpu_ratio": round(cpu_ratio, 3),
             "target_wall": wall_ratio <= WALL_TARGET, "target_cpu": cpu_ratio <= CPU_TARGET,
         })
