@@ -38,11 +38,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import REPO, emit, load_average, log, make_pair, work_folder  # noqa: E402
-from gigavoxel import field_error_streamed, run_command, run_step  # noqa: E402
+from gigavoxel import MARGIN, field_error_streamed, run_command, run_step  # noqa: E402
 
 FACTOR = 4
 OVERLAP = 0.25
-MARGIN = 2  # field voxels left out at each border, as bench/gigavoxel.py
 WALL_TARGET, CPU_TARGET, RSS_LIMIT_MB = 0.3, 0.5, 1024.0
 
 
@@ -69,19 +68,14 @@ def write_mha(image_uri: str, path: Path) -> None:
     """Level 0 of an OME-Zarr image as a float32 .mha with its placement (the bench's
     pair is small enough to hold)."""
     import itk
-    import numpy as np
 
     from dreg.io import ome_zarr
+    from dreg.registration.elastix import to_itk_image
 
     opened = ome_zarr.open_image(image_uri)
     grid = opened.levels[0].grid
     whole = tuple(slice(0, n) for n in grid.shape_zyx)
-    image = itk.image_from_array(
-        np.ascontiguousarray(ome_zarr.read_region(opened, 0, whole), dtype=np.float32))
-    image.SetSpacing([float(s) for s in grid.spacing_xyz])
-    image.SetOrigin([float(o) for o in grid.origin_xyz])
-    image.SetDirection(itk.matrix_from_array(grid.direction_matrix))
-    itk.imwrite(image, str(path))
+    itk.imwrite(to_itk_image(ome_zarr.read_region(opened, 0, whole), grid), str(path))
 
 
 def itk_field_error(field_path: Path, truth_uri: str) -> dict:
