@@ -47,12 +47,13 @@ def _last_line(result) -> dict:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from dreg.registration.pipeline import default_pipeline, load_pipeline
+    from dreg.registration.pipeline import load_pipeline
     from dreg.registration.plan import plan_registration
 
     # Options, then the pipeline, then the inputs: all before anything is written.
     run_options(args, show_progress=True)
-    pipeline = load_pipeline(args.config) if args.config else default_pipeline()
+    # No --config: the flow takes the built-in pipeline for the fixed image's size.
+    pipeline = load_pipeline(args.config) if args.config else None
     # Validate here first: bad input fails in a second, before a server or cluster starts.
     # No chunk is listed here: the flow fingerprints the inputs where the run starts.
     plan = plan_registration(args.fixed, args.moving, args.out, pipeline,

@@ -147,7 +147,7 @@ def register_on_ingest(
     logger.info(f"registering {request['moving']} onto {request['fixed']} "
                 f"into {request['out']}")
     existing = finished_with_same_inputs(request["out"], request["fixed"], request["moving"],
-                                         pipeline or default_pipeline())
+                                         pipeline)
     if existing is not None:
         logger.info(f"{request['out']} already holds this registration: nothing to do")
         artifacts.publish_result(existing)

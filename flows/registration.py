@@ -35,7 +35,6 @@ from dreg.registration import (
     RegistrationResult,
     StagePlan,
     StageSummary,
-    default_pipeline,
     plan_registration,
     stage_context,
 )
@@ -244,7 +243,7 @@ def register_images(
     started = time.perf_counter()
     options = options or RunOptions()
     initial = initial_affine.to_transform() if initial_affine else None
-    plan = plan_registration(fixed, moving, out, pipeline or default_pipeline(), initial,
+    plan = plan_registration(fixed, moving, out, pipeline, initial,
                              overwrite=options.overwrite)
     check_derived_replaceable(plan.out_uri)
     with owning(plan.out_uri) as lease:

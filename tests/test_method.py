@@ -91,6 +91,68 @@ def test_blocks_of_64_or_more_get_the_coarser_bspline_grid(small_pair, tmp_path)
         {"FinalGridSpacingInVoxels": 8}, {"FinalGridSpacingInPhysicalUnits": 12.0}, {}]
 
 
+def test_the_built_in_pipeline_takes_larger_blocks_past_512_blocks_of_64():
+    """Blocks of 64 up to 512 of them at level 0 (8 per axis: a 512^3 image, with the
+    tiling's remainder rule), then 128; a shape unknown gets 64."""
+    from dreg.registration.pipeline import default_block_edge, default_pipeline
+
+    for shape, edge in [((128, 128, 128), 64), ((512, 512, 512), 64), ((540, 540, 540), 64),
+                        ((600, 600, 600), 128), ((1024, 1024, 1024), 128),
+                        ((300, 2048, 2048), 128), ((64, 4096, 4096), 128), (None, 64)]:
+        assert default_block_edge(shape) == edge, shape
+        assert default_pipeline(shape).stages[1].block_size == edge
+
+
+def test_a_plan_without_a_pipeline_takes_the_built_in_one_for_the_fixed_size(tmp_path):
+    """Planning with no pipeline sizes the built-in one's blocks by the fixed image's
+    level 0 (its arrays are created, never written: a plan reads only the coarsest)."""
+    from dreg.io import ome_zarr
+    from dreg.registration.pipeline import default_pipeline
+
+    def pair(shape):
+        levels = [Grid(shape, (1.0, 1.0, 1.0))]
+        levels.append(levels[0].coarsened(16.0))
+        uris = [str(tmp_path / f"{shape[0]}-{name}.ome.zarr") for name in ("f", "m")]
+        for uri in uris:
+            ome_zarr.create_image(uri, levels, "uint16", chunks=64, fill_value=7)
+        return uris
+
+    for shape, edge in [((600, 600, 600), 128), ((96, 96, 96), 64)]:
+        fixed, moving = pair(shape)
+        plan = plan_registration(fixed, moving, str(tmp_path / f"out{shape[0]}"),
+                                 versions=False)
+        assert [s.config.block_size for s in plan.stages] == [None, edge]
+        assert plan.stages[1].config.block_size == default_pipeline(shape).stages[1].block_size
+
+
+def test_a_finished_result_is_found_again_for_its_pipeline_as_requested(tmp_path):
+    """A repeated request finds the finished result although the result records its
+    stages as planned (the B-spline grid made explicit); with no pipeline, the built-in
+    one counts as requested. Another pipeline, or changed content, finds nothing."""
+    from dreg.io import completion
+    from dreg.registration.pipeline import default_pipeline
+    from dreg.registration.records import finished_with_same_inputs, registration_result
+
+    pair = synth.write_pair(str(tmp_path / "pair"), Grid((64, 70, 80), (1.0, 1.0, 1.0)),
+                            seed=4, amplitude_voxels=1.5)
+    out = str(tmp_path / "out")
+    plan = plan_registration(pair["fixed"], pair["moving"], out)
+    assert plan.stages[1].config != default_pipeline().stages[1]  # made explicit
+    completion.write_whole(plan.result_uri, registration_result(plan, [], "run", 1.0).document())
+
+    def found(pipeline):
+        return finished_with_same_inputs(out, pair["fixed"], pair["moving"], pipeline)
+
+    assert found(None) is not None
+    assert found(default_pipeline((64, 70, 80))) is not None
+    other = default_pipeline().model_copy(deep=True)
+    other.stages[1].overlap = 0.5
+    assert found(other) is None
+    synth.write_pair(str(tmp_path / "pair"), Grid((64, 70, 80), (1.0, 1.0, 1.0)), seed=5,
+                     amplitude_voxels=1.5, overwrite=True)
+    assert found(None) is None
+
+
 def exact_block_residual(pair: dict, out: Path, previous):
     """Every block of a one-stage plan registered by the exact registrar from
     `previous`: the residuals and the truth and previous sampled on the field grid."""

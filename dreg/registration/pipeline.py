@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dreg.documents import MAX_DOCUMENT_BYTES, load_yaml
 from dreg.errors import InputError
+from dreg.registration.tiling import block_count
 
 ParameterValue = str | int | float | bool | list[str | int | float | bool]
 
@@ -76,13 +77,37 @@ class PipelineConfig(BaseModel):
         return stages
 
 
-def default_pipeline() -> PipelineConfig:
-    """A global affine at the coarsest level, then B-spline blocks at full resolution."""
+# The built-in pipeline's B-spline block edges, smallest first, and how many blocks it
+# cuts level 0 into before it takes the next edge. Blocks of 64 register the most
+# accurately (bench/README.md, "Accuracy"); but a block's CPU follows elastix's samples
+# and iterations more than its voxels (a 128^3 block costs about twice a 64^3 one), so
+# past 512 blocks (a 512^3 image) the built-in pipeline takes blocks of 128 with the
+# same 16-voxel B-spline grid: a 1024^3 pair then registers in 512 blocks rather than
+# 4,096, a quarter of the CPU, at an error that stays far below a voxel ("The whole
+# job"). A pipeline that sets block_size is never changed.
+DEFAULT_BLOCK_EDGES = (64, 128)
+MAX_DEFAULT_BLOCKS = 512
+
+
+def default_block_edge(shape_zyx: tuple[int, int, int] | None) -> int:
+    """The built-in pipeline's B-spline block edge for a level 0 of `shape_zyx` voxels
+    (the smallest edge for a shape unknown)."""
+    if shape_zyx is None:
+        return DEFAULT_BLOCK_EDGES[0]
+    fitting = [edge for edge in DEFAULT_BLOCK_EDGES
+               if block_count(shape_zyx, edge) <= MAX_DEFAULT_BLOCKS]
+    return fitting[0] if fitting else DEFAULT_BLOCK_EDGES[-1]
+
+
+def default_pipeline(shape_zyx: tuple[int, int, int] | None = None) -> PipelineConfig:
+    """A global affine at the coarsest level, then B-spline blocks at full resolution:
+    blocks of 64, or of 128 where the fixed image's level 0 (`shape_zyx`) would need
+    more than MAX_DEFAULT_BLOCKS blocks of 64."""
     return PipelineConfig(
         stages=[
             StageConfig(name="affine", level=-1, transform="affine"),
-            StageConfig(name="bspline", level=0, block_size=64, overlap=0.25,
-                        transform="bspline"),
+            StageConfig(name="bspline", level=0, block_size=default_block_edge(shape_zyx),
+                        overlap=0.25, transform="bspline"),
         ]
     )
 

@@ -32,7 +32,7 @@ from dreg.layout import (
 )
 from dreg.registration.block import StageContext
 from dreg.registration.method import resolve as resolve_method
-from dreg.registration.pipeline import PipelineConfig, StageConfig
+from dreg.registration.pipeline import PipelineConfig, StageConfig, default_pipeline
 from dreg.registration.tiling import normalize_block_size
 
 FOREGROUND_FRACTION_OF_P99 = 0.1
@@ -205,12 +205,13 @@ def plan_registration(
     fixed_uri: str,
     moving_uri: str,
     out_uri: str,
-    pipeline: PipelineConfig,
+    pipeline: PipelineConfig | None = None,
     initial: AffineTransform | None = None,
     overwrite: bool = False,
     versions: bool = True,
 ) -> RegistrationPlan:
     """Validate inputs and lay out the stages. Raises InputError/StorageError on bad input.
+    With no `pipeline`, the built-in one for the fixed image's size (`default_pipeline`).
 
     With `versions` (a run starts), both inputs are fingerprinted: every chunk of every
     level is listed once. Without (a check before the run), nothing is listed: the plan
@@ -225,6 +226,7 @@ def plan_registration(
     check_same_units(fixed, moving)
     check_inputs_meet(fixed, moving, initial)
 
+    pipeline = pipeline or default_pipeline(fixed.levels[0].grid.shape_zyx)
     stages = []
     for number, stage in enumerate(pipeline.stages, start=1):
         resolve_method(stage.method).check_parameters(stage)

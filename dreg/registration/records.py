@@ -17,7 +17,12 @@ from dreg.io import completion, locations, ome_zarr, storage
 from dreg.layout import RESULT_FILE
 from dreg.registration.outcome import FAILED, OK, BlockResult
 from dreg.registration.pipeline import PipelineConfig
-from dreg.registration.plan import RegistrationPlan, StagePlan, input_versions
+from dreg.registration.plan import (
+    RegistrationPlan,
+    StagePlan,
+    input_versions,
+    plan_registration,
+)
 
 FAILURES_LISTED = 200  # in a stage summary; every block is in the stage's table
 VERSIONED_PACKAGES = ("dreg", "prefect", "prefect-dask", "itk-elastix", "zarr", "dask")
@@ -222,9 +227,10 @@ def pipeline_of(plan: RegistrationPlan) -> PipelineConfig:
 
 
 def finished_with_same_inputs(out_uri: str, fixed_uri: str, moving_uri: str,
-                              pipeline: PipelineConfig) -> RegistrationResult | None:
+                              pipeline: PipelineConfig | None) -> RegistrationResult | None:
     """OUT's finished result when it was computed from these very inputs (same images,
-    same content, same pipeline), else None: a repeated request is then nothing to do."""
+    same content, same pipeline as planned; None: the built-in one), else None: a
+    repeated request is then nothing to do."""
     try:
         result = load_result(out_uri)
     except InputError:
@@ -234,9 +240,13 @@ def finished_with_same_inputs(out_uri: str, fixed_uri: str, moving_uri: str,
         return None
     try:  # read as the model, so that a field added since (at its default) still matches
         recorded = PipelineConfig.model_validate(result.pipeline)
-    except ValueError:
+        # The result records the stages as planned (defaults that depend on the images
+        # made explicit), so the request is compared as planned too.
+        planned = pipeline_of(plan_registration(fixed, moving, out_uri, pipeline,
+                                                overwrite=True, versions=False))
+    except (ValueError, InputError):
         return None
-    if recorded.model_dump(mode="json") != pipeline.model_dump(mode="json"):
+    if recorded.model_dump(mode="json") != planned.model_dump(mode="json"):
         return None
     current = input_versions(ome_zarr.open_image(fixed), ome_zarr.open_image(moving))
     return result if result.input_versions == current else None

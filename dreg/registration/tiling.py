@@ -56,6 +56,12 @@ def normalize_block_size(block_size, shape_zyx) -> tuple[int, int, int]:
     return tuple(min(b, n) for b, n in zip(sizes, shape_zyx, strict=True))
 
 
+def block_count(shape_zyx, block_size) -> int:
+    """How many blocks `tile` cuts an image of `shape_zyx` voxels into."""
+    sizes = normalize_block_size(block_size, shape_zyx)
+    return math.prod(len(_axis_cores(int(n), b)) for n, b in zip(shape_zyx, sizes, strict=True))
+
+
 def _axis_cores(n: int, size: int) -> list[tuple[int, int]]:
     """Cut [0, n) into cores of `size`; a remainder under half a block joins the last core."""
     starts = list(range(0, n, size))
