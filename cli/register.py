@@ -135,7 +135,8 @@ def add_commands(sub) -> None:
     register.add_argument("fixed")
     register.add_argument("moving")
     register.add_argument("out")
-    register.add_argument("--config", help="pipeline YAML (default: the built-in pipeline)")
+    register.add_argument("--config", help="pipeline YAML (default: the built-in pipeline, "
+                          "whose B-spline blocks are 64 voxels, or 128 past 512 blocks of 64)")
     model_option(register, "--overwrite", RunOptions, "overwrite")
     model_option(register, "--retries", RunOptions, "block_retries", type=int, metavar="N")
     model_option(register, "--storage-patience", RunOptions, "storage_patience", type=float,
