@@ -83,8 +83,9 @@ class PipelineConfig(BaseModel):
 # and iterations more than its voxels (a 128^3 block costs about twice a 64^3 one), so
 # past 512 blocks (a 512^3 image) the built-in pipeline takes blocks of 128 with the
 # same 16-voxel B-spline grid: a 1024^3 pair then registers in 512 blocks rather than
-# 4,096, a quarter of the CPU, at an error that stays far below a voxel ("The whole
-# job"). A pipeline that sets block_size is never changed.
+# 4,096, about a third of the CPU (the whole job in 45 minutes on 2 cores, RMS 0.038
+# voxel on a synthetic pair: "The whole job"). A pipeline that sets block_size is never
+# changed.
 DEFAULT_BLOCK_EDGES = (64, 128)
 MAX_DEFAULT_BLOCKS = 512
 
