@@ -27,8 +27,8 @@ at most 0.25 voxel with QC ok).
 
 `--size 256` gives the same run for a quick look (about ten minutes on 2 cores). `--pair`
 takes a pair made before (`dreg synth DIR --shape S,S,S --dtype uint16`, with this
-script's seed and amplitude) instead of making one: at 1024^3 that takes a quarter of an
-hour, outside the job's time.
+script's seed and amplitude) instead of making one: at 1024^3 that took half an hour
+(beside a test suite), outside the job's time.
 """
 
 from __future__ import annotations
