@@ -49,17 +49,19 @@ def _last_line(result) -> dict:
 def cmd_register(args: argparse.Namespace) -> int:
     from dreg.registration.pipeline import load_pipeline
     from dreg.registration.plan import plan_registration
+    from dreg.registration.records import pipeline_of
 
     # Options, then the pipeline, then the inputs: all before anything is written.
     run_options(args, show_progress=True)
-    # No --config: the flow takes the built-in pipeline for the fixed image's size.
+    # No --config: the built-in pipeline for the fixed image's size (the plan's).
     pipeline = load_pipeline(args.config) if args.config else None
     # Validate here first: bad input fails in a second, before a server or cluster starts.
     # No chunk is listed here: the flow fingerprints the inputs where the run starts.
     plan = plan_registration(args.fixed, args.moving, args.out, pipeline,
                              overwrite=args.overwrite, versions=False)
     ownership.check_free(plan.out_uri)
-    result, warped = _run_registration(args, pipeline, warp=args.warp)
+    # The stages as planned, so that the flow run's parameters in the UI show them.
+    result, warped = _run_registration(args, pipeline_of(plan), warp=args.warp)
     line = _last_line(result)
     if warped:
         line["warped"] = warped.output
