@@ -29,7 +29,7 @@ from prefect.runtime import flow_run
 
 from dreg import trust
 from dreg.apply.plan import WarpResult
-from dreg.io import ome_zarr, storage
+from dreg.io import ome_zarr, ownership, storage
 from dreg.registration import PipelineConfig, RegistrationResult, default_pipeline
 from dreg.registration.method import check_built_in
 from dreg.registration.pipeline import load_pipeline
@@ -47,6 +47,9 @@ OUT_PREFIX_VARIABLE = "DREG_OUT_PREFIX"
 ALLOWED_PREFIXES_VARIABLE = "DREG_ALLOWED_PREFIXES"
 MAX_VOXELS_VARIABLE = "DREG_MAX_VOXELS"
 PIPELINE_VARIABLE = "DREG_PIPELINE"
+# A duplicate event that arrives while the first event's run still registers the volume
+# waits for that run (whose lease stays live only while it runs) at most this long.
+OWNER_WAIT_S = 12 * 3600.0
 
 
 def split_prefixes(prefixes: list[str] | str) -> list[str]:
@@ -146,12 +149,41 @@ def register_on_ingest(
         raise
     logger.info(f"registering {request['moving']} onto {request['fixed']} "
                 f"into {request['out']}")
+    # A duplicate event while the first one's run is still at work waits for its result
+    # (or, if that run dies, takes over and resumes from its stored blocks). When both
+    # start at once, the one refused by the other's lease waits then.
+    existing = finished_after_owner(request, pipeline, logger)
+    if existing is not None:
+        return existing
+    try:
+        return registered_and_warped(request, pipeline, options, warp)
+    except ownership.OwnedElsewhere as exc:
+        logger.info(f"another run took {request['out']} first; waiting for it: {exc}")
+    existing = finished_after_owner(request, pipeline, logger)
+    if existing is not None:
+        return existing
+    return registered_and_warped(request, pipeline, options, warp)
+
+
+def finished_after_owner(request: dict, pipeline: PipelineConfig | None,
+                         logger) -> RegistrationResult | None:
+    """Once no other run owns the request's OUT: its finished registration of the same
+    inputs (published on this run too), or None."""
+    waited = ownership.wait_until_free(
+        request["out"], OWNER_WAIT_S,
+        on_wait=lambda owner: logger.info(f"waiting for the run that owns it: {owner}"))
+    if waited:
+        logger.info(f"{request['out']} is free after {waited:.0f} s")
     existing = finished_with_same_inputs(request["out"], request["fixed"], request["moving"],
                                          pipeline)
     if existing is not None:
         logger.info(f"{request['out']} already holds this registration: nothing to do")
         artifacts.publish_result(existing)
-        return existing
+    return existing
+
+
+def registered_and_warped(request: dict, pipeline: PipelineConfig | None,
+                          options: RunOptions, warp: bool) -> RegistrationResult:
     # One cluster for the registration and the warp: a local one starts once.
     with dask_cluster(options.dask_address, options.workers):
         result = register_images(fixed=request["fixed"], moving=request["moving"],

@@ -655,3 +655,69 @@ def test_an_owner_that_cannot_be_checked_is_waited_for(out, changes):
                                              r"stop it; if it is no longer running, OUT is "
                                              r"free in (64|65) s"):
         acquire(out, "run-b")
+
+
+class SteppingClock(ManualClock):
+    """A clock whose waits pass at once: each moves the time on by its seconds, then
+    calls `after_wait` (the test's way to act while a caller waits). Like a real clock,
+    it also moves on a little (`tick` seconds) whenever it is read."""
+
+    def __init__(self, after_wait=lambda now: None, tick: float = 0.0):
+        super().__init__()
+        self.after_wait = after_wait
+        self.tick = tick
+        self.waits: list[float] = []
+
+    def now(self) -> float:
+        if self.tick:
+            self.advance(self.tick)
+        return super().now()
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        self.waits.append(seconds)
+        self.advance(seconds)
+        self.after_wait(self.now())
+        return stop.is_set()
+
+
+def test_waiting_for_a_free_out_returns_at_once(tmp_path):
+    told = []
+    clock = SteppingClock()
+    assert ownership.wait_until_free(str(tmp_path / "out"), 60, clock=clock,
+                                     on_wait=told.append) == 0
+    assert told == [] and clock.waits == []
+
+
+def test_a_duplicate_waits_until_the_owner_releases(tmp_path):
+    out = str(tmp_path / "out")
+    owner = acquire(out, "run-a", lease_seconds=60, clock=ManualClock())
+    told = []
+    clock = SteppingClock(lambda now: owner.release() if now >= START + 20 else None,
+                          tick=1e-6)
+    waited = ownership.wait_until_free(out, 3600, poll_s=5, clock=clock,
+                                       on_wait=told.append)
+    assert waited == pytest.approx(20, abs=0.01) and clock.waits == [5, 5, 5, 5]
+    assert len(told) == 1 and "run run-a" in told[0]
+
+
+def test_a_duplicate_waits_until_a_silent_owner_is_stale(tmp_path):
+    out = str(tmp_path / "out")
+    clock = SteppingClock()
+    write_lease(out, "run-silent", expires=clock.now() + 60)
+    waited = ownership.wait_until_free(out, 3600, poll_s=5, clock=clock)
+    # Stale once more than CLOCK_SKEW_S past its expiry: seen at the next poll after that.
+    assert 60 + ownership.CLOCK_SKEW_S < waited <= 60 + ownership.CLOCK_SKEW_S + 5
+
+
+def test_a_duplicate_gives_up_after_its_timeout_naming_the_owner(tmp_path):
+    out = str(tmp_path / "out")
+    clock = SteppingClock()
+
+    def renew(now: float) -> None:  # a live owner elsewhere, renewing every poll
+        write_lease(out, "run-busy", expires=now + 60)
+
+    clock.after_wait = renew
+    renew(clock.now())
+    with pytest.raises(OwnedElsewhere, match="run run-busy"):
+        ownership.wait_until_free(out, 30, poll_s=7, clock=clock)
+    assert sum(clock.waits) == 30 and clock.waits[-1] == 2

@@ -42,6 +42,7 @@ from dreg.io.ownership.lease import (
     is_stale,
     lease_seconds_setting,
     read_owner,
+    wait_until_free,
 )
 from dreg.io.ownership.local import TEMPORARY_MAX_AGE_S
 from dreg.io.ownership.process import owner_is_gone
@@ -75,4 +76,5 @@ __all__ = [
     "lease_seconds_setting",
     "owner_is_gone",
     "read_owner",
+    "wait_until_free",
 ]

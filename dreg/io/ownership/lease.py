@@ -464,3 +464,29 @@ def check_free(out_uri: str, *, clock: Clock = SYSTEM_CLOCK,
     else:
         tell(notice)
     return notice
+
+
+def wait_until_free(out_uri: str, timeout_s: float, *, poll_s: float = 5.0,
+                    clock: Clock = SYSTEM_CLOCK,
+                    on_wait: Callable[[str], None] | None = None) -> float:
+    """Wait while another run holds a live lease on OUT: until it releases it, its lease
+    goes stale, or its process is provably gone from this machine. Returns the seconds
+    waited (by `clock`); raises OwnedElsewhere, naming the owner, once `timeout_s` have
+    passed. `on_wait` gets the owner's description once, when the wait begins. For a
+    second request of work that a run is already doing: it waits for that run's result
+    rather than failing, and takes over (resuming from what was stored) if that run dies."""
+    stop = threading.Event()
+    started = clock.now()
+    told = on_wait is None
+    while True:
+        try:
+            check_free(out_uri, clock=clock, tell=lambda _line: None)
+            return clock.now() - started
+        except OwnedElsewhere as exc:
+            waited = clock.now() - started
+            if waited >= timeout_s:
+                raise
+            if not told:
+                on_wait(str(exc))
+                told = True
+            clock.wait(stop, min(poll_s, timeout_s - waited))
