@@ -36,6 +36,12 @@ from flows.children import STARTUP_SETTING, STARTUP_TIMEOUT_S  # noqa: E402
 os.environ.setdefault(STARTUP_SETTING, str(STARTUP_TIMEOUT_S))
 
 
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM ends the script as Ctrl-C does, through its `with` blocks, so that the
+    servers and clusters it started (each in a session of its own) are stopped too."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

@@ -3,7 +3,7 @@ the register-scheduled deployment on one PostgreSQL-backed `prefect server start
 process worker and one external Dask cluster (`dask scheduler`, 2 `dask worker`s). After
 each batch: its seconds, the registrations it finished, and the RSS of the server (with
 its children) and of the scheduler; then their growth from the first batch to the last.
-The same code as tests/test_load.py (tests/load_platform.py), at full size.
+The same code as tests/test_operations.py (tests/load_platform.py), at full size.
 
     python bench/soak.py [--batches 5 --pairs 20 --size 48]
 """
@@ -17,7 +17,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the harness
 
-from _common import emit, load_average, log, work_folder  # noqa: E402
+from _common import (  # noqa: E402
+    emit,
+    exit_cleanly_on_sigterm,
+    load_average,
+    log,
+    work_folder,
+)
 
 
 def main() -> None:
@@ -30,17 +36,18 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
+    exit_cleanly_on_sigterm()
     volumes = load_platform.Burst(volumes=args.pairs, duplicates=0, size=args.size)
     load_start = load_average()
     with work_folder(args.dir, "dreg-bench-soak-", args.keep) as root:
         root = Path(root)
         log(f"soak of {args.batches} batches of {args.pairs} pairs in {root} "
             f"(load average {load_start})")
-        inputs = load_platform.write_volumes(root, volumes)
+        inputs = load_platform.write_volumes(str(root), volumes)
         settings = load_platform.burst_settings(root, inputs, volumes)
         with load_platform.platform(root, settings, pool_limit=1, dask_workers=2) as running:
-            rows = load_platform.soak_on(running, root, inputs["reference"],
-                                         inputs["volumes"], args.batches)
+            rows = load_platform.soak_on(running, inputs["reference"], inputs["volumes"],
+                                         args.batches)
     emit({"batches": args.batches, "pairs": args.pairs, "size": args.size,
           "all_registered": all(r["registered"] == args.pairs for r in rows),
           "server_rss_growth_pct": load_platform.growth(rows, "server_rss_mb"),

@@ -1,5 +1,5 @@
 """The platform under load (issue 21 items 2, 3 and 5): a morning's burst of ingest events
-and a soak of nightly batches, shared by tests/test_load.py (small) and bench/burst.py
+and a soak of nightly batches, shared by tests/test_operations.py (small) and bench/burst.py
 and bench/soak.py (full size, figures).
 
 Everything is real and started here: a PostgreSQL server (tests/postgres_server.py), a
@@ -23,7 +23,6 @@ and measures the server's and the Dask scheduler's memory after each batch.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import threading
 import time
@@ -53,7 +52,9 @@ from reliability_helpers import (
 
 from dreg import synth
 from dreg.grid import Grid
+from dreg.io import storage
 from dreg.layout import RESULT_FILE
+from dreg.trust import output_name
 
 POOL = "dreg-process"
 DEPLOYMENT = "dreg-register-on-ingest/register-on-ingest"
@@ -89,6 +90,8 @@ class Burst:
     pool_limit: int = 2
     dask_workers: int = 2
     late_worker: bool = False  # start the last Dask worker after the first completion
+    kill_worker_after: int = 0  # SIGKILL a Dask worker's process after this many (0: none)
+    rejected: tuple[str, ...] = REJECTED_KINDS  # which kinds of rejected event to send
     emitters: int = 4  # `dreg emit-ingested` commands at once
     timeout_s: float = 1800
 
@@ -111,35 +114,48 @@ class BurstOutcome:
     failed_events: list[dict]
     artifacts_by_run: dict  # flow run id -> artifacts it created
     worker_tasks: dict[str, int]  # Dask worker name -> tasks it ran
+    out: str  # the output prefix
+    reference: str  # the fixed volume of every registration
     figures: dict = field(default_factory=dict)
 
 
-def write_volumes(root: Path, burst: Burst) -> dict:
-    """The reference, the distinct volumes, and the inputs of the rejected events."""
-    landing = root / "landing"
-    pair = synth.write_pair(str(landing / "pair"), Grid((burst.size,) * 3, (1.0, 1.0, 1.0)),
-                            seed=5, amplitude_voxels=1.5)
+def write_volumes(root: str, burst: Burst, pair: dict | None = None) -> dict:
+    """The reference, the distinct volumes, and the inputs of the rejected events, under
+    `root` (a local folder or an s3:// prefix). The volumes are copies of the moving
+    image of `pair` (a `synth.write_pair` result; by default one is written)."""
+    landing = storage.join(root, "landing")
+    grid = Grid((burst.size,) * 3, (1.0, 1.0, 1.0))
+    if pair is None:
+        pair = synth.write_pair(storage.join(landing, "pair"), grid, seed=5,
+                                amplitude_voxels=1.5)
     volumes = []
     for i in range(burst.volumes):
-        target = landing / "volumes" / f"vol-{i:02d}.ome.zarr"
-        shutil.copytree(pair["moving"], target)
-        volumes.append(str(target))
-    elsewhere = root / "elsewhere" / "vol.ome.zarr"
-    shutil.copytree(pair["moving"], elsewhere)
-    not_image = landing / "volumes" / "notes.ome.zarr"
-    not_image.mkdir(parents=True)
-    (not_image / "README.txt").write_text("not an image\n")
-    large = synth.write_pair(str(landing / "large"),
-                             Grid((burst.size + 8,) * 3, (1.0, 1.0, 1.0)), seed=6)
+        volumes.append(storage.join(landing, "volumes", f"vol-{i:02d}.ome.zarr"))
+        copy_tree(pair["moving"], volumes[-1])
+    elsewhere = storage.join(root, "elsewhere", "vol.ome.zarr")
+    copy_tree(pair["moving"], elsewhere)
+    not_image = storage.join(landing, "volumes", "notes.ome.zarr")
+    storage.write_text(storage.join(not_image, "README.txt"), "not an image\n")
     rejected = [
-        Event(str(elsewhere), "v1", REJECTED_KINDS[0]),
-        Event(str(landing / "volumes" / "missing.ome.zarr"), "v1", REJECTED_KINDS[1]),
-        Event(str(not_image), "v1", REJECTED_KINDS[2]),
-        Event(large["moving"], "v1", REJECTED_KINDS[3]),
-        Event(volumes[0], "v2", REJECTED_KINDS[4], fixed=str(elsewhere)),
+        Event(elsewhere, "v1", REJECTED_KINDS[0]),
+        Event(storage.join(landing, "volumes", "missing.ome.zarr"), "v1", REJECTED_KINDS[1]),
+        Event(not_image, "v1", REJECTED_KINDS[2]),
+        Event(storage.join(landing, "large", "moving.ome.zarr"), "v1", REJECTED_KINDS[3]),
+        Event(volumes[0], "v2", REJECTED_KINDS[4], fixed=elsewhere),
     ]
+    rejected = [e for e in rejected if e.kind in burst.rejected]
+    if REJECTED_KINDS[3] in burst.rejected:
+        synth.write_pair(storage.join(landing, "large"),
+                         Grid((burst.size + 8,) * 3, (1.0, 1.0, 1.0)), seed=6)
     return {"reference": pair["fixed"], "volumes": volumes, "rejected": rejected,
-            "allowed": str(landing) + "/", "out": str(root / "out")}
+            "allowed": landing + "/", "out": storage.join(root, "out")}
+
+
+def copy_tree(source: str, target: str) -> None:
+    """Copy a folder (an OME-Zarr image) between locations of the same kind."""
+    fs, source_path = storage.filesystem(source)
+    _, target_path = storage.filesystem(target)
+    fs.copy(source_path.rstrip("/") + "/", target_path, recursive=True)
 
 
 def deployments_file(target: Path, limit: int) -> Path:
@@ -366,25 +382,44 @@ def platform(root: Path, settings: dict, pool_limit: int, dask_workers: int,
               deployments_file(root / "prefect.yaml", pool_limit)], env, "deploy")
         worker = start([BIN / "prefect", "worker", "start", "--pool", POOL, "--limit",
                         str(pool_limit)], env, root / "prefect-worker.log")
-        stack.callback(stop, worker)
+        stack.callback(stop_worker, worker)
         yield Platform(api, env, address, start_late, _server_pid(api), scheduler_pid,
                        worker, database)
 
 
-def burst_settings(root: Path, inputs: dict, burst: Burst) -> dict:
-    """The deployments' settings (DREG_* variables) for the burst's volumes."""
-    (root / "pipeline.yaml").write_text(PIPELINE)
+def stop_worker(worker: Started) -> None:
+    """Stop the `prefect worker` and the flow-run processes it started (each leads a
+    session of its own, so stopping the worker's group leaves them running)."""
+    try:
+        runs = psutil.Process(worker.pid).children(recursive=True)
+    except psutil.Error:
+        runs = []
+    stop(worker)
+    for process in runs:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(runs, timeout=10)
+
+
+def burst_settings(local: Path, inputs: dict, burst: Burst,
+                   manifest: str | None = None) -> dict:
+    """The deployments' settings (DREG_* variables) for the burst's volumes; the pipeline
+    file is written in the local folder `local`, the nightly manifest is `manifest`
+    (default: beside it)."""
+    (local / "pipeline.yaml").write_text(PIPELINE)
     return {"DREG_REFERENCE": inputs["reference"], "DREG_OUT_PREFIX": inputs["out"],
             # The nightly batch's manifest names outputs too: they lie under the prefix.
             "DREG_ALLOWED_PREFIXES": f"{inputs['allowed']},{inputs['out']}/",
             "DREG_MAX_VOXELS": str(burst.size ** 3),
-            "DREG_PIPELINE": str(root / "pipeline.yaml"),
-            "DREG_MANIFEST": str(root / "manifest.yaml")}
+            "DREG_PIPELINE": str(local / "pipeline.yaml"),
+            "DREG_MANIFEST": manifest or str(local / "manifest.yaml")}
 
 
 def run_burst(root: Path, burst: Burst) -> BurstOutcome:
     """Start the platform, send the burst, wait until every run has ended; what happened."""
-    inputs = write_volumes(root, burst)
+    inputs = write_volumes(str(root), burst)
     with platform(root, burst_settings(root, inputs, burst), burst.pool_limit,
                   burst.dask_workers, burst.late_worker) as running:
         return burst_on(running, inputs, burst)
@@ -396,23 +431,41 @@ def burst_on(running: Platform, inputs: dict, burst: Burst) -> BurstOutcome:
     with TreeSampler(running.server_pid) as sampler:
         events, last_event, began = send_burst(env, inputs, burst)
 
+        killed: list[str] = []
+
+        # The platform may have served other runs before: the burst's are those of its
+        # volumes, their outputs and their runs.
+        uris = {e.uri for e in events}
+
         def all_ended() -> list | None:
-            runs = ingest_runs(api)
-            if burst.late_worker and any(r.state.is_completed() for r in runs):
+            runs = [r for r in ingest_runs(api) if r.parameters.get("moving") in uris]
+            done = sum(r.state.is_completed() for r in runs)
+            if burst.late_worker and done:
                 running.start_late_worker()
+            if burst.kill_worker_after and not killed and done >= burst.kill_worker_after:
+                killed.append(kill_a_worker(running.address))
             if len(runs) == len(events) and all(r.state.is_final() for r in runs):
                 return runs
             return None
 
         runs = wait_for(all_ended, burst.timeout_s, f"{len(events)} ingest runs ended",
                         running.worker, interval=2)
-        completed = _settled_events(api, "dreg.registration.completed", burst.volumes)
-        failed = _settled_events(api, "dreg.registration.failed", len(inputs["rejected"]))
+        run_ids = {str(r.id) for r in runs}
+        fields = {f"dreg.field.{storage.join(inputs['out'], output_name(e.uri, e.version))}"
+                  f"/field.ome.zarr" for e in events}
+        completed, failed = _settled_events(api, {
+            "dreg.registration.completed": (
+                burst.volumes, lambda e: e["resource"]["prefect.resource.id"] in fields),
+            "dreg.registration.failed": (
+                len(inputs["rejected"]), lambda e: e["payload"].get("flow_run_id") in run_ids),
+        })
     outcome = BurstOutcome(
-        events=events, runs=runs, registrations=registration_runs(api),
+        events=events, runs=runs,
+        registrations=[r for r in registration_runs(api) if r.parameters.get("moving") in uris],
         completed_events=completed, failed_events=failed,
         artifacts_by_run=artifacts_of(api, [r.id for r in runs]),
-        worker_tasks=dask_worker_tasks(running.address))
+        worker_tasks=dask_worker_tasks(running.address), out=inputs["out"],
+        reference=inputs["reference"])
     finishes = [r.end_time.timestamp() for r in runs if r.end_time]
     outcome.figures = {
         "events_in": len(events),
@@ -420,6 +473,7 @@ def burst_on(running: Platform, inputs: dict, burst: Burst) -> BurstOutcome:
         "rejected": len(inputs["rejected"]), "size": burst.size,
         "pool_limit": burst.pool_limit, "dask_workers": burst.dask_workers,
         "emit_span_s": round(last_event - min(e.occurred for e in events), 1),
+        "firsts_span_s": round(_span([e for e in events if e.kind == "first"]), 1),
         "runs_completed": sum(r.state.is_completed() for r in runs),
         "runs_failed": sum(r.state.is_failed() for r in runs),
         "registrations": len(outcome.registrations),
@@ -430,9 +484,46 @@ def burst_on(running: Platform, inputs: dict, burst: Burst) -> BurstOutcome:
         "server_peak_rss_mb": round(sampler.peak_rss / 2**20, 1),
         "database_mb": round(database_size(running.database) / 2**20, 1),
         "worker_tasks": outcome.worker_tasks,
+        "killed_worker": killed[0] if killed else None,
+        "blocks_reused": blocks_reused(inputs["out"]),
         "exactly_once": exactly_once(outcome),
     }
     return outcome
+
+
+def kill_a_worker(address: str) -> str:
+    """SIGKILL the process of the cluster's busiest worker (its nanny starts another);
+    returns the worker's name."""
+    import os
+    import signal
+
+    from distributed import Client
+
+    def who(dask_worker) -> tuple[str, int, int]:
+        return (str(dask_worker.name), os.getpid(),
+                int(dask_worker.state.executing_count))
+
+    with Client(address, timeout=30) as client:
+        workers = sorted(client.run(who).values(), key=lambda w: -w[2])
+    name, pid, _ = workers[0]
+    os.kill(pid, signal.SIGKILL)
+    return name
+
+
+def blocks_reused(out: str) -> int:
+    """Blocks taken from the block store rather than registered, over every finished
+    registration under `out` (after a killed worker: those its lost batch had stored)."""
+    fs, path = storage.filesystem(out)
+    total = 0
+    for result in fs.glob(f"{path.rstrip('/')}/*/{RESULT_FILE}"):
+        stages = json.loads(fs.cat_file(result))["stages"]
+        total += sum(stage.get("reused", 0) for stage in stages)
+    return total
+
+
+def _span(events: list[Event]) -> float:
+    """Seconds from the first of `events` to the last, as the server dated them."""
+    return max(e.occurred for e in events) - min(e.occurred for e in events)
 
 
 def exactly_once(outcome: BurstOutcome) -> bool:
@@ -481,15 +572,23 @@ def _server_pid(api: str) -> int:
     raise AssertionError(f"no `prefect server start` on port {port}")
 
 
-def _settled_events(api: str, name: str, expected: int, timeout_s: float = 60) -> list:
-    """The events called `name` once at least `expected` are in the feed (the server
-    stores events asynchronously) and a few seconds more have brought no new one."""
+def _settled_events(api: str, expected: dict, timeout_s: float = 60) -> list[list[dict]]:
+    """For each event name of `expected` (name: (count, which)), the events so called
+    for which `which` holds, once at least `count` of each are in the feed (the server
+    stores events asynchronously) and a few seconds more have brought no new one (so
+    that a doubled event would show)."""
+    def read() -> list[list[dict]]:
+        return [[e for e in all_events(api, name) if which(e)]
+                for name, (_, which) in expected.items()]
+
+    counts = [count for count, _ in expected.values()]
     deadline = time.monotonic() + timeout_s
-    found = all_events(api, name)
+    found = read()
     while time.monotonic() < deadline:
         time.sleep(3)
-        again = all_events(api, name)
-        if len(again) >= expected and len(again) == len(found):
+        again = read()
+        if (all(len(a) >= n for a, n in zip(again, counts, strict=True))
+                and [len(a) for a in again] == [len(f) for f in found]):
             return again
         found = again
     return found
@@ -498,7 +597,7 @@ def _settled_events(api: str, name: str, expected: int, timeout_s: float = 60) -
 SCHEDULED = "dreg-register-scheduled/register-scheduled"
 
 
-def soak_on(running: Platform, root: Path, reference: str, movings: list[str],
+def soak_on(running: Platform, reference: str, movings: list[str],
             batches: int, timeout_s: float = 3600) -> list[dict]:
     """Run the nightly batch `batches` times in a row through the register-scheduled
     deployment: each time its manifest (DREG_MANIFEST) lists every moving volume onto the
@@ -507,15 +606,16 @@ def soak_on(running: Platform, root: Path, reference: str, movings: list[str],
     Dask scheduler."""
     from uuid import UUID
 
-    manifest = Path(running.env["DREG_MANIFEST"])
-    out = Path(running.env["DREG_OUT_PREFIX"])
+    manifest = running.env["DREG_MANIFEST"]
+    out = running.env["DREG_OUT_PREFIX"]
     rows = []
     for batch in range(1, batches + 1):
-        outputs = [out / f"batch-{batch}" / Path(m).name.removesuffix(".ome.zarr")
+        outputs = [storage.join(out, f"batch-{batch}",
+                                m.rstrip("/").rsplit("/", 1)[1].removesuffix(".ome.zarr"))
                    for m in movings]
-        entries = [{"fixed": reference, "moving": m, "out": str(o)}
+        entries = [{"fixed": reference, "moving": m, "out": o}
                    for m, o in zip(movings, outputs, strict=True)]
-        manifest.write_text(yaml.safe_dump(entries))
+        storage.replace_text(manifest, yaml.safe_dump(entries))
         with client_for(running.api) as client:
             deployment = client.read_deployment_by_name(SCHEDULED)
             run_id = client.create_flow_run_from_deployment(deployment.id).id
@@ -529,7 +629,7 @@ def soak_on(running: Platform, root: Path, reference: str, movings: list[str],
         rows.append({
             "batch": batch, "state": run.state.type.value,
             "seconds": round((run.end_time - run.start_time).total_seconds(), 1),
-            "registered": sum((o / RESULT_FILE).exists() for o in outputs),
+            "registered": sum(storage.exists(storage.join(o, RESULT_FILE)) for o in outputs),
             "server_rss_mb": round(tree_rss(running.server_pid) / 2**20, 1),
             "scheduler_rss_mb": round(tree_rss(running.scheduler_pid) / 2**20, 1),
         })

@@ -71,17 +71,17 @@ ON_THE_SESSION_CLUSTER = {"rerun", "accuracy", "registration", "memory", "overhe
 
 
 # Scripts that each start a whole platform (PostgreSQL, a Prefect server, a worker, a Dask
-# cluster): tests/test_load.py runs their code (tests/load_platform.py) on one platform,
+# cluster): tests/test_operations.py runs their code (tests/load_platform.py) on one platform,
 # so that the suite starts it once; each script only parses its arguments and prints.
-RUN_BY_TEST_LOAD = {"burst", "soak"}
+RUN_BY_TEST_OPERATIONS = {"burst", "soak"}
 
 
 def test_every_script_has_a_case():
     scripts = {p.stem for p in (REPO / "bench").glob("*.py") if not p.stem.startswith("_")}
-    assert scripts == set(CASES) | RUN_BY_TEST_LOAD
+    assert scripts == set(CASES) | RUN_BY_TEST_OPERATIONS
 
 
-@pytest.mark.parametrize("name", sorted(RUN_BY_TEST_LOAD))
+@pytest.mark.parametrize("name", sorted(RUN_BY_TEST_OPERATIONS))
 def test_platform_scripts_load_and_describe_their_arguments(name):
     done = subprocess.run([sys.executable, str(REPO / "bench" / f"{name}.py"), "--help"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
