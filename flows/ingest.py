@@ -169,10 +169,14 @@ def finished_after_owner(request: dict, pipeline: PipelineConfig | None,
                          logger) -> RegistrationResult | None:
     """Once no other run owns the request's OUT: its finished registration of the same
     inputs (published on this run too), or None."""
-    waited = ownership.wait_until_free(
-        request["out"], OWNER_WAIT_S,
-        on_wait=lambda owner: logger.info(f"waiting for the run that owns it: {owner}"))
-    if waited:
+    owners: list[str] = []
+
+    def tell(owner: str) -> None:
+        owners.append(owner)
+        logger.info(f"waiting for the run that owns it: {owner}")
+
+    waited = ownership.wait_until_free(request["out"], OWNER_WAIT_S, on_wait=tell)
+    if owners:
         logger.info(f"{request['out']} is free after {waited:.0f} s")
     existing = finished_with_same_inputs(request["out"], request["fixed"], request["moving"],
                                          pipeline)

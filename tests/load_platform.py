@@ -45,6 +45,7 @@ from reliability_helpers import (
     client_for,
     prefect_server,
     start,
+    start_dask_worker,
     stop,
     wait_for,
     wait_for_port,
@@ -197,14 +198,7 @@ def dask_cluster(root: Path, env: dict, workers: int,
     started: list[Started] = []
 
     def start_worker(i: int) -> None:
-        home = root / f"worker-{i}"
-        (home / "tmp").mkdir(parents=True, exist_ok=True)
-        worker_env = {**env, "HOME": str(home), "TMPDIR": str(home / "tmp"),
-                      "PREFECT_HOME": str(home / ".prefect")}
-        started.append(start([BIN / "dask", "worker", address, "--nthreads", "1",
-                              "--resources", "block=1", "--no-dashboard",
-                              "--local-directory", home / "dask", "--name", f"worker-{i}"],
-                             worker_env, root / f"worker-{i}.log"))
+        started.append(start_dask_worker(address, root, env, f"worker-{i}"))
 
     try:
         scheduler = start([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", port,

@@ -112,6 +112,20 @@ def start(args: list[str], env: dict, log: Path) -> Started:
     return Started(process, log)
 
 
+def start_dask_worker(address: str, root: Path, env: dict, name: str) -> Started:
+    """`dask worker` (with its nanny) for the scheduler at `address`: one thread, one
+    `block` resource (what dreg's block stages ask for), its own HOME, temporary folder,
+    Prefect home and working directory under `root`/`name`, its output in
+    `root`/`name`.log."""
+    home = root / name
+    (home / "tmp").mkdir(parents=True, exist_ok=True)
+    worker_env = {**env, "HOME": str(home), "TMPDIR": str(home / "tmp"),
+                  "PREFECT_HOME": str(home / ".prefect")}
+    return start([BIN / "dask", "worker", address, "--nthreads", "1", "--resources",
+                  "block=1", "--no-dashboard", "--local-directory", home / "dask",
+                  "--name", name], worker_env, root / f"{name}.log")
+
+
 def dump_stacks(pgid: int, settle: float = 3.0) -> None:
     """Ask every process of group `pgid` for its threads' stacks (dreg's processes print
     them to their stderr on SIGUSR1: dreg.process); the others may end of it."""

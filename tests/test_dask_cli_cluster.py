@@ -33,6 +33,7 @@ from reliability_helpers import (
     finish,
     read_field,
     start,
+    start_dask_worker,
     stop,
     wait_for,
     wait_for_port,
@@ -153,14 +154,7 @@ def cli_cluster(server, tmp_path_factory):
         started.append(scheduler)
         # The workers start at once: a worker waits for its scheduler to answer.
         for i in range(2):
-            home = root / f"worker-{i}"
-            (home / "tmp").mkdir(parents=True)
-            worker_env = {**env, "HOME": str(home), "TMPDIR": str(home / "tmp"),
-                          "PREFECT_HOME": str(home / ".prefect")}
-            started.append(start([BIN / "dask", "worker", address, "--nthreads", "1",
-                                  "--resources", "block=1", "--no-dashboard",
-                                  "--local-directory", home / "dask", "--name", f"worker-{i}"],
-                                 worker_env, root / f"worker-{i}.log"))
+            started.append(start_dask_worker(address, root, env, f"worker-{i}"))
         wait_for_port(port, STARTUP_TIMEOUT_S, scheduler)
         wait_for(lambda: both_workers(address), STARTUP_TIMEOUT_S, "both workers registered",
                  scheduler, interval=1)
