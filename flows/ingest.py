@@ -188,6 +188,8 @@ def finished_after_owner(request: dict, pipeline: PipelineConfig | None,
 
 def registered_and_warped(request: dict, pipeline: PipelineConfig | None,
                           options: RunOptions, warp: bool) -> RegistrationResult:
+    """Register the request (a `register_images` subflow) and publish its result; then,
+    unless `warp` is off, warp the moving volume onto the reference's grid."""
     # One cluster for the registration and the warp: a local one starts once.
     with dask_cluster(options.dask_address, options.workers):
         result = register_images(fixed=request["fixed"], moving=request["moving"],
