@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
-from cli import apply, images, qc, register, view
 from dreg.errors import DregError, RunFailed, one_line
 from dreg.process import enable_stack_dumps
 from flows.events import INTERRUPT_MARKERS
@@ -20,13 +20,23 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"dreg: error: {one_line(f'{self.prog}: {message}')}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The modules that define the commands, in the order `dreg --help` lists them.
+GROUPS = ("images", "register", "events", "apply", "qc", "view")
+# Commands whose module is light, run once per volume by other systems: only that module
+# is imported for them (the others import zarr, SciPy and more: 0.4 s of CPU a call).
+LIGHT_COMMANDS = {"emit-ingested": "events"}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`: every command's, or only its own for a light command."""
     parser = Parser(
         prog="dreg", description="Distributed registration of large 3D images."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (images, register, apply, qc, view):
-        group.add_commands(sub)
+    first = (argv if argv is not None else sys.argv[1:])[:1]
+    groups = [LIGHT_COMMANDS[first[0]]] if first and first[0] in LIGHT_COMMANDS else GROUPS
+    for group in groups:
+        importlib.import_module(f"cli.{group}").add_commands(sub)
     return parser
 
 
@@ -46,7 +56,7 @@ def apply_private_mode() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     apply_private_mode()
     enable_stack_dumps()

@@ -1,6 +1,5 @@
-"""`dreg register`, `dreg demo` and `dreg emit-ingested`: run the registration flow on
-the embedded defaults (no server to start: Prefect's temporary API, a local Dask cluster,
-local files), or announce a new volume to the deployments."""
+"""`dreg register` and `dreg demo`: run the registration flow on the embedded defaults
+(no server to start: Prefect's temporary API, a local Dask cluster, local files)."""
 
 from __future__ import annotations
 
@@ -109,29 +108,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_emit_ingested(args: argparse.Namespace) -> int:
-    from prefect.settings import PREFECT_API_URL
-
-    from dreg.errors import InputError, RunFailed
-    from flows.events import confirm_delivered, emit_ingested
-
-    api = PREFECT_API_URL.value()
-    if not api:
-        # Without it Prefect would send the event to a temporary server nobody watches.
-        raise InputError("no Prefect API is configured: set PREFECT_API_URL to the Prefect "
-                         "server that runs the deployments")
-    for uri in (args.uri, args.fixed):
-        if uri and storage.is_s3(uri):
-            storage.check_s3_uri(uri)  # a bucket, and no credentials to spread
-    event = emit_ingested(args.uri, version=args.version, fixed=args.fixed)
-    if event is None:
-        raise RunFailed(f"the event was not sent to {api}")
-    confirm_delivered(api, str(event.id))
-    print(json.dumps({"event": event.event, "id": str(event.id),
-                      "resource": event.resource.id, "occurred": event.occurred.isoformat()}))
-    return 0
-
-
 def add_commands(sub) -> None:
     register = sub.add_parser("register", help="register MOVING onto FIXED into OUT")
     register.add_argument("fixed")
@@ -161,11 +137,3 @@ def add_commands(sub) -> None:
     demo.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
     add_cluster_options(demo)
     demo.set_defaults(run=cmd_demo)
-
-    emit = sub.add_parser("emit-ingested",
-                          help="announce a new volume (the ingestion event) to Prefect")
-    emit.add_argument("uri", help="the new volume (s3:// URI or local path)")
-    emit.add_argument("--version", default="", help="the volume's version label")
-    emit.add_argument("--fixed", default=None, help="register onto this volume instead of "
-                      "the deployment's reference")
-    emit.set_defaults(run=cmd_emit_ingested)

@@ -18,12 +18,28 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from dreg.errors import InputError
+from dreg.errors import InputError, redact
 
 MAX_URI_LENGTH = 1024
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9._:+-]{0,128}$")
 S3_URI_PATTERN = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?$")
 Number = TypeVar("Number", int, float)
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def check_s3_uri(uri: str) -> None:
+    """Refuse an ``s3://`` URI without a bucket (``s3://``, ``s3:///key``), or one that
+    carries credentials (``s3://KEY:SECRET@bucket``: they belong in the environment, and
+    would be echoed into messages, logs and event resources)."""
+    bucket = uri.removeprefix("s3://").split("/", 1)[0]
+    if "@" in bucket:
+        raise InputError(f"{redact(uri)}: credentials in an s3:// URI are not accepted; "
+                         "give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+    if not bucket:
+        raise InputError(f"{uri}: an s3:// URI needs a bucket (s3://BUCKET/KEY)")
 
 
 def _local_under(path: str, root: str) -> bool:

@@ -24,9 +24,18 @@ Downstream, a registration announces its outcome:
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from dreg.errors import redact
+from dreg.errors import InputError, RunFailed, redact
 
 if TYPE_CHECKING:
     from dreg.registration import RegistrationResult
@@ -40,29 +49,45 @@ DELIVERY_TIMEOUT_S = 30.0
 RESEND_TIMEOUT_S = 180.0
 # How an interrupt (SIGINT, or SIGTERM as Prefect raises it) shows in a wrapped error.
 INTERRUPT_MARKERS = ("KeyboardInterrupt", "TerminationSignal")
+DEFAULT_CLOUD_API = "https://api.prefect.cloud/api"
 
 
-def api_headers() -> dict[str, str]:
+def configured_api() -> str | None:
+    """The Prefect API this process talks to, as Prefect's settings resolve it (the
+    environment, a profile, a .env or prefect.toml file; a flow run's own settings).
+    Where Prefect is not loaded yet, PREFECT_API_URL in the environment is taken as it
+    is, as Prefect would take it, so that a command that only sends an event does not
+    import Prefect (about 1 s of CPU a call)."""
+    if "prefect.settings" not in sys.modules and (api := os.environ.get("PREFECT_API_URL")):
+        return api
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+def _credentials(from_settings: bool) -> dict[str, str] | None:
     """The credentials Prefect's own clients send: HTTP basic authentication with
     PREFECT_API_AUTH_STRING (a self-hosted server started with
-    PREFECT_SERVER_API_AUTH_STRING), else a bearer PREFECT_API_KEY (Prefect Cloud)."""
-    import base64
+    PREFECT_SERVER_API_AUTH_STRING), else a bearer PREFECT_API_KEY (Prefect Cloud).
+    From the environment only unless `from_settings`; None when it sets neither."""
+    if from_settings:
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY
 
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY
-
-    if auth := PREFECT_API_AUTH_STRING.value():
+        auth, key = PREFECT_API_AUTH_STRING.value(), PREFECT_API_KEY.value()
+    else:
+        auth = os.environ.get("PREFECT_API_AUTH_STRING")
+        key = os.environ.get("PREFECT_API_KEY")
+        if auth is None and key is None:
+            return None
+    if auth:
         return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
-    if key := PREFECT_API_KEY.value():
+    if key:
         return {"Authorization": f"Bearer {key}"}
     return {}
 
 
-def _refused(api: str, status: int) -> Exception:
-    from prefect.settings import PREFECT_API_AUTH_STRING
-
-    from dreg.errors import InputError
-
-    if PREFECT_API_AUTH_STRING.value():
+def _refused(api: str, status: int, credentials: dict[str, str]) -> Exception:
+    if credentials.get("Authorization", "").startswith("Basic "):
         cause = "the credentials in PREFECT_API_AUTH_STRING are not the server's"
     else:
         cause = ("set PREFECT_API_AUTH_STRING to the server's PREFECT_SERVER_API_AUTH_STRING "
@@ -72,8 +97,6 @@ def _refused(api: str, status: int) -> Exception:
 
 def _unreachable(api: str, exc: OSError) -> str:
     """Why the API at `api` could not be reached, in a few words."""
-    import urllib.error
-
     if isinstance(exc, urllib.error.HTTPError):
         return f"the Prefect API {api} answered HTTP {exc.code} {exc.reason}"
     reason = getattr(exc, "reason", None) or exc
@@ -81,39 +104,38 @@ def _unreachable(api: str, exc: OSError) -> str:
             f"({getattr(reason, 'strerror', None) or reason})")
 
 
-def _call(api: str, path: str, data: bytes | None = None, timeout: float = 10) -> bytes:
-    """One request to the API with the client's credentials: the answer's body; the
-    refusal of the credentials (401, 403) as one InputError line, at once."""
-    import urllib.error
-    import urllib.request
-
+def _request(api: str, path: str, data: bytes | None, timeout: float,
+             credentials: dict[str, str]) -> bytes:
     request = urllib.request.Request(
         f"{api.rstrip('/')}/{path}", data=data, method="POST" if data is not None else "GET",
-        headers={"Content-Type": "application/json", **api_headers()})
+        headers={"Content-Type": "application/json", **credentials})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.read()
+
+
+def _call(api: str, path: str, data: bytes | None = None, timeout: float = 10) -> bytes:
+    """One request to the API with the client's credentials: the answer's body; the
+    refusal of the credentials (401, 403) as one InputError line, at once.
+
+    Where Prefect is loaded already (in a flow run), its settings give the credentials.
+    Elsewhere the environment does; only when it sets none and the server refuses are
+    Prefect's settings read, and the request made again with what they hold."""
+    from_settings = "prefect.settings" in sys.modules
+    credentials = _credentials(from_settings)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.read()
+        return _request(api, path, data, timeout, credentials or {})
     except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
-            raise _refused(api, exc.code) from None
-        raise
-
-
-def check_api(api: str, timeout_s: float = 10) -> None:
-    """Fail at once, in one line, when the API at `api` cannot be reached (refused, no
-    such host, timed out) or refuses this client's credentials (a request that needs
-    them: the server's version). Checked before an event is sent, so that the cause is
-    named in a second instead of after a delivery wait."""
-    import urllib.error
-
-    from dreg.errors import RunFailed
-
-    try:
-        _call(api, "admin/version", timeout=timeout_s)
-    except urllib.error.HTTPError:
-        return  # it answers and took the credentials; the event itself will tell the rest
-    except OSError as exc:
-        raise RunFailed(redact(f"{_unreachable(api, exc)}; the event was not sent")) from None
+        if exc.code not in (401, 403):
+            raise
+        refusal = exc.code
+    if credentials is None and (credentials := _credentials(from_settings=True)):
+        try:
+            return _request(api, path, data, timeout, credentials)
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (401, 403):
+                raise
+            refusal = exc.code
+    raise _refused(api, refusal, credentials or {})
 
 
 def confirm_delivered(api: str, event_id: str, timeout_s: float = DELIVERY_TIMEOUT_S) -> None:
@@ -121,11 +143,6 @@ def confirm_delivered(api: str, event_id: str, timeout_s: float = DELIVERY_TIMEO
     saying whether the API could not be reached at all (and why) or answered without
     the event. An event that only looks sent is worse than an error; refused
     credentials fail at once."""
-    import json
-    import time
-
-    from dreg.errors import RunFailed
-
     query = json.dumps({"filter": {"id": {"id": [event_id]}}, "limit": 1}).encode()
     deadline = time.monotonic() + timeout_s
     unreachable = None  # why the last attempt failed, or None once the API answered
@@ -179,19 +196,16 @@ def _run_resources(event: Any) -> list:
 
 
 def _is_cloud(api: str) -> bool:
-    from prefect.settings import PREFECT_CLOUD_API_URL
+    cloud = os.environ.get("PREFECT_CLOUD_API_URL")
+    if cloud is None and "prefect.settings" in sys.modules:
+        from prefect.settings import PREFECT_CLOUD_API_URL
 
-    return api.startswith(PREFECT_CLOUD_API_URL.value())
+        cloud = PREFECT_CLOUD_API_URL.value()
+    return api.startswith(cloud or DEFAULT_CLOUD_API)
 
 
 def _send(api: str, event: Any) -> None:
     """POST the event to the server's events endpoint until it is accepted."""
-    import json
-    import time
-    import urllib.error
-
-    from dreg.errors import RunFailed
-
     body = json.dumps([event.model_dump(mode="json")]).encode()
     deadline = time.monotonic() + RESEND_TIMEOUT_S
     while True:
@@ -218,31 +232,51 @@ def volume_resource_id(uri: str) -> str:
     return resource_id("volume", uri)
 
 
-def emit_ingested(uri: str, version: str = "", fixed: str | None = None) -> Any:
-    """Announce a new volume at `uri` (call this from the ingestion system).
-
-    Needs PREFECT_API_URL pointing at the Prefect server (and PREFECT_API_AUTH_STRING
-    where the server asks for it: refused credentials or an unreachable server fail at
-    once, in one line). Returns the emitted event.
-    """
-    from prefect.events import emit_event
-    from prefect.settings import PREFECT_API_URL
-
-    if api := PREFECT_API_URL.value():
-        check_api(api)
-
-    # The URI goes out as given, credentials aside (the registration refuses a URI that
-    # carries them; the event must not spread them).
+def ingested_event(uri: str, version: str = "", fixed: str | None = None) -> dict:
+    """The event that announces a new volume at `uri`, as the events endpoint takes it.
+    The URI goes out as given, credentials aside (the registration refuses a URI that
+    carries them; the event must not spread them)."""
     uri = redact(uri)
     payload = {"uri": uri, "version": version}
     if fixed:
         payload["fixed"] = redact(fixed)
-    return emit_event(
-        event=INGESTED,
-        resource={"prefect.resource.id": volume_resource_id(uri), "dreg.uri": uri,
-                  "dreg.version": version},
-        payload=payload,
-    )
+    return {"id": str(uuid.uuid4()), "occurred": datetime.now(UTC).isoformat(),
+            "event": INGESTED,
+            "resource": {"prefect.resource.id": volume_resource_id(uri), "dreg.uri": uri,
+                         "dreg.version": version},
+            "related": [], "payload": payload}
+
+
+def emit_ingested(uri: str, version: str = "", fixed: str | None = None) -> dict:
+    """Announce a new volume at `uri` (call this from the ingestion system); returns the
+    event sent, once the server has taken it (`confirm_delivered` says when it is stored).
+
+    Needs PREFECT_API_URL pointing at the Prefect server (and PREFECT_API_AUTH_STRING
+    where the server asks for it). No API, refused credentials or an unreachable server
+    fail at once, in one line, with nothing sent. The event is one POST to the server's
+    events endpoint, which publishes it to the automations as the websocket Prefect's
+    client uses does; with PREFECT_API_URL in the environment, Prefect is not imported.
+    Prefect Cloud: Prefect's own client.
+    """
+    api = configured_api()
+    if not api:
+        # Without it Prefect would send the event to a temporary server nobody watches.
+        raise InputError("no Prefect API is configured: set PREFECT_API_URL to the Prefect "
+                         "server that runs the deployments")
+    event = ingested_event(uri, version, fixed)
+    if _is_cloud(api):
+        from prefect.events import emit_event
+
+        if emit_event(event=event["event"], resource=event["resource"],
+                      payload=event["payload"], id=uuid.UUID(event["id"]),
+                      occurred=datetime.fromisoformat(event["occurred"])) is None:
+            raise RunFailed(f"the event was not sent to {api}")
+        return event
+    try:
+        _call(api, "events", json.dumps([event]).encode())
+    except OSError as exc:  # refused, no such host, timed out, or an HTTP error answer
+        raise RunFailed(redact(f"{_unreachable(api, exc)}; the event was not sent")) from None
+    return event
 
 
 def _related(fixed: str | None, moving: str | None, out: str | None) -> list[dict]:

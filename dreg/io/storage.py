@@ -22,6 +22,7 @@ import fsspec
 import zarr.storage
 
 from dreg.errors import InputError, StorageError, describe, redact
+from dreg.trust import check_s3_uri, is_s3  # noqa: F401 - part of this module's interface
 
 T = TypeVar("T")
 LOGGER = logging.getLogger(__name__)
@@ -34,24 +35,8 @@ BOTOCORE_ATTEMPTS = 3
 S3FS_ATTEMPTS = 2
 
 
-def is_s3(uri: str) -> bool:
-    return str(uri).startswith("s3://")
-
-
 # "s3:" or "s3:/bucket/key": a URI short of a slash, which would be a local folder "s3:".
 MISSPELT_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:(/[^/]|/?$)")
-
-
-def check_s3_uri(uri: str) -> None:
-    """Refuse an ``s3://`` URI without a bucket (``s3://``, ``s3:///key``), or one that
-    carries credentials (``s3://KEY:SECRET@bucket``: they belong in the environment, and
-    would be echoed into messages, logs and event resources)."""
-    bucket = uri.removeprefix("s3://").split("/", 1)[0]
-    if "@" in bucket:
-        raise InputError(f"{redact(uri)}: credentials in an s3:// URI are not accepted; "
-                         "give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
-    if not bucket:
-        raise InputError(f"{uri}: an s3:// URI needs a bucket (s3://BUCKET/KEY)")
 
 
 def normalize_uri(uri: str | os.PathLike) -> str:
