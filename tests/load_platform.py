@@ -187,12 +187,47 @@ def dask_worker_tasks(address: str) -> dict[str, int]:
         return dict(client.run(executed).values())
 
 
+# The scheduler's debug logs, as docs/operations.md tells operators to set them: the
+# default keeps the last 1000 message batches sent to each worker, and with them every
+# Prefect task run's payload (its task and run context), about 2 MiB a registration.
+SCHEDULER_LOG_LENGTH = 0
+
+
+def scheduler_environment(log_length: int | None) -> dict[str, str]:
+    """The variables that set the scheduler's debug logs to `log_length` entries (None:
+    Dask's default)."""
+    if log_length is None:
+        return {}
+    return {"DASK_DISTRIBUTED__ADMIN__LOW_LEVEL_LOG_LENGTH": str(log_length)}
+
+
+def scheduler_payloads(address: str) -> dict[str, int]:
+    """What the scheduler still holds of the task runs it was sent: the tasks it knows,
+    and the pickled task payloads alive in it (each a task's function, arguments and, for
+    a Prefect task, its run context)."""
+    from distributed import Client
+
+    def count(dask_scheduler) -> dict[str, int]:
+        import gc
+
+        from distributed.protocol.serialize import ToPickle
+
+        gc.collect()
+        return {"tasks": len(dask_scheduler.tasks),
+                "payloads": sum(isinstance(o, ToPickle) for o in gc.get_objects())}
+
+    with Client(address, timeout=30) as client:
+        return client.run_on_scheduler(count)
+
+
 @contextmanager
-def dask_cluster(root: Path, env: dict, workers: int,
-                 late: bool) -> Iterator[tuple[str, callable, int]]:
-    """`dask scheduler` and `workers` `dask worker` processes (one thread, one `block`
-    resource each). Yields the address, a function that starts the held-back worker
-    (when `late`: the last one starts only when it is called) and the scheduler's pid."""
+def dask_cluster(root: Path, env: dict, workers: int, late: bool,
+                 log_length: int | None = SCHEDULER_LOG_LENGTH,
+                 ) -> Iterator[tuple[str, callable, int]]:
+    """`dask scheduler` (its debug logs `log_length` long) and `workers` `dask worker`
+    processes (one thread, one `block` resource each). Yields the address, a function
+    that starts the held-back worker (when `late`: the last one starts only when it is
+    called) and the scheduler's pid."""
     port = s3_server.free_port()
     address = f"tcp://127.0.0.1:{port}"
     started: list[Started] = []
@@ -202,7 +237,8 @@ def dask_cluster(root: Path, env: dict, workers: int,
 
     try:
         scheduler = start([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", port,
-                           "--no-dashboard"], {**env, "HOME": str(root)},
+                           "--no-dashboard"],
+                          {**env, "HOME": str(root), **scheduler_environment(log_length)},
                           root / "scheduler.log")
         started.append(scheduler)
         first = workers - 1 if late else workers
@@ -356,16 +392,18 @@ class Platform:
 
 @contextmanager
 def platform(root: Path, settings: dict, pool_limit: int, dask_workers: int,
-             late_worker: bool = False) -> Iterator[Platform]:
-    """PostgreSQL, `prefect server start` on it, a Dask cluster from the CLIs, the process
-    pool with `pool_limit`, the deployments (register-on-ingest's limit at `pool_limit`)
-    deployed with `settings` (DREG_* variables) and a `prefect worker` of the pool."""
+             late_worker: bool = False,
+             scheduler_log_length: int | None = SCHEDULER_LOG_LENGTH) -> Iterator[Platform]:
+    """PostgreSQL, `prefect server start` on it, a Dask cluster from the CLIs (its
+    scheduler's debug logs `scheduler_log_length` long), the process pool with
+    `pool_limit`, the deployments (register-on-ingest's limit at `pool_limit`) deployed
+    with `settings` (DREG_* variables) and a `prefect worker` of the pool."""
     with ExitStack() as stack:
         database = stack.enter_context(postgres_server.running())
         api, env = stack.enter_context(prefect_server(root, timeout=STARTUP_TIMEOUT_S,
                                                       database_url=database.url()))
         address, start_late, scheduler_pid = stack.enter_context(
-            dask_cluster(root, env, dask_workers, late_worker))
+            dask_cluster(root, env, dask_workers, late_worker, scheduler_log_length))
         env = {**env, **settings, "DREG_DASK_ADDRESS": address,
                "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
         _run([BIN / "prefect", "work-pool", "create", POOL, "--type", "process"], env,
@@ -596,8 +634,8 @@ def soak_on(running: Platform, reference: str, movings: list[str],
     """Run the nightly batch `batches` times in a row through the register-scheduled
     deployment: each time its manifest (DREG_MANIFEST) lists every moving volume onto the
     reference, into outputs of that batch. After each batch: its state and seconds, the
-    registrations it finished, and the RSS of the server (with its children) and of the
-    Dask scheduler."""
+    registrations it finished, the RSS of the server (with its children) and of the
+    Dask scheduler, and the task payloads the scheduler still holds."""
     from uuid import UUID
 
     manifest = running.env["DREG_MANIFEST"]
@@ -626,6 +664,7 @@ def soak_on(running: Platform, reference: str, movings: list[str],
             "registered": sum(storage.exists(storage.join(o, RESULT_FILE)) for o in outputs),
             "server_rss_mb": round(tree_rss(running.server_pid) / 2**20, 1),
             "scheduler_rss_mb": round(tree_rss(running.scheduler_pid) / 2**20, 1),
+            "scheduler_payloads": scheduler_payloads(running.address)["payloads"],
         })
     return rows
 

@@ -231,3 +231,11 @@ def test_the_nightly_batch_runs_again_and_again_on_one_platform(platform_run):
     assert all(row["state"] == "COMPLETED" and row["registered"] == 1 for row in soak), soak
     assert all(row["server_rss_mb"] > 0 and row["scheduler_rss_mb"] > 0 for row in soak)
     assert isinstance(load_platform.growth(soak, "server_rss_mb"), float)
+
+
+def test_the_dask_scheduler_keeps_no_task_run_after_the_batches(platform_run):
+    # With the scheduler's debug logs at docs/operations.md's length, nothing of the
+    # burst's and the batches' task runs stays in it (Dask's default keeps each payload,
+    # a Prefect task with its run context, and grows about 2 MiB a registration).
+    _, soak = platform_run
+    assert [row["scheduler_payloads"] for row in soak] == [0] * SOAK_BATCHES, soak
