@@ -53,6 +53,8 @@ CASES = {
                     False),
     "peer": (["--size", "48", "--block", "24", "--iterations", "2", "--workers", "1",
               "--repeats", "1"], ["wall_s", "cpu_s", "largest_process_mb", "rms_after"], True),
+    "emit": (["--calls", "1"],
+             ["emit_cpu_s_per_call", "yardstick_cpu_s_per_call", "cpu_ratio"], True),
     "gigavoxel": (["--size", "32", "--points", "2000", "--workers", "1"],
                   ["total_wall_s", "total_cpu_s", "max_process_rss_mb", "rms_after",
                    "round_trip_max"], True),
