@@ -263,6 +263,9 @@ def emit_ingested(uri: str, version: str = "", fixed: str | None = None) -> dict
         # Without it Prefect would send the event to a temporary server nobody watches.
         raise InputError("no Prefect API is configured: set PREFECT_API_URL to the Prefect "
                          "server that runs the deployments")
+    if not api.startswith(("http://", "https://")):
+        raise InputError(f"PREFECT_API_URL {redact(api)!r}: not an http:// or https:// URL "
+                         "(e.g. http://prefect.example.org:4200/api)")
     event = ingested_event(uri, version, fixed)
     if _is_cloud(api):
         from prefect.events import emit_event

@@ -201,20 +201,18 @@ def scheduler_environment(log_length: int | None) -> dict[str, str]:
     return {"DASK_DISTRIBUTED__ADMIN__LOW_LEVEL_LOG_LENGTH": str(log_length)}
 
 
-def scheduler_payloads(address: str) -> dict[str, int]:
-    """What the scheduler still holds of the task runs it was sent: the tasks it knows,
-    and the pickled task payloads alive in it (each a task's function, arguments and, for
-    a Prefect task, its run context)."""
+def scheduler_payloads(address: str) -> int:
+    """The task payloads alive in the scheduler (each a task's function, arguments and,
+    for a Prefect task, its run context, pickled for a worker)."""
     from distributed import Client
 
-    def count(dask_scheduler) -> dict[str, int]:
+    def count(dask_scheduler) -> int:
         import gc
 
         from distributed.protocol.serialize import ToPickle
 
         gc.collect()
-        return {"tasks": len(dask_scheduler.tasks),
-                "payloads": sum(isinstance(o, ToPickle) for o in gc.get_objects())}
+        return sum(isinstance(o, ToPickle) for o in gc.get_objects())
 
     with Client(address, timeout=30) as client:
         return client.run_on_scheduler(count)
@@ -664,7 +662,7 @@ def soak_on(running: Platform, reference: str, movings: list[str],
             "registered": sum(storage.exists(storage.join(o, RESULT_FILE)) for o in outputs),
             "server_rss_mb": round(tree_rss(running.server_pid) / 2**20, 1),
             "scheduler_rss_mb": round(tree_rss(running.scheduler_pid) / 2**20, 1),
-            "scheduler_payloads": scheduler_payloads(running.address)["payloads"],
+            "scheduler_payloads": scheduler_payloads(running.address),
         })
     return rows
 

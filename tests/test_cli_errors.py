@@ -515,6 +515,7 @@ def _existing_pair(folder: Path, pair: dict) -> list[str]:
 # Every row runs in this process; a process each costs an interpreter and its imports.
 PROCESS_CASES = {"missing", "invalid-json", "junk-header", "truncated"}
 
+CLOSED_API = ("PREFECT_API_URL", "http://127.0.0.1:9/api")  # the discard port: nothing answers
 BAD_INPUTS = [
     # What an input is: missing, not an image, not 3D, unreadable.
     *[Bad(f"info-{case}", lambda folder, pair, c=case: ["info", make_info_input(folder, c)],
@@ -646,6 +647,20 @@ BAD_INPUTS = [
     Bad("synth-s3-one-slash", _synth(out="s3:/bucket/pair"), "s3:/bucket/pair",
         "not a local path nor a URI"),
     Bad("register-out-s3-without-bucket", _register(out="s3://"), "s3://", "needs a bucket"),
+    # An event the registration would refuse whatever its allowed prefixes, refused before
+    # it is sent (to an API where nothing listens: a sent event would fail otherwise).
+    Bad("emit-relative-path", lambda folder, pair: ["emit-ingested", "landing/v.ome.zarr"],
+        "uri {input}", "a local path must be absolute", env=(CLOSED_API,)),
+    Bad("emit-version-with-slash", lambda folder, pair: [
+        "emit-ingested", "/landing/v.ome.zarr", "--version", "2026/12"], "version",
+        "only letters, digits and ._:+- are allowed", env=(CLOSED_API,)),
+    Bad("emit-fixed-http", lambda folder, pair: [
+        "emit-ingested", "/landing/v.ome.zarr", "--fixed", "http://host/ref.ome.zarr"],
+        "--fixed http://host/ref.ome.zarr", "scheme 'http' is not allowed",
+        env=(CLOSED_API,)),
+    Bad("emit-api-not-a-url", lambda folder, pair: ["emit-ingested", "/landing/v.ome.zarr"],
+        "PREFECT_API_URL 'localhost:4200'", "not an http:// or https:// URL",
+        env=(("PREFECT_API_URL", "localhost:4200"),), process=True),
 ]
 
 
